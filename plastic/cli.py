@@ -1,0 +1,133 @@
+"""The ``plastic`` command line.
+
+    plastic run [PROTOCOL.toml] [--out DIR] [--set key=value ...] [--arms a,b] [--resume]
+    plastic report DIR [DIR ...] [--markdown]
+    plastic data fetch mnist|fashion-mnist [--from DIR] [--out FILE]
+    plastic data list
+
+Problems with the input (unknown rule or key, bad spec, missing data set, corrupt file) are
+reported in one line with exit status 2.  Ctrl-C keeps the finished epochs (exit status 130);
+``--resume`` continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import PlasticError, SpecError
+
+
+def _cmd_run(args):
+    from . import results, spec as spec_mod
+    from .train import run_protocol
+
+    spec = spec_mod.load_protocol(args.protocol, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rp = results.results_path(out)
+    if rp.exists() and not args.resume:
+        raise SpecError(f"{rp} already exists; pass --resume to continue or add arms to it, "
+                        "or choose another --out")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    print(f"plastic: running protocol {spec['name']!r} on {spec['data']} "
+          f"({len(arms or spec['arms'])} arms x {len(spec['seeds'])} seeds, {spec['epochs']} epochs) "
+          f"-> {rp}", file=sys.stderr)
+    try:
+        run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if rp.exists():
+            _report([rp], False, figures=True)
+        print(f"\nplastic: interrupted; finished epochs are kept in {rp} "
+              f"(continue with: plastic run {args.protocol or ''} --out {out} --resume)",
+              file=sys.stderr)
+        return 130
+    _report([rp], args.markdown, figures=True)
+    return 0
+
+
+def _report(paths, markdown, figures=False):
+    from . import results
+
+    rs = [results.read(results.results_path(p)) for p in paths]
+    print(results.format_table(results.summary(rs), markdown=markdown))
+    if figures:
+        for p in paths:
+            for f in results.figures(p):
+                print(f"figure: {f}", file=sys.stderr)
+
+
+def _cmd_report(args):
+    _report(args.dirs, args.markdown, figures=args.figures)
+    return 0
+
+
+def _cmd_data(args):
+    from . import data
+
+    if args.action == "list":
+        for name in list(data.DATASETS) + list(data.SAMPLES):
+            p = data.dataset_path(name)
+            print(f"{name:16s} {'present' if p.exists() else 'missing':8s} {p}")
+        return 0
+    if not args.name:
+        raise SpecError("plastic data fetch needs a data set name: " + ", ".join(data.DATASETS))
+    path = data.fetch(args.name, out=args.out, source_dir=args.source,
+                      canonical=not args.no_canonical, verify=not args.no_verify)
+    print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plastic", description="Neural circuits with separate, "
+                                "plastic forward and feedback synapses.")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run a protocol (default: protocols/quickstart.toml)")
+    r.add_argument("protocol", nargs="?", help="protocol TOML file or name in protocols/")
+    r.add_argument("--out", help="results directory (default runs/NAME-TIME)")
+    r.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override spec keys, e.g. data=fashion-mnist epochs=5 optimizer.lr=0.1")
+    r.add_argument("--arms", help="comma-separated subset of the protocol's arms")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (or add arms) in --out")
+    r.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=_cmd_run)
+    rep = sub.add_parser("report", help="print the summary table of one or more results")
+    rep.add_argument("dirs", nargs="+", help="results directories or .h5 files")
+    rep.add_argument("--markdown", action="store_true")
+    rep.add_argument("--figures", action="store_true", help="also redraw the figures")
+    rep.set_defaults(func=_cmd_report)
+    d = sub.add_parser("data", help="fetch or list data sets")
+    d.add_argument("action", choices=["fetch", "list"])
+    d.add_argument("name", nargs="?")
+    d.add_argument("--from", dest="source", help="use IDX files (plain or .gz) from this folder")
+    d.add_argument("--out", help="output .h5 file (default $PLASTIC_DATA/NAME.h5)")
+    d.add_argument("--no-canonical", action="store_true", help="skip the canonical source")
+    d.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    d.set_defaults(func=_cmd_data)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["run"]
+    args = parser().parse_args(argv)
+    if args.command is None:
+        args = parser().parse_args(["run", *argv])
+    try:
+        return args.func(args)
+    except PlasticError as e:
+        print(f"plastic: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"plastic: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nplastic: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

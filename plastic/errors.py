@@ -1,0 +1,17 @@
+"""Errors that the command line reports as one line with exit status 2."""
+
+
+class PlasticError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback."""
+
+
+class SpecError(PlasticError, ValueError):
+    """A circuit or protocol spec, or an argument, that fails validation."""
+
+
+class DataError(PlasticError):
+    """A data set that is missing, corrupt or of the wrong shape."""
+
+
+class ResultsError(PlasticError):
+    """A results file that is missing or cannot be read."""

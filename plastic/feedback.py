@@ -1,0 +1,213 @@
+"""Feedback synapses: the explicit objects that carry error from a synapse's post population back
+to its pre population (layer-wise), or from the circuit's output straight to any layer (direct).
+
+Every feedback synapse exposes ``matrix(W)``: the weight B it routes the error through, stored in
+the *forward layout* of the synapse it belongs to (the shape of W, ``(out, in, ...)``).  For a dense
+synapse the pre-synaptic error is then ``delta_pre = B^T-layout @ delta_post``, i.e. B in the usual
+column convention is ``matrix(W).T``, so "the angle between B and W^T" is the angle between
+``matrix(W)`` and ``W``.  Keeping the forward layout lets dense and conv synapses share one
+operator (``torch.ops.aten.convolution_backward`` takes B in place of W and nothing else changes).
+
+Fixed or derived feedback weights are buffers.  Learned ones (later rules) are ``nn.Parameter`` s
+and receive ``.grad`` from the synapse's backward pass, so any optimizer updates them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+__all__ = [
+    "FeedbackSynapse", "Transpose", "FixedRandom", "UniformSignSymmetry", "BatchRandomSignSymmetry",
+    "FixedRandomSignSymmetry", "DirectRandom", "DirectFeedbackHub", "FEEDBACK_KINDS", "make_feedback",
+]
+
+
+def _rms(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().pow(2).mean().sqrt()
+
+
+def _kaiming_uniform_like(shape, fan_in: int, generator, device, dtype) -> torch.Tensor:
+    # the same distribution as torch.nn.Linear / Conv2d's default weight init
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    u = torch.rand(shape, generator=generator, device="cpu", dtype=torch.float64)
+    return ((2 * u - 1) * bound).to(device=device, dtype=dtype)
+
+
+class FeedbackSynapse(nn.Module):
+    """Base class.  ``kind`` names the rule; ``direct`` marks output-to-layer projections."""
+
+    kind = "base"
+    direct = False
+    #: whether this feedback synapse only reads signals available at the synapse (DESIGN.md)
+    local = True
+
+    def matrix(self, forward_weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+class Transpose(FeedbackSynapse):
+    """Backprop, the control: B = W^T exactly.  Non-local by construction (it reads W)."""
+
+    kind = "transpose"
+    local = False
+
+    def matrix(self, forward_weight):
+        return forward_weight.detach()
+
+
+class FixedRandom(FeedbackSynapse):
+    """Feedback alignment (Lillicrap et al. 2016, Nat. Commun. 7:13276): a fixed random B drawn
+    from the same distribution as W's initialisation, independent of W."""
+
+    kind = "fa"
+
+    def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
+        super().__init__()
+        fan_in = forward_weight[0].numel()
+        self.register_buffer("weight", _kaiming_uniform_like(
+            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+
+    def matrix(self, forward_weight):
+        return self.weight
+
+
+class UniformSignSymmetry(FeedbackSynapse):
+    """uSF (Liao, Leibo & Poggio 2016, AAAI; Xiao et al. 2018): B = s * sign(W) with one scalar
+    s = RMS(W), so that ||B|| = ||W||.  Reads the sign of W, hence not strictly local."""
+
+    kind = "usf"
+    local = False
+
+    def matrix(self, forward_weight):
+        w = forward_weight.detach()
+        return torch.sign(w) * _rms(w)
+
+
+class BatchRandomSignSymmetry(FeedbackSynapse):
+    """brSF (Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W), R ~ N(0, RMS(W)^2)
+    redrawn for every batch (every backward pass)."""
+
+    kind = "brsf"
+    local = False
+
+    def matrix(self, forward_weight):
+        w = forward_weight.detach()
+        r = torch.randn_like(w)
+        return r.abs_().mul_(torch.sign(w)).mul_(_rms(w))
+
+
+class FixedRandomSignSymmetry(FeedbackSynapse):
+    """frSF (Moskovitz et al. 2018): B = |R| o sign(W) with R ~ N(0, 1) fixed at construction and
+    scaled by RMS(W)."""
+
+    kind = "frsf"
+    local = False
+
+    def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
+        super().__init__()
+        r = torch.randn(forward_weight.shape, generator=generator, dtype=torch.float64)
+        self.register_buffer("magnitude", r.abs().to(forward_weight.device, forward_weight.dtype))
+
+    def matrix(self, forward_weight):
+        w = forward_weight.detach()
+        return self.magnitude * torch.sign(w) * _rms(w)
+
+
+class DirectFeedbackHub:
+    """Shared by the synapses of one circuit that use direct feedback.  The output synapse writes
+    the output error e = dL/dy_out here in its backward pass; autograd runs it before any hidden
+    synapse's backward, which then read it.  It is overwritten by every backward pass, so there is
+    nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+
+    def __init__(self):
+        self.error: torch.Tensor | None = None
+        self.n_outputs: int | None = None
+
+    def __repr__(self):
+        return f"DirectFeedbackHub(n_outputs={self.n_outputs})"
+
+
+class DirectRandom(FeedbackSynapse):
+    """Direct feedback alignment (Nøkland 2016, NeurIPS, eq. 3): the output error e is projected by
+    a fixed random matrix B_l straight onto the synapse's pre population,
+    delta_pre = B_l e (then ⊙ f'(a) by the population's own backward).
+
+    ``weight`` has shape ``(n_outputs, *pre_shape)`` and is drawn on the first forward pass,
+    when the pre population's shape is known (conv layers); U(-1/sqrt(d), 1/sqrt(d)) with d the
+    size of the pre population, the scale of W^T for a dense layer of that fan-in."""
+
+    kind = "dfa"
+    direct = True
+
+    def __init__(self, hub: DirectFeedbackHub, seed: int = 0):
+        super().__init__()
+        self.hub = hub
+        self.seed = int(seed)
+        self.register_buffer("weight", torch.empty(0))
+
+    def materialize(self, pre_shape, device, dtype):
+        n_out = self.hub.n_outputs
+        if n_out is None:
+            raise SpecError("dfa feedback: the circuit has no output synapse to take the error from")
+        shape = (n_out, *pre_shape)
+        if tuple(self.weight.shape) != shape:
+            if self.weight.numel():
+                raise SpecError(f"dfa feedback: pre population shape changed from "
+                                f"{tuple(self.weight.shape[1:])} to {tuple(pre_shape)}")
+            g = torch.Generator().manual_seed(self.seed)
+            d = int(torch.tensor(pre_shape).prod())
+            self.weight = _kaiming_uniform_like(shape, d, g, device, dtype)
+
+    def project(self, error: torch.Tensor, pre_shape) -> torch.Tensor:
+        b = self.weight
+        return (error.reshape(error.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
+
+    def matrix(self, forward_weight):
+        return self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
+            self.weight = torch.empty_like(state_dict[key], device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return f"kind='dfa', shape={tuple(self.weight.shape) or 'lazy'}"
+
+
+FEEDBACK_KINDS = {
+    "transpose": "backprop: B = W^T",
+    "bp": "alias of transpose",
+    "fa": "feedback alignment: fixed random B",
+    "usf": "uniform sign symmetry: B = RMS(W) sign(W)",
+    "brsf": "batchwise random-magnitude sign symmetry: |R| o sign(W), R redrawn per batch",
+    "frsf": "fixed random-magnitude sign symmetry: |R| o sign(W), R fixed",
+    "dfa": "direct feedback alignment: output error projected by fixed random B_l",
+}
+
+
+def make_feedback(kind: str, forward_weight: torch.Tensor, *, generator=None, hub=None,
+                  seed: int = 0) -> FeedbackSynapse:
+    kind = kind.lower()
+    if kind in ("transpose", "bp", "backprop"):
+        return Transpose()
+    if kind == "fa":
+        return FixedRandom(forward_weight, generator)
+    if kind == "usf":
+        return UniformSignSymmetry()
+    if kind == "brsf":
+        return BatchRandomSignSymmetry()
+    if kind == "frsf":
+        return FixedRandomSignSymmetry(forward_weight, generator)
+    if kind == "dfa":
+        if hub is None:
+            raise SpecError("dfa feedback needs a DirectFeedbackHub (use plastic.convert)")
+        return DirectRandom(hub, seed)
+    raise SpecError(f"unknown feedback kind {kind!r}; known: {', '.join(sorted(FEEDBACK_KINDS))}")

@@ -1,0 +1,94 @@
+"""Plain torch model definitions.  Each is defined once, with ``nn.Linear`` / ``nn.Conv2d`` and
+plastic populations; ``plastic.convert`` then gives it the feedback synapses of any rule."""
+from __future__ import annotations
+
+from torch import nn
+
+from .populations import RatePopulation
+
+__all__ = ["mlp", "convnet", "BasicBlock", "ResNet", "resnet18"]
+
+
+def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh") -> nn.Sequential:
+    """in -> hidden[0] -> ... -> outputs, a rate population after every hidden synapse."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    n = in_features
+    for i, h in enumerate(hidden):
+        layers += [nn.Linear(n, h), RatePopulation(population)]
+        n = h
+    layers.append(nn.Linear(n, outputs))
+    return nn.Sequential(*layers)
+
+
+def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
+            population: str = "relu", batch_norm: bool = True, image_size: int = 32) -> nn.Sequential:
+    """A small ConvNet: [conv3x3 - (BN) - population - maxpool2] per stage, then one dense synapse."""
+    layers: list[nn.Module] = []
+    c, size = in_channels, image_size
+    for ch in channels:
+        layers.append(nn.Conv2d(c, ch, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(ch))
+        layers += [RatePopulation(population), nn.MaxPool2d(2)]
+        c, size = ch, size // 2
+    layers += [nn.Flatten(), nn.Linear(c * size * size, outputs)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """The two-conv residual block of He et al. 2016 with batch norm and a skip connection."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, population: str = "relu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.pop1 = RatePopulation(population)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pop2 = RatePopulation(population)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.pop1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.pop2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet (He et al. 2016).  ``stem='imagenet'`` uses the 7x7/2 conv and max pool of the
+    ImageNet model; ``stem='cifar'`` a 3x3/1 conv for 32x32 inputs."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), outputs: int = 1000,
+                 in_channels: int = 3, stem: str = "imagenet", population: str = "relu"):
+        super().__init__()
+        w0 = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False)
+            self.pool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(w0)
+        self.pop1 = RatePopulation(population)
+        stages, cin = [], w0
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                stages.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1, population))
+                cin = w
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, outputs)
+
+    def forward(self, x):
+        x = self.pool(self.pop1(self.bn1(self.conv1(x))))
+        x = self.avgpool(self.layers(x)).flatten(1)
+        return self.fc(x)
+
+
+def resnet18(outputs: int = 1000, in_channels: int = 3, stem: str = "imagenet",
+             population: str = "relu") -> ResNet:
+    """ResNet-18: 4 stages of 2 basic blocks (20 convs incl. 3 shortcut convs, and 1 dense)."""
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), outputs, in_channels, stem, population)

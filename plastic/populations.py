@@ -1,0 +1,83 @@
+"""Populations: groups of neurons with explicit state and dynamics.
+
+A rate population has the dynamics  tau dr/dt = -r + f(I)  (Dayan & Abbott 2001, eq. 7.11).
+``rate_step`` is the pure step function (norse style: NamedTuple parameters and state);
+``RatePopulation`` is a thin module over it.  Its ``forward`` is the steady state r = f(I), which
+is what rate benchmarks train."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SpecError
+
+__all__ = ["ACTIVATIONS", "RateParameters", "RateState", "rate_step", "RatePopulation"]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+    "linear": lambda x: x,
+    "gelu": F.gelu,
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "leaky_relu": F.leaky_relu,
+    "hardtanh": F.hardtanh,
+    "silu": F.silu,
+}
+
+
+class RateParameters(NamedTuple):
+    """tau: time constant (s); dt: integration step (s).  tau == dt jumps to the steady state."""
+    tau: float = 10e-3
+    dt: float = 1e-3
+
+
+class RateState(NamedTuple):
+    r: torch.Tensor  # firing rate
+
+
+def rate_step(input_current: torch.Tensor, state: RateState, p: RateParameters,
+              activation: Callable = torch.tanh) -> tuple[torch.Tensor, RateState]:
+    """One Euler step of tau dr/dt = -r + f(I).  Returns (rate, new state)."""
+    r = state.r + (p.dt / p.tau) * (activation(input_current) - state.r)
+    return r, RateState(r)
+
+
+class RatePopulation(nn.Module):
+    """A rate population with any activation (a name from ``ACTIVATIONS`` or a callable)."""
+
+    def __init__(self, activation: str | Callable = "relu", p: RateParameters = RateParameters()):
+        super().__init__()
+        if isinstance(activation, str):
+            if activation.lower() not in ACTIVATIONS:
+                raise SpecError(f"unknown activation {activation!r}; known: "
+                                f"{', '.join(sorted(ACTIVATIONS))}")
+            self.activation_name = activation.lower()
+            self.activation = ACTIVATIONS[self.activation_name]
+        elif callable(activation):
+            self.activation_name = getattr(activation, "__name__", "custom")
+            self.activation = activation
+        else:
+            raise SpecError(f"activation must be a name or a callable, got {activation!r}")
+        self.p = p
+
+    def initial_state(self, input_current: torch.Tensor) -> RateState:
+        return RateState(torch.zeros_like(input_current))
+
+    def step(self, input_current: torch.Tensor, state: RateState | None = None):
+        """One step in time: (rate, state)."""
+        if state is None:
+            state = self.initial_state(input_current)
+        return rate_step(input_current, state, self.p, self.activation)
+
+    def forward(self, input_current: torch.Tensor) -> torch.Tensor:
+        """The steady-state rate f(I)."""
+        return self.activation(input_current)
+
+    def extra_repr(self):
+        return f"activation={self.activation_name!r}, tau={self.p.tau}, dt={self.p.dt}"

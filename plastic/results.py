@@ -1,0 +1,298 @@
+"""Results: one HDF5 file per run, figures, and the summary table.
+
+Layout of ``DIR/results.h5``::
+
+    attrs:  spec (JSON, fully resolved), seeds (JSON), versions (JSON), command, created
+    /arms/<arm>/             attrs: feedback (JSON), lr, weight_decay, done_seeds (JSON)
+    /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
+        seed, epoch, train_loss, test_loss, test_accuracy, lr, wall_time,
+        angle/<synapse>         angle between feedback B and W^T (degrees)
+        update_angle/<synapse>  angle between the rule's and backprop's hidden-layer update
+Epoch 0 is the untrained circuit.  Rows are written (and flushed) at the end of every epoch, so an
+interrupted run keeps every finished epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ResultsError
+
+
+def versions() -> dict:
+    import h5py
+    import matplotlib
+    import torch
+
+    from . import __version__
+    v = {"plastic": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "numpy": np.__version__, "h5py": h5py.__version__, "matplotlib": matplotlib.__version__}
+    try:
+        import norse  # noqa: F401
+        from importlib.metadata import version
+        v["norse"] = version("norse")
+    except Exception:
+        pass
+    return v
+
+
+def results_path(d: str | Path) -> Path:
+    d = Path(d)
+    return d if d.suffix == ".h5" else d / "results.h5"
+
+
+class ResultsWriter:
+    """Appends metric rows to ``DIR/results.h5``; every append is flushed to disk."""
+
+    def __init__(self, out_dir: Path, spec: dict, resume: bool = False):
+        import h5py
+
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = results_path(self.dir)
+        if resume and self.path.exists():
+            self.h5 = _open(self.path, "a")
+            old = json.loads(self.h5.attrs["spec"])
+            merged = dict(old)
+            merged["arms"] = {**old.get("arms", {}), **spec["arms"]}
+            if {k: v for k, v in old.items() if k != "arms"} != \
+                    {k: v for k, v in spec.items() if k != "arms"}:
+                self.h5.close()
+                raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
+                                   "recorded there; use another --out")
+            self.h5.attrs["spec"] = json.dumps(merged)
+        else:
+            self.h5 = h5py.File(self.path, "w")
+            self.h5.attrs.update(spec=json.dumps(spec), seeds=json.dumps(spec["seeds"]),
+                                 versions=json.dumps(versions()), command=" ".join(sys.argv),
+                                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.h5.require_group("arms")
+        self.h5.flush()
+
+    def arm_group(self, arm: str, attrs: dict):
+        g = self.h5["arms"].require_group(arm)
+        for k, v in attrs.items():
+            g.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        g.require_group("metrics")
+        return g
+
+    def done_seeds(self, arm: str) -> list[int]:
+        g = self.h5["arms"].get(arm)
+        return json.loads(g.attrs.get("done_seeds", "[]")) if g is not None else []
+
+    def mark_done(self, arm: str, seed: int):
+        g = self.h5["arms"][arm]
+        done = sorted(set(self.done_seeds(arm)) | {int(seed)})
+        g.attrs["done_seeds"] = json.dumps(done)
+        self.h5.flush()
+
+    def drop_rows(self, arm: str, seed: int, from_epoch: int = 0):
+        """Remove rows of (arm, seed) with epoch >= from_epoch (restarting a partial run)."""
+        g = self.h5["arms"].get(arm)
+        if g is None or "seed" not in g["metrics"]:
+            return
+        m = g["metrics"]
+        seeds, epochs = m["seed"][:], m["epoch"][:]
+        keep = ~((seeds == seed) & (epochs >= from_epoch))
+        if keep.all():
+            return
+        for name, ds in _datasets(m):
+            data = ds[:][keep]
+            ds.resize((len(data),))
+            ds[:] = data
+        self.h5.flush()
+
+    def append(self, arm: str, row: dict):
+        m = self.h5["arms"][arm]["metrics"]
+        n = len(m["seed"]) if "seed" in m else 0
+        existing = dict(_datasets(m))
+        for key in set(existing) | set(row):
+            if key not in existing:
+                ds = m.create_dataset(key, shape=(n,), maxshape=(None,), dtype="f8",
+                                      fillvalue=np.nan, chunks=(256,))
+                existing[key] = ds
+            ds = existing[key]
+            ds.resize((n + 1,))
+            ds[n] = float(row.get(key, math.nan))
+        self.h5.flush()
+
+    def close(self):
+        try:
+            self.h5.close()
+        except Exception:
+            pass
+
+
+def _datasets(group, prefix=""):
+    import h5py
+    for k, v in group.items():
+        if isinstance(v, h5py.Dataset):
+            yield prefix + k, v
+        else:
+            yield from _datasets(v, prefix + k + "/")
+
+
+def _open(path: Path, mode="r"):
+    import h5py
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"no results file at {path}")
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        raise ResultsError(f"{path}: not a readable HDF5 results file ({str(e).split(';')[0]})") from None
+
+
+def read(path: str | Path) -> dict:
+    """{'spec', 'versions', 'arms': {arm: {'attrs', 'metrics': {key: array}}}} from a results file."""
+    path = results_path(path)
+    with _open(path) as h:
+        try:
+            out = {"path": str(path), "spec": json.loads(h.attrs["spec"]),
+                   "versions": json.loads(h.attrs.get("versions", "{}")), "arms": {}}
+            for arm, g in h["arms"].items():
+                attrs = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v)
+                         for k, v in g.attrs.items()}
+                out["arms"][arm] = {"attrs": attrs,
+                                    "metrics": {k: ds[:] for k, ds in _datasets(g["metrics"])}}
+        except (KeyError, ValueError, OSError) as e:
+            raise ResultsError(f"{path}: not a plastic results file ({e})") from None
+    return out
+
+
+def final_rows(metrics: dict) -> dict[int, dict]:
+    """{seed: {key: value at that seed's last epoch}}."""
+    if "seed" not in metrics or not len(metrics["seed"]):
+        return {}
+    out = {}
+    for s in np.unique(metrics["seed"]):
+        idx = np.where(metrics["seed"] == s)[0]
+        last = idx[np.argmax(metrics["epoch"][idx])]
+        out[int(s)] = {k: float(v[last]) for k, v in metrics.items()}
+    return out
+
+
+def _pm(values, scale=1.0, digits=2):
+    v = np.asarray(values, dtype=float) * scale
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """One row per arm (later files override earlier ones for the same arm)."""
+    rows = {}
+    for r in results:
+        for arm, a in r["arms"].items():
+            fin = final_rows(a["metrics"])
+            if not fin:
+                continue
+            per_seed = list(fin.values())
+            ua = [np.nanmean([v for k, v in f.items() if k.startswith("update_angle/")] or [np.nan])
+                  for f in per_seed]
+            wa = [np.nanmean([v for k, v in f.items() if k.startswith("angle/")] or [np.nan])
+                  for f in per_seed]
+            fb = a["attrs"].get("feedback", "")
+            rows[arm] = {
+                "arm": arm, "feedback": fb if isinstance(fb, str) else json.dumps(fb),
+                "lr": a["attrs"].get("lr", float("nan")),
+                "seeds": len(per_seed), "epochs": int(max(f["epoch"] for f in per_seed)),
+                "test_accuracy": [f["test_accuracy"] for f in per_seed],
+                "update_angle": ua, "weight_angle": wa,
+                "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
+                "done": len(a["attrs"].get("done_seeds", [])),
+            }
+    return list(rows.values())
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    head = ["arm", "feedback", "lr", "seeds", "epochs", "test acc (%)", "update angle (°)",
+            "B–Wᵀ angle (°)", "time (s)"]
+    body = []
+    for r in rows:
+        body.append([r["arm"], r["feedback"], f"{r['lr']:g}",
+                     f"{r['done']}/{r['seeds']}" if r["done"] < r["seeds"] else str(r["seeds"]),
+                     str(r["epochs"]), _pm(r["test_accuracy"], 100), _pm(r["update_angle"], 1, 1),
+                     _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] +
+                     [fmt.format(*b) for b in body])
+
+
+def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """learning_curves.png and angles.png from a results file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = read(path)
+    out_dir = Path(out_dir) if out_dir else results_path(path).parent
+    arms = r["arms"]
+    if not arms:
+        return []
+
+    def mean_curve(m, key):
+        ep = np.unique(m["epoch"])
+        vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
+        return ep, vals
+
+    files = []
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, a in arms.items():
+        m = a["metrics"]
+        if "epoch" not in m or not len(m["epoch"]):
+            continue
+        ep, acc = mean_curve(m, "test_accuracy")
+        ax[0].plot(ep, 100 * acc, marker=".", label=arm)
+        sel = ep > 0
+        ep2, loss = mean_curve(m, "train_loss")
+        ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
+    ax[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    ax[0].legend(fontsize=8)
+    fig.suptitle(f"{r['spec'].get('name', '')} on {r['spec'].get('data', '')}")
+    fig.tight_layout()
+    files.append(out_dir / "learning_curves.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    n = len(arms)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.5), squeeze=False, sharey="row")
+    for j, (arm, a) in enumerate(arms.items()):
+        m = a["metrics"]
+        for i, (prefix, title) in enumerate((("update_angle/", "update ∠ to BP"),
+                                             ("angle/", "∠(B, Wᵀ)"))):
+            axx = axes[i][j]
+            for k in sorted(x for x in m if x.startswith(prefix)):
+                ep, v = mean_curve(m, k)
+                if not np.all(np.isnan(v)):
+                    axx.plot(ep, v, marker=".", label=k[len(prefix):])
+            axx.set_ylim(0, 100)
+            axx.axhline(90, color="gray", lw=0.5, ls="--")
+            axx.set_title(f"{arm}: {title}", fontsize=9)
+            if i == 1:
+                axx.set_xlabel("epoch")
+            if j == 0:
+                axx.set_ylabel("degrees")
+            if axx.lines:
+                axx.legend(fontsize=6, title="synapse", title_fontsize=6)
+    fig.tight_layout()
+    files.append(out_dir / "angles.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files

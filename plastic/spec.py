@@ -1,0 +1,235 @@
+"""Protocol and circuit specs (TOML): loading, ``--set`` overrides, defaults and validation.
+
+A protocol names the data, the circuit, the optimizer and schedule, the seeds, and its arms: the
+learning rules to compare on one circuit with the same initial weights and data order.  Every key
+is checked against the schema below, so a typo is an error, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+CIRCUITS_DIR = ROOT / "circuits"
+PROTOCOLS_DIR = ROOT / "protocols"
+
+ANY = object()
+NUM = (int, float)
+
+#: the protocol schema: key -> (type, default).  Nested dicts are tables.
+PROTOCOL_SCHEMA: dict[str, Any] = {
+    "name": (str, "protocol"),
+    "description": (str, ""),
+    "data": (str, "mnist-sample"),
+    "train_limit": (int, 0),
+    "test_limit": (int, 0),
+    "circuit": (ANY, "mlp"),
+    "seeds": (list, [0]),
+    "epochs": (int, 1),
+    "batch_size": (int, 128),
+    "test_batch_size": (int, 1000),
+    "probe_size": (int, 1000),
+    "device": (str, "cpu"),
+    "threads": (int, 0),
+    "feedback": (ANY, "transpose"),
+    "optimizer": {
+        "name": (str, "sgd"),
+        "lr": (NUM, 0.05),
+        "momentum": (NUM, 0.9),
+        "nesterov": (bool, True),
+        "weight_decay": (NUM, 0.0),
+    },
+    "schedule": {
+        "name": (str, "onecycle"),
+        "pct_start": (NUM, 0.25),
+        "div_factor": (NUM, 25.0),
+        "final_div_factor": (NUM, 1e3),
+    },
+    "loss": {
+        "label_smoothing": (NUM, 0.0),
+    },
+    "arms": (dict, {}),
+}
+
+ARM_KEYS = {"feedback": ANY, "lr": NUM, "weight_decay": NUM, "output": str, "description": str}
+
+CIRCUIT_SCHEMA: dict[str, Any] = {
+    "name": (str, ""),
+    "description": (str, ""),
+    "kind": (str, "mlp"),
+    "input_shape": (list, []),
+    "outputs": (int, 0),
+    "population": (str, "relu"),
+    "hidden": (list, [1000]),
+    "channels": (list, [32, 64, 128]),
+    "batch_norm": (bool, True),
+    "stem": (str, "cifar"),
+}
+CIRCUIT_KINDS = ("mlp", "convnet", "resnet18")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def _suggest(key, known):
+    m = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def read_toml(path: Path, what: str) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{what} file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file") from None
+
+
+def parse_value(text: str):
+    """A --set value: any TOML value (numbers, booleans, arrays, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_sets(spec: dict, sets: list[str]) -> dict:
+    """Apply ``key=value`` overrides; dotted keys reach into tables (``optimizer.lr=0.1``)."""
+    spec = copy.deepcopy(spec)
+    for item in sets or []:
+        if "=" not in item:
+            raise SpecError(f"--set expects key=value, got {item!r}")
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise SpecError(f"--set: bad key {key!r}")
+        d = spec
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise SpecError(f"--set {key}: {p!r} is not a table")
+        d[parts[-1]] = parse_value(value.strip())
+    return spec
+
+
+def _check_type(where, value, typ):
+    if typ is ANY:
+        return
+    if typ is NUM:
+        ok = isinstance(value, NUM) and not isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, typ)
+    if not ok:
+        name = "number" if typ is NUM else typ.__name__
+        raise SpecError(f"{where} must be a {name}, got {value!r}")
+
+
+def _fill(spec: dict, schema: dict, where: str) -> dict:
+    out = {}
+    for key in spec:
+        if key not in schema:
+            raise SpecError(f"unknown key {where}{key!r}{_suggest(key, schema)}")
+    for key, sub in schema.items():
+        if isinstance(sub, dict):
+            v = spec.get(key, {})
+            if not isinstance(v, dict):
+                raise SpecError(f"{where}{key} must be a table")
+            out[key] = _fill(v, sub, f"{where}{key}.")
+        else:
+            typ, default = sub
+            if key in spec:
+                _check_type(f"{where}{key}", spec[key], typ)
+                out[key] = copy.deepcopy(spec[key])
+            else:
+                out[key] = copy.deepcopy(default)
+    return out
+
+
+def resolve_circuit(circuit) -> dict:
+    """A circuit spec: an inline table, a name in circuits/, or a path to a TOML file."""
+    if isinstance(circuit, str):
+        p = Path(circuit)
+        if p.suffix != ".toml":
+            p = CIRCUITS_DIR / f"{circuit}.toml"
+            if not p.exists():
+                known = sorted(q.stem for q in CIRCUITS_DIR.glob("*.toml"))
+                raise SpecError(f"unknown circuit {circuit!r}; known: {', '.join(known)}")
+        raw = read_toml(p, "circuit")
+        raw.setdefault("name", p.stem)
+    elif isinstance(circuit, dict):
+        raw = circuit
+    else:
+        raise SpecError(f"circuit must be a name, a path or a table, got {circuit!r}")
+    c = _fill(raw, CIRCUIT_SCHEMA, "circuit.")
+    if c["kind"] not in CIRCUIT_KINDS:
+        raise SpecError(f"unknown circuit kind {c['kind']!r}; known: {', '.join(CIRCUIT_KINDS)}")
+    for key in ("hidden", "channels"):
+        if not all(isinstance(h, int) and h > 0 for h in c[key]):
+            raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
+    return c
+
+
+def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
+    """Defaults, overrides and validation: the fully resolved spec recorded with the results."""
+    from .feedback import FEEDBACK_KINDS
+
+    spec = _fill(apply_sets(raw, sets or []), PROTOCOL_SCHEMA, "")
+    spec["circuit"] = resolve_circuit(spec["circuit"])
+    if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
+        raise SpecError(f"seeds must be a non-empty list of integers, got {spec['seeds']}")
+    for key in ("epochs", "batch_size", "test_batch_size"):
+        if spec[key] < 1:
+            raise SpecError(f"{key} must be at least 1, got {spec[key]}")
+    if spec["optimizer"]["name"] not in OPTIMIZERS:
+        raise SpecError(f"unknown optimizer {spec['optimizer']['name']!r}; known: {', '.join(OPTIMIZERS)}")
+    if spec["schedule"]["name"] not in SCHEDULES:
+        raise SpecError(f"unknown schedule {spec['schedule']['name']!r}; known: {', '.join(SCHEDULES)}")
+    arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
+    resolved = {}
+    for name, arm in arms.items():
+        if not isinstance(arm, dict):
+            raise SpecError(f"arms.{name} must be a table")
+        for key in arm:
+            if key not in ARM_KEYS:
+                raise SpecError(f"unknown key arms.{name}.{key!r}{_suggest(key, ARM_KEYS)}")
+            _check_type(f"arms.{name}.{key}", arm[key], ARM_KEYS[key])
+        a = {"feedback": arm.get("feedback", spec["feedback"]),
+             "lr": arm.get("lr", spec["optimizer"]["lr"]),
+             "weight_decay": arm.get("weight_decay", spec["optimizer"]["weight_decay"]),
+             "output": arm.get("output", ""),
+             "description": arm.get("description", "")}
+        kinds = [a["feedback"]] if isinstance(a["feedback"], str) else list(a["feedback"].values()) \
+            if isinstance(a["feedback"], dict) else None
+        if kinds is None:
+            raise SpecError(f"arms.{name}.feedback must be a kind or a table of kinds")
+        for k in kinds:
+            if str(k).lower() not in FEEDBACK_KINDS:
+                raise SpecError(f"unknown rule {k!r} in arms.{name}.feedback; known: "
+                                f"{', '.join(sorted(FEEDBACK_KINDS))}")
+        resolved[name] = a
+    spec["arms"] = resolved
+    return spec
+
+
+def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dict:
+    if path is None:
+        path = PROTOCOLS_DIR / "quickstart.toml"
+    p = Path(path)
+    if not p.exists() and p.suffix != ".toml" and (PROTOCOLS_DIR / f"{p}.toml").exists():
+        p = PROTOCOLS_DIR / f"{p}.toml"
+    raw = read_toml(p, "protocol")
+    raw.setdefault("name", p.stem)
+    return resolve_protocol(raw, sets)

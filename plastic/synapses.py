@@ -1,0 +1,204 @@
+"""Forward synapses (dense, conv2d).  Each owns a separate feedback synapse object.
+
+One learning step in rate mode (DESIGN.md): the forward pass is ordinary autograd, y = W x + b.
+In the backward pass the synapse's ``autograd.Function`` routes the arriving error delta through its
+feedback synapse, B delta (or, for direct feedback, B_l e from the output error), instead of
+W^T delta.  W.grad = delta x^T as usual, so every torch optimizer, schedule and DDP work unchanged.
+The cost is exactly that of backprop: the same two weight-sized products, one with B in place of W.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SpecError
+from .feedback import DirectFeedbackHub, FeedbackSynapse, make_feedback
+
+__all__ = ["Synapse", "Dense", "Conv2d"]
+
+
+class _Route(torch.autograd.Function):
+    """y = op(x, W, b) forward; backward sends delta through the synapse's feedback synapse."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, synapse):
+        ctx.synapse = synapse
+        ctx.save_for_backward(x, weight)
+        return synapse._forward_op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        syn: Synapse = ctx.synapse
+        fb = syn.feedback
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        hub = syn.hub
+        if hub is not None and syn.is_output:
+            hub.error = dy.detach()
+        if fb.direct:
+            if need_x:
+                if hub is None or hub.error is None or hub.error.shape[0] != dy.shape[0]:
+                    raise RuntimeError(
+                        f"direct feedback at {syn.name or type(syn).__name__}: no output error "
+                        "for this batch; the loss must be computed from the circuit's output synapse")
+                dx = fb.project(hub.error, x.shape)
+            else:
+                dx = None
+            _, dw, db = syn._backward_op(dy, x, weight, False, need_w, need_b)
+        else:
+            dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
+        return dx, dw, db, None
+
+
+class Synapse(nn.Module):
+    """Base class of forward synapses: a weight W, an operator, and a feedback synapse."""
+
+    def __init__(self):
+        super().__init__()
+        self.hub: DirectFeedbackHub | None = None
+        self.is_output = False
+        self.name = ""
+
+    def set_feedback(self, feedback: FeedbackSynapse | str, *, generator=None, hub=None, seed=0):
+        if isinstance(feedback, str):
+            feedback = make_feedback(feedback, self.weight, generator=generator, hub=hub, seed=seed)
+        if not isinstance(feedback, FeedbackSynapse):
+            raise SpecError(f"feedback must be a kind name or a FeedbackSynapse, got {feedback!r}")
+        self.feedback = feedback
+        if feedback.direct:
+            self.hub = feedback.hub
+        return self
+
+    def forward(self, x):
+        fb = self.feedback
+        if fb.direct:
+            fb.materialize(x.shape[1:], x.device, x.dtype)
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return self._forward_op(x, self.weight, self.bias)
+        return _Route.apply(x, self.weight, self.bias, self)
+
+
+class Dense(Synapse):
+    """A dense synapse, y = x W^T + b (the layout of ``torch.nn.Linear``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 feedback: FeedbackSynapse | str = "transpose", *, generator=None, device=None,
+                 dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self.set_feedback(feedback, generator=generator)
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_module(cls, m: nn.Linear, feedback="transpose", **kw):
+        new = cls.__new__(cls)
+        Synapse.__init__(new)
+        new.in_features, new.out_features = m.in_features, m.out_features
+        new.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(),
+                                                             requires_grad=m.bias.requires_grad)
+        new.set_feedback(feedback, **kw)
+        return new
+
+    def _forward_op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
+        dx = dy @ b_matrix if need_x else None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        db = dy2.sum(0) if need_b else None
+        return dx, dw, db
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+class Conv2d(Synapse):
+    """A 2-D convolutional synapse (the layout of ``torch.nn.Conv2d``, zero padding).  Its backward
+    pass is one ``aten.convolution_backward`` call with B in place of W: the input gradient is the
+    transposed convolution with B, the weight gradient is unchanged."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, feedback: FeedbackSynapse | str = "transpose", *,
+                 generator=None, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), int(groups)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
+                                               device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self.set_feedback(feedback, generator=generator)
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_module(cls, m: nn.Conv2d, feedback="transpose", **kw):
+        if m.padding_mode != "zeros":
+            raise SpecError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported "
+                            "(only 'zeros')")
+        padding = m.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0, 0)
+            elif padding == "same" and tuple(m.stride) == (1, 1):
+                k = [d * (s - 1) for d, s in zip(m.dilation, m.kernel_size)]
+                if any(v % 2 for v in k):
+                    raise SpecError("Conv2d padding='same' with an even kernel is not supported")
+                padding = tuple(v // 2 for v in k)
+            else:
+                raise SpecError(f"Conv2d padding={padding!r} is not supported")
+        new = cls.__new__(cls)
+        Synapse.__init__(new)
+        new.in_channels, new.out_channels = m.in_channels, m.out_channels
+        new.kernel_size, new.stride = tuple(m.kernel_size), tuple(m.stride)
+        new.padding, new.dilation, new.groups = tuple(padding), tuple(m.dilation), m.groups
+        new.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(),
+                                                             requires_grad=m.bias.requires_grad)
+        new.set_feedback(feedback, **kw)
+        return new
+
+    def _forward_op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
+        bias_sizes = [self.out_channels] if need_b else None
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy, x, b_matrix, bias_sizes, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0, 0], self.groups, [need_x, need_w, need_b])
+        return dx, dw, db
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}"

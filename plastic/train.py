@@ -1,0 +1,226 @@
+"""Running a protocol: every arm trains the same circuit (same initial W, same data order, same
+optimizer and schedule) with its own feedback rule, and metrics go to the results file per epoch."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_mod
+from . import models
+from .convert import convert, synapses
+from .errors import SpecError
+from .metrics import update_angles, weight_angles
+from .results import ResultsWriter
+
+__all__ = ["build_circuit", "run_protocol", "evaluate"]
+
+
+def build_circuit(circuit: dict, input_shape, n_classes: int) -> nn.Module:
+    """A plain torch model from a resolved circuit spec, checked against the data's shape."""
+    shape = tuple(circuit["input_shape"]) or tuple(input_shape)
+    if tuple(shape) != tuple(input_shape):
+        raise SpecError(f"circuit {circuit['name'] or circuit['kind']!r} expects input "
+                        f"{list(shape)} but the data set gives {list(input_shape)}")
+    outputs = circuit["outputs"] or n_classes
+    if outputs != n_classes:
+        raise SpecError(f"circuit has {outputs} outputs but the data set has {n_classes} classes")
+    kind, pop = circuit["kind"], circuit["population"]
+    if kind == "mlp":
+        return models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop)
+    if kind == "convnet":
+        if shape[1] != shape[2] or shape[1] % (2 ** len(circuit["channels"])):
+            raise SpecError(f"convnet needs square inputs divisible by 2^{len(circuit['channels'])}, "
+                            f"got {list(shape)}")
+        return models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
+                              shape[1])
+    if kind == "resnet18":
+        return models.resnet18(outputs, shape[0], circuit["stem"], pop)
+    raise SpecError(f"unknown circuit kind {kind!r}")
+
+
+@torch.no_grad()
+def evaluate(model, ds, batch_size, device, label_smoothing=0.0):
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in ds.batches("test", batch_size):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train()
+    return correct / n, loss / n
+
+
+def _optimizer(spec, arm, model):
+    o = spec["optimizer"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o["name"] == "sgd":
+        return torch.optim.SGD(params, lr=arm["lr"], momentum=o["momentum"],
+                               nesterov=o["nesterov"] and o["momentum"] > 0,
+                               weight_decay=arm["weight_decay"])
+    cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.AdamW
+    return cls(params, lr=arm["lr"], weight_decay=arm["weight_decay"])
+
+
+def _schedule(spec, opt, steps_per_epoch, lr):
+    s, total = spec["schedule"], spec["epochs"] * steps_per_epoch
+    if s["name"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=total, pct_start=s["pct_start"],
+            div_factor=s["div_factor"], final_div_factor=s["final_div_factor"],
+            cycle_momentum=False)
+    if s["name"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; one line per epoch otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, total, desc):
+        if self.tty:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def epoch(self, msg):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _checkpoint_path(out_dir: Path, arm: str, seed: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"{arm}-seed{seed}.pt"
+
+
+def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
+            progress: _Progress, resume: bool = False):
+    device = torch.device(spec["device"])
+    torch.manual_seed(seed)
+    model = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)
+    output = arm["output"] or None
+    model = convert(model, arm["feedback"], seed=seed, output=output).to(device)
+    # materialise lazily-shaped feedback (direct feedback of conv layers) before the optimizer
+    with torch.no_grad():
+        model.eval()
+        model(ds.normalize(ds.train_x[:2]).to(device))
+        model.train()
+    opt = _optimizer(spec, arm, model)
+    steps = math.ceil(len(ds.train_x) / spec["batch_size"])
+    sched = _schedule(spec, opt, steps, arm["lr"])
+    loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=spec["loss"]["label_smoothing"])
+    probe_x = ds.normalize(ds.train_x[:spec["probe_size"]]).to(device)
+    probe_y = ds.train_y[:spec["probe_size"]].long().to(device)
+    writer.arm_group(arm_name, {"feedback": arm["feedback"], "lr": arm["lr"],
+                                "weight_decay": arm["weight_decay"],
+                                "synapses": [n for n, _ in synapses(model)]})
+    gen = torch.Generator().manual_seed(seed)
+    start_epoch, wall = 1, 0.0
+    ckpt = _checkpoint_path(out_dir, arm_name, seed)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, wall = state["epoch"] + 1, state["wall_time"]
+        writer.drop_rows(arm_name, seed, from_epoch=start_epoch)
+        progress.epoch(f"[{arm_name} seed {seed}] resumed after epoch {state['epoch']}")
+    else:
+        writer.drop_rows(arm_name, seed, from_epoch=0)
+
+    def record(epoch, train_loss, wall_time):
+        acc, test_loss = evaluate(model, ds, spec["test_batch_size"], device)
+        row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+               "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
+        row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
+        row.update({f"update_angle/{k}": v
+                    for k, v in update_angles(model, loss_fn, probe_x, probe_y).items()})
+        writer.append(arm_name, row)
+        return row
+
+    if start_epoch == 1:
+        row = record(0, math.nan, 0.0)
+        progress.epoch(f"[{arm_name} seed {seed}] epoch 0: test acc {100 * row['test_accuracy']:.2f}%")
+    for epoch in range(start_epoch, spec["epochs"] + 1):
+        t0 = time.perf_counter()
+        progress.start(steps, f"{arm_name} s{seed} e{epoch}/{spec['epochs']}")
+        total, n = 0.0, 0
+        model.train()
+        for x, y in ds.batches("train", spec["batch_size"], shuffle=True, generator=gen):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            lv = loss.item()
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"arm {arm_name!r}: training loss became {lv} in epoch "
+                                         f"{epoch}; lower its lr (now {arm['lr']})")
+            total += lv * len(y)
+            n += len(y)
+            progress.update(lv)
+        wall += time.perf_counter() - t0
+        row = record(epoch, total / n, wall)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(), "generator": gen.get_state(),
+                    "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall},
+                   str(ckpt) + ".tmp")
+        Path(str(ckpt) + ".tmp").replace(ckpt)
+        ua = [v for k, v in row.items() if k.startswith("update_angle/")]
+        angle_txt = f", update angle {sum(ua) / len(ua):.1f}°" if ua else ""
+        progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "
+                       f"loss {row['train_loss']:.4f}, test acc {100 * row['test_accuracy']:.2f}%"
+                       f"{angle_txt} ({wall:.0f} s)")
+    writer.mark_done(arm_name, seed)
+    ckpt.unlink(missing_ok=True)
+    return model
+
+
+def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resume: bool = False,
+                 progress: bool = True) -> Path:
+    """Run (the chosen arms of) a resolved protocol spec into ``out_dir/results.h5``."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    names = list(spec["arms"])
+    if arms:
+        unknown = [a for a in arms if a not in spec["arms"]]
+        if unknown:
+            raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
+        names = [a for a in names if a in arms]
+    ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
+    run_spec = dict(spec)
+    run_spec["arms"] = {a: spec["arms"][a] for a in names}
+    writer = ResultsWriter(out_dir, run_spec, resume=resume)
+    prog = _Progress(progress)
+    try:
+        for seed in spec["seeds"]:
+            for a in names:
+                if resume and seed in writer.done_seeds(a):
+                    prog.epoch(f"[{a} seed {seed}] already complete, skipped")
+                    continue
+                run_arm(spec, a, spec["arms"][a], seed, ds, writer, Path(out_dir), prog, resume)
+    finally:
+        writer.close()
+    return writer.path
