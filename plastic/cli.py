@@ -30,9 +30,6 @@ def _cmd_run(args):
         raise SpecError(f"{rp} already exists; pass --resume to continue or add arms to it, "
                         "or choose another --out")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
-    print(f"plastic: running protocol {spec['name']!r} on {spec['data']} "
-          f"({len(arms or spec['arms'])} arms x {len(spec['seeds'])} seeds, {spec['epochs']} epochs) "
-          f"-> {rp}", file=sys.stderr)
     try:
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:

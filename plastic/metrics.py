@@ -15,7 +15,7 @@ from torch import nn
 from .convert import synapses
 from .feedback import Transpose
 
-__all__ = ["angle", "weight_angles", "update_angles", "backprop", "preserved_buffers"]
+__all__ = ["angle", "weight_angles", "update_angles", "hidden_angles", "backprop", "preserved_buffers"]
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,20 +67,50 @@ def preserved_buffers(model: nn.Module):
                     v.copy_(saved[k])
 
 
-def update_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                  include_output: bool = False) -> dict[str, float]:
-    """{synapse name: angle between the rule's dL/dW and backprop's dL/dW} on batch (x, y).
+def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                  include_output: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """Two angles per synapse between what the rule delivers and what backprop would deliver on
+    the same batch (x, y):
 
-    Uses ``torch.autograd.grad``, so the parameters' ``.grad`` are untouched; buffers are
-    restored.  The output synapse (always 0 degrees for layer-wise rules) is left out unless
-    ``include_output``."""
+    * update: between the weight updates dL/dW;
+    * signal: between the error signals delta arriving at the synapse's post population, over
+      the whole batch (Lillicrap et al. 2016's angle between Δh_FA and Δh_BP).
+
+    Uses ``torch.autograd.grad``, so the parameters' ``.grad`` are untouched; buffers
+    (batch-norm statistics) are restored.  The output synapse (always 0 degrees for layer-wise
+    rules) is left out unless ``include_output``."""
     named = [(n, s) for n, s in synapses(model) if include_output or not s.is_output]
     if not named:
-        return {}
+        return {}, {}
     params = [s.weight for _, s in named]
+
+    def grads():
+        outs = {}
+        hooks = [s.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o))
+                 for n, s in named]
+        try:
+            loss = loss_fn(model(x), y)
+        finally:
+            for h in hooks:
+                h.remove()
+        sig = [outs[n] for n, _ in named]
+        g = torch.autograd.grad(loss, params + sig, allow_unused=True)
+        return g[:len(params)], g[len(params):]
+
     with preserved_buffers(model), torch.enable_grad():
-        g_rule = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
+        w_rule, s_rule = grads()
         with backprop(model):
-            g_bp = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
-    return {n: (angle(a, b) if a is not None and b is not None else float("nan"))
-            for (n, _), a, b in zip(named, g_rule, g_bp)}
+            w_bp, s_bp = grads()
+
+    def ang(a, b):
+        return angle(a, b) if a is not None and b is not None else float("nan")
+    update = {n: ang(a, b) for (n, _), a, b in zip(named, w_rule, w_bp)}
+    signal = {n: ang(a, b) for (n, _), a, b in zip(named, s_rule, s_bp)}
+    return update, signal
+
+
+def update_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                  include_output: bool = False) -> dict[str, float]:
+    """{synapse name: angle between the rule's and backprop's dL/dW} on batch (x, y); see
+    ``hidden_angles``."""
+    return hidden_angles(model, loss_fn, x, y, include_output)[0]

@@ -7,7 +7,9 @@ Layout of ``DIR/results.h5``::
     /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
         seed, epoch, train_loss, test_loss, test_accuracy, lr, wall_time,
         angle/<synapse>         angle between feedback B and W^T (degrees)
-        update_angle/<synapse>  angle between the rule's and backprop's hidden-layer update
+        update_angle/<synapse>  angle between the rule's and backprop's hidden-layer update dL/dW
+        signal_angle/<synapse>  angle between the rule's and backprop's error signal delta arriving
+                                at the synapse's post population (Lillicrap et al. 2016)
 Epoch 0 is the untrained circuit.  Rows are written (and flushed) at the end of every epoch, so an
 interrupted run keeps every finished epoch.
 """
@@ -19,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +37,10 @@ def versions() -> dict:
     from . import __version__
     v = {"plastic": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "numpy": np.__version__, "h5py": h5py.__version__, "matplotlib": matplotlib.__version__}
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        import norse  # noqa: F401
-        from importlib.metadata import version
         v["norse"] = version("norse")
-    except Exception:
+    except PackageNotFoundError:
         pass
     return v
 
@@ -179,6 +181,12 @@ def final_rows(metrics: dict) -> dict[int, dict]:
     return out
 
 
+def _nanmean(values):
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
 def _pm(values, scale=1.0, digits=2):
     v = np.asarray(values, dtype=float) * scale
     v = v[~np.isnan(v)]
@@ -193,15 +201,16 @@ def summary(results: list[dict]) -> list[dict]:
     """One row per arm (later files override earlier ones for the same arm)."""
     rows = {}
     for r in results:
-        for arm, a in r["arms"].items():
+        order = list(r["spec"].get("arms", {}))
+        arms = sorted(r["arms"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9)
+        for arm, a in arms:
             fin = final_rows(a["metrics"])
             if not fin:
                 continue
             per_seed = list(fin.values())
-            ua = [np.nanmean([v for k, v in f.items() if k.startswith("update_angle/")] or [np.nan])
+            ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")])
                   for f in per_seed]
-            wa = [np.nanmean([v for k, v in f.items() if k.startswith("angle/")] or [np.nan])
-                  for f in per_seed]
+            wa = [_nanmean([v for k, v in f.items() if k.startswith("angle/")]) for f in per_seed]
             fb = a["attrs"].get("feedback", "")
             rows[arm] = {
                 "arm": arm, "feedback": fb if isinstance(fb, str) else json.dumps(fb),
@@ -248,7 +257,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
 
     def mean_curve(m, key):
         ep = np.unique(m["epoch"])
-        vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
         return ep, vals
 
     files = []

@@ -133,8 +133,9 @@ def _check_type(where, value, typ):
     else:
         ok = isinstance(value, typ)
     if not ok:
-        name = "number" if typ is NUM else typ.__name__
-        raise SpecError(f"{where} must be a {name}, got {value!r}")
+        name = {NUM: "a number", int: "an integer", str: "a string", bool: "true or false",
+                list: "a list", dict: "a table"}.get(typ, typ.__name__)
+        raise SpecError(f"{where} must be {name}, got {value!r}")
 
 
 def _fill(spec: dict, schema: dict, where: str) -> dict:
@@ -158,17 +159,22 @@ def _fill(spec: dict, schema: dict, where: str) -> dict:
     return out
 
 
+def _circuit_table(circuit: str) -> dict:
+    p = Path(circuit)
+    if p.suffix != ".toml":
+        p = CIRCUITS_DIR / f"{circuit}.toml"
+        if not p.exists():
+            known = sorted(q.stem for q in CIRCUITS_DIR.glob("*.toml"))
+            raise SpecError(f"unknown circuit {circuit!r}; known: {', '.join(known)}")
+    raw = read_toml(p, "circuit")
+    raw.setdefault("name", p.stem)
+    return raw
+
+
 def resolve_circuit(circuit) -> dict:
     """A circuit spec: an inline table, a name in circuits/, or a path to a TOML file."""
     if isinstance(circuit, str):
-        p = Path(circuit)
-        if p.suffix != ".toml":
-            p = CIRCUITS_DIR / f"{circuit}.toml"
-            if not p.exists():
-                known = sorted(q.stem for q in CIRCUITS_DIR.glob("*.toml"))
-                raise SpecError(f"unknown circuit {circuit!r}; known: {', '.join(known)}")
-        raw = read_toml(p, "circuit")
-        raw.setdefault("name", p.stem)
+        raw = _circuit_table(circuit)
     elif isinstance(circuit, dict):
         raw = circuit
     else:
@@ -186,6 +192,10 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     """Defaults, overrides and validation: the fully resolved spec recorded with the results."""
     from .feedback import FEEDBACK_KINDS
 
+    raw = dict(raw)
+    if any(s.split("=", 1)[0].strip().startswith("circuit.") for s in sets or []) \
+            and isinstance(raw.get("circuit", PROTOCOL_SCHEMA["circuit"][1]), str):
+        raw["circuit"] = _circuit_table(raw.get("circuit", PROTOCOL_SCHEMA["circuit"][1]))
     spec = _fill(apply_sets(raw, sets or []), PROTOCOL_SCHEMA, "")
     spec["circuit"] = resolve_circuit(spec["circuit"])
     if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):

@@ -15,7 +15,7 @@ from . import data as data_mod
 from . import models
 from .convert import convert, synapses
 from .errors import SpecError
-from .metrics import update_angles, weight_angles
+from .metrics import hidden_angles, weight_angles
 from .results import ResultsWriter
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
@@ -153,8 +153,9 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
-        row.update({f"update_angle/{k}": v
-                    for k, v in update_angles(model, loss_fn, probe_x, probe_y).items()})
+        update, signal = hidden_angles(model, loss_fn, probe_x, probe_y)
+        row.update({f"update_angle/{k}": v for k, v in update.items()})
+        row.update({f"signal_angle/{k}": v for k, v in signal.items()})
         writer.append(arm_name, row)
         return row
 
@@ -210,10 +211,13 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
+    build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)  # validate before writing anything
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)
     prog = _Progress(progress)
+    prog.epoch(f"plastic: protocol {spec['name']!r} on {spec['data']} ({len(names)} arms x "
+               f"{len(spec['seeds'])} seeds, {spec['epochs']} epochs) -> {writer.path}")
     try:
         for seed in spec["seeds"]:
             for a in names:

@@ -1,0 +1,49 @@
+"""Alignment on real MNIST data (the embedded sample of real digits)."""
+import torch
+import torch.nn.functional as F
+
+import plastic
+from plastic import data, models
+
+
+def test_fa_hidden_update_angle_below_60_within_one_epoch():
+    """784-256-10 tanh, SGD: one epoch of the 6000 real digits (94 steps of 64)."""
+    ds = data.load("mnist-sample")
+    torch.manual_seed(0)
+    net = plastic.convert(models.mlp(784, [256], 10, "tanh"), "fa", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    probe_x = ds.normalize(ds.train_x[:1000])
+    probe_y = ds.train_y[:1000].long()
+    first = plastic.update_angles(net, F.cross_entropy, probe_x, probe_y)
+    assert all(a > 80 for a in first.values()), first  # random B: no alignment yet
+    g = torch.Generator().manual_seed(0)
+    for x, y in ds.batches("train", 64, shuffle=True, generator=g):  # one epoch
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    update, signal = plastic.hidden_angles(net, F.cross_entropy, probe_x, probe_y)
+    assert set(update) == {"1"}
+    assert update["1"] < 60, update
+    assert signal["1"] < 60, signal
+    # B is fixed and random: it is W that comes to align with B^T (Lillicrap et al. 2016)
+    assert plastic.weight_angles(net)["3"] < 80
+
+
+def test_transpose_update_angle_is_zero_and_usf_is_small():
+    ds = data.load("mnist-sample")
+    x, y = ds.normalize(ds.train_x[:256]), ds.train_y[:256].long()
+    plain = models.mlp(784, [64, 64], 10, "tanh")
+    bp = plastic.update_angles(plastic.convert(plain, "transpose"), F.cross_entropy, x, y)
+    assert max(bp.values()) < 1e-3
+    usf = plastic.update_angles(plastic.convert(plain, "usf"), F.cross_entropy, x, y)
+    assert max(usf.values()) < 60
+
+
+def test_update_angles_leave_grads_and_batchnorm_stats_untouched():
+    net = plastic.convert(models.convnet(1, (4, 8), 10, "relu", True, 28), "fa")
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    plastic.update_angles(net, F.cross_entropy, x, y)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())

@@ -1,0 +1,160 @@
+"""The command line: runs, reports, and one-line errors with exit status 2 on bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from plastic import results
+from plastic.cli import main
+
+FAST = ["epochs=2", "train_limit=1000", "test_limit=500", "probe_size=200",
+        "circuit.hidden=[32]", "threads=1"]
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    assert err[0].startswith("plastic: error: ")
+    return err[0]
+
+
+def test_quickstart_protocol_runs_writes_results_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--out", str(out), "--arms", "bp,fa,dfa", "--set", *FAST])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "bp" in table and "dfa" in table
+    r = results.read(out)
+    assert r["spec"]["epochs"] == 2 and r["spec"]["circuit"]["hidden"] == [32]
+    assert r["versions"]["torch"]
+    with h5py.File(out / "results.h5") as h:
+        assert json.loads(h.attrs["seeds"]) == [0]
+        m = h["arms/fa/metrics"]
+        assert list(m["epoch"][:]) == [0, 1, 2]
+        for key in ("train_loss", "test_accuracy", "angle/1", "angle/3", "update_angle/1",
+                    "signal_angle/1"):
+            assert m[key].ndim == 1 and len(m[key]) == 3, key
+        assert m["test_accuracy"][-1] > 0.6
+        assert m["update_angle/1"][-1] < 90
+        assert h["arms/bp/metrics/update_angle/1"][-1] < 1e-3
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert (out / "angles.png").stat().st_size > 1000
+    assert main(["report", str(out)]) == 0
+    assert "fa" in capsys.readouterr().out
+
+
+def test_seeds_give_mean_and_std_and_same_seed_same_numbers(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    sets = [*FAST, "seeds=[0,1]", "epochs=1"]
+    assert main(["run", "--out", str(a), "--arms", "fa", "-q", "--set", *sets]) == 0
+    assert main(["run", "--out", str(b), "--arms", "fa", "-q", "--set", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "±" in out
+    ma, mb = results.read(a)["arms"]["fa"]["metrics"], results.read(b)["arms"]["fa"]["metrics"]
+    assert np.array_equal(ma["test_accuracy"], mb["test_accuracy"])
+    assert np.allclose(ma["train_loss"], mb["train_loss"], equal_nan=True)
+    assert sorted(set(ma["seed"])) == [0, 1]
+
+
+def test_run_in_parts_and_combined_report(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--out", str(a), "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    assert main(["run", "--out", str(b), "--arms", "usf", "-q", "--set", *FAST, "epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(a), str(b)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("bp ") for l in lines) and any(l.startswith("usf ") for l in lines)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["arms.fa.feedback=foo"], "unknown rule 'foo'"),
+    (["epochz=3"], "unknown key 'epochz' (did you mean 'epochs'?)"),
+    (["optimizer.lrr=0.1"], "unknown key optimizer.'lrr'"),
+    (["epochs=abc"], "epochs must be an integer"),
+    (["circuit.input_shape=[3,32,32]"], "expects input [3, 32, 32] but the data set gives [1, 28, 28]"),
+    (["circuit.hidden=[0]"], "circuit.hidden must be a list of positive integers"),
+    (["circuit=nonexistent"], "unknown circuit 'nonexistent'"),
+    (["data=no-such-data"], "data set 'no-such-data' not found"),
+    (["schedule.name=warp"], "unknown schedule 'warp'"),
+])
+def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
+    rc = main(["run", "--out", str(tmp_path / "x"), "--set", *sets])
+    assert rc == 2
+    assert message in _err_line(capsys)
+
+
+def test_unknown_arm_and_bad_protocol_file(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "x"), "--arms", "nope"]) == 2
+    assert "unknown arm(s) ['nope']" in _err_line(capsys)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = [unclosed")
+    assert main(["run", str(bad)]) == 2
+    assert "invalid TOML" in _err_line(capsys)
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "protocol file not found" in _err_line(capsys)
+
+
+def test_corrupt_files_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "results.h5"
+    bad.write_bytes(b"this is not HDF5")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a readable HDF5 results file" in _err_line(capsys)
+    data_file = tmp_path / "data.h5"
+    data_file.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    assert main(["run", "--out", str(tmp_path / "o"), "--set", f"data={data_file}"]) == 2
+    assert "not a readable plastic data file" in _err_line(capsys)
+    with h5py.File(tmp_path / "empty.h5", "w") as h:
+        h.create_group("train")
+    assert main(["run", "--out", str(tmp_path / "o"), "--set", f"data={tmp_path / 'empty.h5'}"]) == 2
+    assert "no /train/images" in _err_line(capsys)
+    with h5py.File(tmp_path / "other.h5", "w") as h:
+        h.attrs["x"] = 1
+    assert main(["report", str(tmp_path / "other.h5")]) == 2
+    assert "not a plastic results file" in _err_line(capsys)
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "no results file" in _err_line(capsys)
+
+
+def test_existing_results_need_resume(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--arms", "bp", "--set", *FAST, "epochs=1"]) == 2
+    assert "already exists" in _err_line(capsys)
+    # --resume adds an arm to the same file and skips the finished one
+    assert main(["run", "--out", str(out), "--arms", "bp,fa", "--resume", "-q", "--set", *FAST,
+                 "epochs=1"]) == 0
+    assert set(results.read(out)["arms"]) == {"bp", "fa"}
+
+
+def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "plastic.cli", "run", "--out", str(out), "--arms", "fa", "--set",
+           *FAST, "epochs=40", "train_limit=2000"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    for line in p.stderr:
+        if "epoch 3/40" in line or time.time() > deadline:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "finished epochs are kept" in err
+    m = results.read(out)["arms"]["fa"]["metrics"]
+    kept = int(m["epoch"].max())
+    assert kept >= 3 and list(m["epoch"]) == list(range(kept + 1))
+    # resume continues from the checkpoint of the last finished epoch
+    rc = subprocess.run(cmd[:-2] + ["epochs=40", "train_limit=2000"] + ["--resume"],
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert rc.returncode == 0, rc.stderr
+    assert f"resumed after epoch {kept}" in rc.stderr
+    m = results.read(out)["arms"]["fa"]["metrics"]
+    assert list(m["epoch"]) == list(range(41))

@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plastic
+from plastic import models
+from plastic.synapses import Conv2d, Dense
+
+
+def test_convert_resnet18_every_conv_has_chosen_kind():
+    torch.manual_seed(0)
+    plain = models.resnet18(10, stem="imagenet")
+    net = plastic.convert(plain, {"fc": "transpose", "*": "usf"}, seed=0)
+    convs = [(n, m) for n, m in net.named_modules() if isinstance(m, Conv2d)]
+    assert len(convs) == 20  # 1 stem + 16 block convs + 3 shortcut convs
+    assert not any(isinstance(m, nn.Conv2d) for m in net.modules())
+    assert all(m.feedback.kind == "usf" for _, m in convs)
+    assert net.fc.feedback.kind == "transpose" and isinstance(net.fc, Dense)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 20
+    x = torch.randn(2, 3, 64, 64)
+    out = net(x)
+    assert out.shape == (2, 10)
+    F.cross_entropy(out, torch.tensor([1, 2])).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for _, m in convs)
+    # weights are copies of the plain model's
+    assert torch.equal(net.conv1.weight, plain.conv1.weight)
+    assert net.conv1.weight.data_ptr() != plain.conv1.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["fa", "brsf", "frsf", "dfa"])
+def test_convert_resnet18_runs_for_every_kind(kind):
+    net = plastic.convert(models.resnet18(10, stem="cifar"), kind)
+    out = net(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    kinds = {m.feedback.kind for _, m in plastic.synapses(net)}
+    assert kinds == {kind}
+    assert net.layers[3].conv2.weight.grad.abs().sum() > 0
+
+
+def test_pattern_mapping_and_errors():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    conv = plastic.convert(net, {"4": "bp", "*": "fa"})
+    assert [m.feedback.kind for _, m in plastic.synapses(conv)] == ["fa", "fa", "transpose"]
+    with pytest.raises(plastic.SpecError, match="unknown feedback kind 'nope'"):
+        plastic.convert(net, "nope")
+    with pytest.raises(plastic.SpecError, match="no feedback kind given"):
+        plastic.convert(net, {"0": "fa"})
+    with pytest.raises(plastic.SpecError, match="output synapse"):
+        plastic.convert(net, "dfa", output="missing")
+    with pytest.raises(plastic.SpecError, match="no Linear or Conv2d"):
+        plastic.convert(nn.ReLU(), "fa")
+
+
+def test_convert_is_idempotent_on_plastic_synapses():
+    net = plastic.convert(models.mlp(784, [32], 10), "fa")
+    again = plastic.convert(net, "usf")
+    assert [m.feedback.kind for _, m in plastic.synapses(again)] == ["usf", "usf"]
+    assert [m.feedback.kind for _, m in plastic.synapses(net)] == ["fa", "fa"]
+
+
+def test_repr_names_feedback():
+    syn = plastic.Conv2d(3, 8, 3, padding=1, feedback="frsf")
+    text = repr(syn)
+    assert "kernel_size=(3, 3)" in text and "frsf" in text

@@ -1,0 +1,63 @@
+import gzip
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from plastic import data
+from plastic.cli import main
+from plastic.errors import DataError
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def test_embedded_sample_is_real_mnist():
+    ds = data.load("mnist-sample")
+    assert ds.train_x.shape == (6000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
+    assert ds.train_x.dtype == torch.uint8
+    assert abs(float(ds.mean[0]) - 0.1307) < 0.01  # MNIST's pixel mean
+    counts = torch.bincount(ds.train_y.long(), minlength=10)
+    assert counts.min() > 450 and len(counts) == 10
+    x, y = next(ds.batches("train", 32))
+    assert x.shape == (32, 1, 28, 28) and abs(float(x.mean())) < 0.2
+
+
+def test_same_generator_same_order():
+    ds = data.load("mnist-sample", train_limit=500)
+    a = [y for _, y in ds.batches("train", 50, shuffle=True, generator=torch.Generator().manual_seed(3))]
+    b = [y for _, y in ds.batches("train", 50, shuffle=True, generator=torch.Generator().manual_seed(3))]
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_idx_roundtrip_to_h5_from_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = {"train": 30, "t10k": 10}
+    for prefix, n in parts.items():
+        x = rng.integers(0, 256, (n, 28, 28))
+        y = rng.integers(0, 10, n)
+        (src / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(x)))
+        (src / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(y))
+    out = tmp_path / "tiny.h5"
+    # checksums are verified by default: synthetic files fail, with a clear message
+    assert main(["data", "fetch", "mnist", "--from", str(src), "--out", str(out)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert main(["data", "fetch", "mnist", "--from", str(src), "--out", str(out), "--no-verify"]) == 0
+    ds = data.load(str(out))
+    assert ds.train_x.shape == (30, 1, 28, 28) and ds.test_x.shape == (10, 1, 28, 28)
+    with h5py.File(out) as h:
+        assert h["train/images"].dtype == np.uint8 and h.attrs["source"].startswith("local:")
+
+
+def test_bad_idx_files():
+    with pytest.raises(DataError, match="bad magic"):
+        data.read_idx(b"\x01\x02\x03\x04", "f")
+    with pytest.raises(DataError, match="IDX holds"):
+        data.read_idx(bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]), "f")
+    with pytest.raises(DataError, match="unknown data set"):
+        data.fetch("imagenet-9000")

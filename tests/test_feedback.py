@@ -1,0 +1,207 @@
+"""Each feedback kind delivers exactly its definition, for dense and conv synapses."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+import plastic
+from plastic.feedback import _rms
+
+KINDS = ["transpose", "fa", "usf", "brsf", "frsf", "dfa"]
+
+
+def _mlp(seed=0, dims=(12, 9, 7, 5)):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).double()
+
+
+def test_transpose_reproduces_autograd_mlp_and_resnet():
+    x = torch.randn(16, 12, dtype=torch.float64)
+    y = torch.randint(0, 5, (16,))
+    plain = _mlp()
+    conv = plastic.convert(plain, "transpose")
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(conv(x), y).backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), conv.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=0), n
+
+    torch.manual_seed(1)
+    plain = plastic.models.resnet18(10, stem="cifar").double()
+    conv = plastic.convert(plain, "transpose")
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(conv(x), y).backward()
+    n_checked = 0
+    for (n, p), (_, q) in zip(plain.named_parameters(), conv.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=0), n
+        n_checked += 1
+    assert n_checked > 40
+
+
+def _expected_b(kind, syn, seed_for_brsf=None):
+    w = syn.weight.detach()
+    if kind == "transpose":
+        return w
+    if kind == "fa":
+        return syn.feedback.weight
+    if kind == "usf":
+        return torch.sign(w) * w.pow(2).mean().sqrt()
+    if kind == "frsf":
+        return syn.feedback.magnitude * torch.sign(w) * w.pow(2).mean().sqrt()
+    if kind == "brsf":
+        torch.manual_seed(seed_for_brsf)
+        return torch.randn_like(w).abs() * torch.sign(w) * w.pow(2).mean().sqrt()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["transpose", "fa", "usf", "brsf", "frsf"])
+def test_dense_layerwise_kinds(kind):
+    """W1.grad = ((delta2 @ B2) ⊙ f'(a1))^T x with B2 the kind's feedback of synapse 2."""
+    net = plastic.convert(_mlp(dims=(12, 9, 5)), {"2": kind, "*": "transpose"}, seed=3)
+    x = torch.randn(8, 12, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    a1 = net[0](x)
+    h = torch.tanh(a1)
+    out = net[2](h)
+    loss = F.cross_entropy(out, y)
+    delta2 = torch.autograd.grad(loss, out, retain_graph=True)[0]
+    if kind == "brsf":
+        torch.manual_seed(123)
+    loss.backward()
+    b2 = _expected_b(kind, net[2], 123)
+    delta1 = (delta2 @ b2) * (1 - h.detach() ** 2)
+    assert torch.allclose(net[0].weight.grad, delta1.t() @ x, atol=1e-10)
+    assert torch.allclose(net[0].bias.grad, delta1.sum(0), atol=1e-10)
+    # the synapse's own weight update is delta x^T whatever its feedback
+    assert torch.allclose(net[2].weight.grad, delta2.t() @ h.detach(), atol=1e-10)
+    if kind == "usf":
+        assert torch.equal(torch.sign(b2), torch.sign(net[2].weight.detach()))
+    if kind in ("fa", "frsf"):  # fixed: the same B on the next batch
+        assert torch.equal(net[2].feedback.matrix(net[2].weight), b2)
+
+
+def test_dense_dfa_is_output_error_projection():
+    """Nøkland 2016: delta_l = (B_l e) ⊙ f'(a_l) with e the output error, for every hidden layer."""
+    net = plastic.convert(_mlp(dims=(12, 9, 7, 5)), "dfa", seed=0)
+    x = torch.randn(8, 12, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    a1 = net[0](x); h1 = torch.tanh(a1)
+    a2 = net[2](h1); h2 = torch.tanh(a2)
+    out = net[4](h2)
+    loss = F.cross_entropy(out, y)
+    e = torch.autograd.grad(loss, out, retain_graph=True)[0]
+    loss.backward()
+    b2, b3 = net[2].feedback.weight, net[4].feedback.weight  # project onto h1, h2
+    assert b2.shape == (5, 9) and b3.shape == (5, 7)
+    d2 = (e @ b3) * (1 - h2.detach() ** 2)
+    d1 = (e @ b2) * (1 - h1.detach() ** 2)
+    assert torch.allclose(net[2].weight.grad, d2.t() @ h1.detach(), atol=1e-10)
+    assert torch.allclose(net[0].weight.grad, d1.t() @ x, atol=1e-10)
+    assert torch.allclose(net[4].weight.grad, e.t() @ h2.detach(), atol=1e-10)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        h1 = torch.tanh(self.conv1(x))
+        h2 = torch.tanh(self.conv2(h1))
+        return self.fc(h2.flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["transpose", "fa", "usf", "brsf", "frsf"])
+def test_conv_layerwise_kinds(kind):
+    torch.manual_seed(0)
+    net = plastic.convert(_ConvNet().double(), {"conv2": kind, "*": "transpose"}, seed=5)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    h1 = torch.tanh(net.conv1(x))
+    a2 = net.conv2(h1)
+    loss = F.cross_entropy(net.fc(torch.tanh(a2).flatten(1)), y)
+    delta2 = torch.autograd.grad(loss, a2, retain_graph=True)[0]
+    if kind == "brsf":
+        torch.manual_seed(7)
+    loss.backward()
+    b2 = _expected_b(kind, net.conv2, 7)
+    dh1 = conv2d_input(h1.shape, b2, delta2, stride=2, padding=1)
+    delta1 = dh1 * (1 - h1.detach() ** 2)
+    expected = conv2d_weight(x, net.conv1.weight.shape, delta1, padding=1)
+    assert torch.allclose(net.conv1.weight.grad, expected, atol=1e-10)
+    assert torch.allclose(net.conv2.weight.grad,
+                          conv2d_weight(h1.detach(), net.conv2.weight.shape, delta2, stride=2, padding=1),
+                          atol=1e-10)
+
+
+def test_conv_dfa_is_output_error_projection():
+    torch.manual_seed(0)
+    net = plastic.convert(_ConvNet().double(), "dfa", seed=1)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    h1 = torch.tanh(net.conv1(x))
+    h2 = torch.tanh(net.conv2(h1))
+    out = net.fc(h2.flatten(1))
+    loss = F.cross_entropy(out, y)
+    e = torch.autograd.grad(loss, out, retain_graph=True)[0]
+    loss.backward()
+    b_conv2 = net.conv2.feedback.weight  # (n_out, 4, 8, 8): projects e onto conv2's pre population
+    assert b_conv2.shape == (5, 4, 8, 8)
+    delta1 = (e @ b_conv2.flatten(1)).view_as(h1) * (1 - h1.detach() ** 2)
+    assert torch.allclose(net.conv1.weight.grad,
+                          conv2d_weight(x, net.conv1.weight.shape, delta1, padding=1), atol=1e-10)
+    b_fc = net.fc.feedback.weight
+    delta2 = (e @ b_fc).view_as(h2) * (1 - h2.detach() ** 2)
+    assert torch.allclose(net.conv2.weight.grad,
+                          conv2d_weight(h1.detach(), net.conv2.weight.shape, delta2, stride=2, padding=1),
+                          atol=1e-10)
+
+
+def test_fixed_feedback_are_buffers_and_weights_copied():
+    plain = _mlp()
+    for kind in KINDS:
+        net = plastic.convert(plain, kind, seed=0)
+        names = {n for n, _ in net.named_parameters()}
+        assert names == {n for n, _ in plain.named_parameters()}, kind  # no feedback parameters
+        for (_, p), (_, q) in zip(plain.named_parameters(), net.named_parameters()):
+            assert torch.equal(p, q)
+    fa = plastic.convert(plain, "fa", seed=0)
+    assert "0.feedback.weight" in dict(fa.named_buffers())
+
+
+def test_feedback_is_reproducible_from_seed_and_independent_of_global_rng():
+    plain = _mlp()
+    torch.manual_seed(1)
+    a = plastic.convert(plain, "fa", seed=4)
+    torch.manual_seed(2)
+    b = plastic.convert(plain, "fa", seed=4)
+    c = plastic.convert(plain, "fa", seed=5)
+    assert torch.equal(a[2].feedback.weight, b[2].feedback.weight)
+    assert not torch.equal(a[2].feedback.weight, c[2].feedback.weight)
+
+
+def test_dfa_state_dict_roundtrip():
+    plain = _ConvNet()
+    a = plastic.convert(plain, "dfa", seed=1)
+    a(torch.randn(1, 3, 8, 8))
+    b = plastic.convert(plain, "dfa", seed=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.conv2.feedback.weight, b.conv2.feedback.weight)
+
+
+def test_usf_scale_matches_norm():
+    syn = plastic.Dense(30, 20, feedback="usf")
+    b = syn.feedback.matrix(syn.weight)
+    assert torch.allclose(b.norm(), syn.weight.norm(), rtol=1e-5)
+    assert plastic.angle(b, syn.weight) < 40

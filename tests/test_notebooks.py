@@ -1,0 +1,95 @@
+"""Every notebook in notebooks/ runs from top to bottom without a cell error, and is stored with its
+outputs (committed executed).  The quickstart's printed numbers are checked too."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL = "python3"
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """The python3 kernel spec; installed into sys.prefix if it is missing."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix",
+                        "--name", KERNEL], check=True)
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    return KERNEL
+
+
+def _text(nb) -> str:
+    """Every stream and text/plain output of a notebook, concatenated."""
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                parts.append(out.get("text", ""))
+            elif "text/plain" in out.get("data", {}):
+                parts.append(out["data"]["text/plain"])
+    return "\n".join(parts)
+
+
+def _errors(nb) -> list[str]:
+    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def test_notebooks_exist():
+    assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, kernel: str):
+    stored = nbformat.read(path, as_version=4)
+    code = [c for c in stored.cells if c.cell_type == "code" and c.source.strip()]
+    assert code, f"{path.name} has no code cells"
+    # stored executed: every code cell ran, in order, and the notebook has outputs
+    counts = [c.get("execution_count") for c in code]
+    assert all(n is not None for n in counts), \
+        f"{path.name} is stored without outputs; execute it before committing"
+    assert counts == sorted(counts), f"{path.name} was stored with cells run out of order: {counts}"
+    assert any(c.get("outputs") for c in code), f"{path.name} is stored without outputs"
+    assert not _errors(stored), f"{path.name} is stored with errors: {_errors(stored)}"
+
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel,
+                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+    assert not _errors(nb)
+
+    if path.stem == "quickstart":
+        _check_quickstart(_text(nb))
+        _check_quickstart(_text(stored))
+
+
+def _value(text: str, label: str) -> float:
+    m = re.search(rf"^{re.escape(label)}:\s*([^\s(]+)", text, re.MULTILINE)
+    assert m, f"the notebook printed no line '{label}: ...'"
+    return float(m.group(1))
+
+
+def _check_quickstart(text: str):
+    bp_acc = _value(text, "final bp test accuracy")
+    fa_acc = _value(text, "final fa test accuracy")
+    fa_angle = _value(text, "final fa update angle")
+    bp_angle = _value(text, "final bp update angle")
+    assert bp_acc > 0.85, f"bp test accuracy {bp_acc}"
+    assert fa_acc > 0.80, f"fa test accuracy {fa_acc}"
+    assert 0.0 < fa_angle < 90.0, f"fa hidden update angle {fa_angle} deg"
+    assert bp_angle < 1.0, f"bp hidden update angle {bp_angle} deg (backprop against itself)"
