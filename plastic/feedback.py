@@ -27,7 +27,7 @@ __all__ = [
 
 
 def _rms(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().pow(2).mean().sqrt()
+    return torch.linalg.vector_norm(w.detach()) / math.sqrt(max(w.numel(), 1))
 
 
 def _kaiming_uniform_like(shape, fan_in: int, generator, device, dtype) -> torch.Tensor:
@@ -87,20 +87,20 @@ class UniformSignSymmetry(FeedbackSynapse):
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return torch.sign(w) * _rms(w)
+        return torch.sign(w).mul_(_rms(w))
 
 
 class BatchRandomSignSymmetry(FeedbackSynapse):
     """brSF (Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W), R ~ N(0, RMS(W)^2)
-    redrawn for every batch (every backward pass)."""
+    redrawn for every batch (every backward pass).  (Computed as copysign(R, W): where W is
+    exactly 0 the entry is ±|R| rather than 0.)"""
 
     kind = "brsf"
     local = False
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        r = torch.randn_like(w)
-        return r.abs_().mul_(torch.sign(w)).mul_(_rms(w))
+        return torch.randn_like(w).copysign_(w).mul_(_rms(w))
 
 
 class FixedRandomSignSymmetry(FeedbackSynapse):
@@ -117,7 +117,7 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return self.magnitude * torch.sign(w) * _rms(w)
+        return torch.sign(w).mul_(self.magnitude).mul_(_rms(w))
 
 
 class DirectFeedbackHub:
