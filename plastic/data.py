@@ -257,15 +257,40 @@ class Dataset:
         return x.sub_(self.mean.to(dtype).view(shape)).div_(self.std.to(dtype).view(shape))
 
     def batches(self, split: str, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, limit: int | None = None):
-        """Yield (x float, y long) batches; with ``shuffle`` the order comes from ``generator``
-        alone, so every arm that passes an equally seeded generator sees the same order."""
+                generator: torch.Generator | None = None, limit: int | None = None,
+                shift: int = 0, flip: bool = False):
+        """Yield (x float, y long) batches; with ``shuffle`` the order (and any augmentation)
+        comes from ``generator`` alone, so every arm that passes an equally seeded generator sees
+        the same data.  ``shift``/``flip``: random translation (zero padding, random crop) and
+        horizontal flip, see ``augment``."""
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
         n = len(x) if limit is None else min(limit, len(x))
         idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
             j = idx[i:i + batch_size]
-            yield self.normalize(x[j]), y[j].long()
+            xb = x[j]
+            if shift or flip:
+                xb = augment(xb, shift, flip, generator)
+            yield self.normalize(xb), y[j].long()
+
+
+def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after zero padding by ``shift`` pixels (a random translation of up to
+    ``shift`` pixels), and random horizontal flips, for a whole (N, C, H, W) batch at once
+    with no loop over samples."""
+    n, c, h, w = x.shape
+    if shift:
+        xp = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+        dy = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
+        dx = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
+        rows = (torch.arange(h)[None, :] + dy)[:, None, :, None]  # (n, 1, h, 1)
+        cols = (torch.arange(w)[None, :] + dx)[:, None, None, :]  # (n, 1, 1, w)
+        x = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        f = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(f[:, None, None, None], x.flip(3), x)
+    return x
 
 
 def load(name: str, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:

@@ -251,7 +251,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
 
     r = read(path)
     out_dir = Path(out_dir) if out_dir else results_path(path).parent
-    arms = r["arms"]
+    order = list(r["spec"].get("arms", {}))
+    arms = dict(sorted(r["arms"].items(),
+                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if not arms:
         return []
 
@@ -269,14 +271,17 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         if "epoch" not in m or not len(m["epoch"]):
             continue
         ep, acc = mean_curve(m, "test_accuracy")
-        ax[0].plot(ep, 100 * acc, marker=".", label=arm)
         sel = ep > 0
+        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=f"{arm} ({100 * acc[-1]:.2f}%)")
         ep2, loss = mean_curve(m, "train_loss")
         ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
-    ax[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
-    ax[0].legend(fontsize=8)
-    fig.suptitle(f"{r['spec'].get('name', '')} on {r['spec'].get('data', '')}")
+    ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)
+    spec = r["spec"]
+    circuit = spec.get("circuit", {})
+    fig.suptitle(f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')} "
+                 f"on {spec.get('data', '')}")
     fig.tight_layout()
     files.append(out_dir / "learning_curves.png")
     fig.savefig(files[-1], dpi=110)

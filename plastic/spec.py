@@ -57,6 +57,10 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
     "loss": {
         "label_smoothing": (NUM, 0.0),
     },
+    "augment": {
+        "shift": (int, 0),
+        "flip": (bool, False),
+    },
     "arms": (dict, {}),
 }
 

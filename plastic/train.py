@@ -167,7 +167,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         progress.start(steps, f"{arm_name} s{seed} e{epoch}/{spec['epochs']}")
         total, n = 0.0, 0
         model.train()
-        for x, y in ds.batches("train", spec["batch_size"], shuffle=True, generator=gen):
+        for x, y in ds.batches("train", spec["batch_size"], shuffle=True, generator=gen,
+                               shift=spec["augment"]["shift"], flip=spec["augment"]["flip"]):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)

@@ -61,3 +61,19 @@ def test_bad_idx_files():
         data.read_idx(bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]), "f")
     with pytest.raises(DataError, match="unknown data set"):
         data.fetch("imagenet-9000")
+
+
+def test_augment_shift_and_flip_match_a_per_sample_reference():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    out = data.augment(x, shift=2, flip=True, generator=g)
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randint(0, 5, (2, 1), generator=g)
+    dx = torch.randint(0, 5, (2, 1), generator=g)
+    f = torch.rand(2, generator=g) < 0.5
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        ref = xp[i, :, dy[i, 0]:dy[i, 0] + 5, dx[i, 0]:dx[i, 0] + 5]
+        if f[i]:
+            ref = ref.flip(2)
+        assert torch.equal(out[i], ref)
