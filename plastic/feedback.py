@@ -44,9 +44,25 @@ class FeedbackSynapse(nn.Module):
     direct = False
     #: whether this feedback synapse only reads signals available at the synapse (DESIGN.md)
     local = True
+    #: whether it learns: then the synapse's backward pass calls ``plasticity`` with its local
+    #: signals, which writes the change of B into ``B.grad`` (so any optimizer applies it)
+    plastic = False
 
     def matrix(self, forward_weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def plasticity(self, synapse, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Learned feedback: accumulate -dR/dB into the feedback weight's ``.grad`` from the
+        pre activity ``x`` and the error ``delta`` arriving at the post population, in the same
+        backward pass (no extra forward pass).  Fixed and derived kinds do nothing."""
+
+    @staticmethod
+    def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` to ``param.grad`` as autograd would."""
+        if param.grad is None:
+            param.grad = grad.detach().clone()
+        else:
+            param.grad.add_(grad)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

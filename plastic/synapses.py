@@ -50,6 +50,8 @@ class _Route(torch.autograd.Function):
             _, dw, db = syn._backward_op(dy, x, weight, False, need_w, need_b)
         else:
             dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
+        if fb.plastic:
+            fb.plasticity(syn, x, dy)
         return dx, dw, db, None
 
 

@@ -205,3 +205,34 @@ def test_usf_scale_matches_norm():
     b = syn.feedback.matrix(syn.weight)
     assert torch.allclose(b.norm(), syn.weight.norm(), rtol=1e-5)
     assert plastic.angle(b, syn.weight) < 40
+
+
+class _LearnedFeedback(plastic.FeedbackSynapse):
+    """A learned feedback synapse for the test: B is a Parameter, ΔB = δ^T x (Kolen-Pollack's
+    form of the W update), written into B.grad in the synapse's backward pass."""
+    kind = "test-learned"
+    plastic = True
+
+    def __init__(self, w):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros_like(w))
+
+    def matrix(self, forward_weight):
+        return self.weight.detach()
+
+    def plasticity(self, synapse, x, delta):
+        self.accumulate(self.weight, delta.t() @ x)
+
+
+def test_learned_feedback_receives_grad_and_optimizer_updates_it():
+    syn = plastic.Dense(6, 4, feedback="fa")
+    syn.set_feedback(_LearnedFeedback(syn.weight))
+    assert "feedback.weight" in dict(syn.named_parameters())
+    opt = torch.optim.SGD(syn.parameters(), lr=0.1)
+    x = torch.randn(5, 6, requires_grad=True)
+    y = syn(x)
+    y.sum().backward()
+    assert torch.allclose(syn.feedback.weight.grad, syn.weight.grad)  # same δ x^T
+    assert torch.allclose(x.grad, torch.zeros_like(x))  # B was zero: no error reaches x
+    opt.step()
+    assert plastic.angle(syn.feedback.weight, -syn.weight.grad) < 1e-3  # B = -lr * grad
