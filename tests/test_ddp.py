@@ -1,0 +1,61 @@
+"""DistributedDataParallel works unchanged: the feedback pathway lives inside autograd, so DDP's
+all-reduce sees ordinary W.grad, and replicas stay identical to single-process training."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import plastic
+from plastic import models
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(model, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(4)]
+
+
+def _worker(rank, world, port, kind, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        shard = [(x[rank::world], y[rank::world]) for x, y in _data()]
+        _train(ddp, shard)
+        torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["fa", "dfa"])
+def test_ddp_matches_single_process(tmp_path, kind):
+    mp.spawn(_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(0)
+    single = _train(plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0), _data())
+    for k, v in single.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), k  # replicas identical, feedback weights included
+        assert torch.allclose(r0[k], v, atol=1e-5), k  # = training on the whole batch
