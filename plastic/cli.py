@@ -108,11 +108,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        argv = ["run"]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # 'plastic' alone, or 'plastic --out DIR', runs the quickstart
     args = parser().parse_args(argv)
-    if args.command is None:
-        args = parser().parse_args(["run", *argv])
     try:
         return args.func(args)
     except PlasticError as e:

@@ -2,7 +2,8 @@
 
 Layout of ``DIR/results.h5``::
 
-    attrs:  spec (JSON, fully resolved), seeds (JSON), versions (JSON), command, created
+    attrs:  spec (JSON, fully resolved), seed (the first), seeds (JSON), versions (JSON),
+            command, created
     /arms/<arm>/             attrs: feedback (JSON), lr, weight_decay, done_seeds (JSON)
     /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
         seed, epoch, train_loss, test_loss, test_accuracy, lr, wall_time,
@@ -73,6 +74,7 @@ class ResultsWriter:
         else:
             self.h5 = h5py.File(self.path, "w")
             self.h5.attrs.update(spec=json.dumps(spec), seeds=json.dumps(spec["seeds"]),
+                                 seed=int(spec["seeds"][0]),
                                  versions=json.dumps(versions()), command=" ".join(sys.argv),
                                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.h5.require_group("arms")

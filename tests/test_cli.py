@@ -158,3 +158,11 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
     assert f"resumed after epoch {kept}" in rc.stderr
     m = results.read(out)["arms"]["fa"]["metrics"]
     assert list(m["epoch"]) == list(range(41))
+
+
+def test_plastic_with_only_options_runs_the_quickstart(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "q"), "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    r = results.read(tmp_path / "q")
+    assert r["spec"]["name"] == "quickstart" and set(r["arms"]) == {"bp"}
+    with h5py.File(tmp_path / "q" / "results.h5") as h:
+        assert h.attrs["seed"] == 0

@@ -63,3 +63,12 @@ def test_repr_names_feedback():
     syn = plastic.Conv2d(3, 8, 3, padding=1, feedback="frsf")
     text = repr(syn)
     assert "kernel_size=(3, 3)" in text and "frsf" in text
+
+
+def test_convert_torchvision_resnet18_where_installed():
+    tv = pytest.importorskip("torchvision")
+    net = plastic.convert(tv.models.resnet18(num_classes=10), {"fc": "bp", "*": "fa"})
+    convs = [m for _, m in plastic.synapses(net) if isinstance(m, Conv2d)]
+    assert len(convs) == 20 and all(m.feedback.kind == "fa" for m in convs)
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(m.weight.grad is not None for m in convs)
