@@ -51,10 +51,13 @@ class FeedbackSynapse(nn.Module):
     def matrix(self, forward_weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def plasticity(self, synapse, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Learned feedback: accumulate -dR/dB into the feedback weight's ``.grad`` from the
-        pre activity ``x`` and the error ``delta`` arriving at the post population, in the same
-        backward pass (no extra forward pass).  Fixed and derived kinds do nothing."""
+    def plasticity(self, synapse, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                   dw: torch.Tensor | None) -> None:
+        """Learned feedback: accumulate the change of B into the feedback weight's ``.grad``
+        from the local signals of the same backward pass (no extra forward pass): the pre
+        activity ``x``, the post pre-activation ``y = W x`` (bias removed), the error ``delta``
+        arriving at the post population, and the forward weight's own update ``dw``.  Fixed and
+        derived kinds do nothing."""
 
     @staticmethod
     def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:

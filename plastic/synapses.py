@@ -26,12 +26,16 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, synapse):
         ctx.synapse = synapse
-        ctx.save_for_backward(x, weight)
-        return synapse._forward_op(x, weight, bias)
+        y = synapse._forward_op(x, weight, bias)
+        if synapse.feedback.plastic:  # learned feedback reuses the forward pre-activation
+            ctx.save_for_backward(x, weight, y)
+        else:
+            ctx.save_for_backward(x, weight)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors[:2]
         syn: Synapse = ctx.synapse
         fb = syn.feedback
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -51,7 +55,10 @@ class _Route(torch.autograd.Function):
         else:
             dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
         if fb.plastic:
-            fb.plasticity(syn, x, dy)
+            y = ctx.saved_tensors[2]
+            if syn.bias is not None:
+                y = y - syn.bias.detach().view(1, -1, *([1] * (y.dim() - 2)))
+            fb.plasticity(syn, x, y, dy, dw)
         return dx, dw, db, None
 
 
@@ -78,6 +85,8 @@ class Synapse(nn.Module):
         fb = self.feedback
         if fb.direct:
             fb.materialize(x.shape[1:], x.device, x.dtype)
+        elif fb.plastic and hasattr(fb, "pre_shape"):
+            fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return self._forward_op(x, self.weight, self.bias)
         return _Route.apply(x, self.weight, self.bias, self)
@@ -115,6 +124,15 @@ class Dense(Synapse):
 
     def _forward_op(self, x, w, b):
         return F.linear(x, w, b)
+
+    def operator(self):
+        """Forward, backward and weight-gradient operators with any weight K (rules.Operator)."""
+        from .rules import Operator
+        n_in, n_out = self.in_features, self.out_features
+        return Operator(
+            forward=lambda x, k: F.linear(x, k),
+            backward=lambda g, k, x: g @ k,
+            weight_grad=lambda a, g: g.reshape(-1, n_out).t() @ a.reshape(-1, n_in))
 
     def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
         dx = dy @ b_matrix if need_x else None
@@ -186,6 +204,23 @@ class Conv2d(Synapse):
 
     def _forward_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def operator(self):
+        """Forward, backward and weight-gradient operators with any weight K (rules.Operator)."""
+        from .rules import Operator
+        st, pad, dil, gr = list(self.stride), list(self.padding), list(self.dilation), self.groups
+        w = self.weight
+
+        def backward(g, k, x):
+            return torch.ops.aten.convolution_backward(
+                g, x, k, None, st, pad, dil, False, [0, 0], gr, [True, False, False])[0]
+
+        def weight_grad(a, g):
+            return torch.ops.aten.convolution_backward(
+                g, a, w, None, st, pad, dil, False, [0, 0], gr, [False, True, False])[1]
+
+        return Operator(forward=lambda x, k: F.conv2d(x, k, None, st, pad, dil, gr),
+                        backward=backward, weight_grad=weight_grad)
 
     def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
         bias_sizes = [self.out_channels] if need_b else None

@@ -220,7 +220,7 @@ class _LearnedFeedback(plastic.FeedbackSynapse):
     def matrix(self, forward_weight):
         return self.weight.detach()
 
-    def plasticity(self, synapse, x, delta):
+    def plasticity(self, synapse, x, y, delta, dw):
         self.accumulate(self.weight, delta.t() @ x)
 
 

@@ -1,0 +1,143 @@
+"""Learned feedback synapses: B is an ``nn.Parameter`` whose change is written into ``B.grad``
+in the synapse's own backward pass, from local signals, so any optimizer, LR schedule and DDP
+update it like W.
+
+* ``LearnedFeedback``: any weighted sum of Kunin et al.'s primitives (``plastic.rules``), e.g.
+  Information Alignment ``{amp, null, decay}``, Symmetric ``{self, decay}``, Activation
+  ``{amp, sparse}``, or the weight mirror (Akrout et al. 2019): ``{amp, decay}`` driven by noise.
+* ``KolenPollack`` (Kolen & Pollack 1994; Akrout et al. 2019, eq. 6): B receives exactly W's update
+  (and, through the optimizer, the same decay), so B - W^T decays to zero.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+from .feedback import FeedbackSynapse, _kaiming_uniform_like
+from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
+
+__all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
+
+DRIVES = ("data", "noise", "sleep")
+
+
+class LearnedFeedback(FeedbackSynapse):
+    """B learned by the rule ΔB = -Σ_k c_k ∂R_k/∂B (Kunin et al. 2020, Table 1).
+
+    rule: a composite name (``information``, ``symmetric``, ``activation``) or a mapping of
+        primitives to coefficients, e.g. ``{"amp": 2e-3, "null": 1e-3, "decay": 1e-3}``.
+    drive: ``"data"`` applies the rule to the activity of every training batch, in its backward
+        pass; ``"noise"`` (the concurrent weight mirror) applies it to white-noise input of the
+        same shape, in the same backward pass; ``"sleep"`` only in ``sleep_step`` calls.
+    noise: std of Gaussian noise added to every update (Kunin et al.'s robustness experiment).
+    sigma: std of the driving noise for ``drive="noise"`` / sleep.
+    """
+
+    plastic = True
+
+    def __init__(self, forward_weight: torch.Tensor, rule, *, generator=None, name: str | None = None,
+                 drive: str = "data", noise: float = 0.0, sigma: float = 1.0):
+        super().__init__()
+        self.rule = parse_rule(rule)
+        if not self.rule:
+            raise SpecError("a learned feedback rule needs at least one non-zero primitive")
+        if drive not in DRIVES:
+            raise SpecError(f"unknown drive {drive!r}; known: {', '.join(DRIVES)}")
+        self.kind = name or (rule if isinstance(rule, str) else "learned")
+        self.local = is_local(self.rule)
+        self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
+        fan_in = forward_weight[0].numel()
+        self.weight = nn.Parameter(_kaiming_uniform_like(
+            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+        self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
+
+    def matrix(self, forward_weight):
+        return self.weight.detach()
+
+    def signals(self, synapse, x, y, delta) -> Signals:
+        return Signals(x, y, delta, self.weight.detach(),
+                       None if self.local else synapse.weight.detach(), synapse.operator())
+
+    def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
+        g = fused_grad(self.rule, self.signals(synapse, x, y, delta))
+        if self.noise:
+            g = g + self.noise * torch.randn_like(g)
+        return g
+
+    def plasticity(self, synapse, x, y, delta, dw):
+        if self.drive == "data":
+            self.accumulate(self.weight, self.grad(synapse, x, y, delta))
+        elif self.drive == "noise":
+            xn = torch.randn_like(x).mul_(self.sigma)
+            yn = synapse.operator().forward(xn, synapse.weight.detach())
+            self.accumulate(self.weight, self.grad(synapse, xn, yn))
+
+    def values(self, synapse, x, y) -> dict[str, float]:
+        """Each primitive's R on (x, y), for the metrics."""
+        s = Signals(x, y, None, self.weight.detach(), synapse.weight.detach(), synapse.operator())
+        return {k: primitive_value(k, s) for k in self.rule}
+
+    def extra_repr(self):
+        return f"kind={self.kind!r}, rule={self.rule}, drive={self.drive!r}, local={self.local}"
+
+
+class KolenPollack(FeedbackSynapse):
+    """B.grad = W.grad: B and W^T receive the same update (Kolen & Pollack 1994), and the same
+    weight decay from the optimizer, so their difference decays geometrically."""
+
+    kind = "kolen-pollack"
+    plastic = True
+
+    def __init__(self, forward_weight: torch.Tensor, *, generator=None):
+        super().__init__()
+        fan_in = forward_weight[0].numel()
+        self.weight = nn.Parameter(_kaiming_uniform_like(
+            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+
+    def matrix(self, forward_weight):
+        return self.weight.detach()
+
+    def plasticity(self, synapse, x, y, delta, dw):
+        if dw is None:
+            dw = synapse.operator().weight_grad(x, delta)
+        self.accumulate(self.weight, dw)
+
+
+@torch.no_grad()
+def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
+    """One sleep step: every learned feedback synapse with ``drive`` sleep or noise applies its
+    rule to white noise at its pre population, x ~ N(0, sigma²), y = W x (the weight mirror of
+    Akrout et al. 2019).  Writes into ``B.grad``; call ``optimizer.step()`` after.  Returns the
+    number of synapses updated."""
+    from .convert import synapses
+
+    n = 0
+    for _, syn in synapses(model):
+        fb = syn.feedback
+        if isinstance(fb, LearnedFeedback) and fb.drive in ("sleep", "noise"):
+            if fb.pre_shape is None:
+                raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
+                                "run one forward pass first")
+            x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
+                            dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
+            y = syn.operator().forward(x, syn.weight.detach())
+            fb.accumulate(fb.weight, fb.grad(syn, x, y))
+            n += 1
+    return n
+
+
+def make_learned(kind, forward_weight, generator=None, **options):
+    """A learned feedback synapse from a kind name or a rule mapping."""
+    if kind in ("kolen-pollack", "kp"):
+        return KolenPollack(forward_weight, generator=generator)
+    if kind in ("mirror", "weight-mirror"):
+        rule = options.pop("rule", {"amp": 1.0, "decay": 1.0})
+        return LearnedFeedback(forward_weight, rule, generator=generator, name="mirror",
+                               drive=options.pop("drive", "sleep"), **options)
+    if isinstance(kind, str) and kind in COMPOSITES:
+        return LearnedFeedback(forward_weight, kind, generator=generator, **options)
+    if isinstance(kind, dict):
+        return LearnedFeedback(forward_weight, kind, generator=generator, **options)
+    raise SpecError(f"unknown learned feedback {kind!r}")

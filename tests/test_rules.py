@@ -1,0 +1,164 @@
+"""Kunin et al.'s primitives: ΔB equals the autograd gradient of R; locality; alignment."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import plastic
+from plastic import rules
+from plastic.learned import KolenPollack, LearnedFeedback, sleep_step
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _dense():
+    syn = plastic.Dense(7, 5, feedback="fa").double()
+    x = torch.randn(11, 7)
+    return syn, x
+
+
+def _conv(stride=1):
+    syn = plastic.Conv2d(3, 4, 3, stride=stride, padding=1, feedback="fa").double()
+    x = torch.randn(6, 3, 8, 8)
+    return syn, x
+
+
+def _reference_R(name, syn, x, B):
+    """R(B) written with differentiable torch ops, for autograd."""
+    W = syn.weight.detach()
+    n = x.shape[0]
+    if isinstance(syn, plastic.Conv2d):
+        fwd = lambda inp, k: F.conv2d(inp, k, None, syn.stride, syn.padding)
+        y = fwd(x, W)
+        out_pad = x.shape[-1] - ((y.shape[-1] - 1) * syn.stride[0] - 2 * syn.padding[0] + 3)
+        back = lambda g, k: F.conv_transpose2d(g, k, None, syn.stride, syn.padding, out_pad)
+    else:
+        fwd = lambda inp, k: inp @ k.t()
+        y = fwd(x, W)
+        back = lambda g, k: g @ k
+    return {
+        "decay": lambda: 0.5 * B.pow(2).sum(),
+        "amp": lambda: -(fwd(x, B) * y).sum() / n,       # -<Bᵀx, Wx>
+        "null": lambda: 0.5 * back(y, B).pow(2).sum() / n,  # ½||B W x||²
+        "sparse": lambda: 0.5 * fwd(x, B).pow(2).sum() / n,  # ½||Bᵀ x||²
+        "self": lambda: -(B * W).sum(),                   # -tr(B W)
+    }[name]()
+
+
+def _signals(syn, x, B, with_w=True):
+    y = syn.operator().forward(x, syn.weight.detach())
+    return rules.Signals(x, y, None, B, syn.weight.detach() if with_w else None, syn.operator())
+
+
+@pytest.mark.parametrize("make", [_dense, _conv, lambda: _conv(2)], ids=["dense", "conv", "conv-s2"])
+@pytest.mark.parametrize("name", list(rules.PRIMITIVES))
+def test_primitive_grad_equals_autograd(make, name):
+    syn, x = make()
+    B = torch.randn_like(syn.weight, requires_grad=True)
+    (ref,) = torch.autograd.grad(_reference_R(name, syn, x, B), B)
+    got = rules.primitive_grad(name, _signals(syn, x, B.detach()))
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    value = rules.primitive_value(name, _signals(syn, x, B.detach()))
+    ref_value = float(_reference_R(name, syn, x, B).detach())
+    assert abs(value - ref_value) < 1e-6 * max(1, abs(value))
+
+
+@pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
+@pytest.mark.parametrize("rule", [*rules.COMPOSITES, {"amp": 2e-3, "null": 1e-3, "decay": 1e-3},
+                                  {"amp": 1.0, "null": 0.5, "sparse": 0.3, "self": 0.2, "decay": 0.1},
+                                  {"null": 1.0}, {"amp": 1.0}])
+def test_fused_grad_is_the_weighted_sum(make, rule):
+    syn, x = make()
+    B = torch.randn_like(syn.weight)
+    r = rules.parse_rule(rule)
+    s = _signals(syn, x, B)
+    expected = sum(c * rules.primitive_grad(k, s) for k, c in r.items())
+    assert torch.allclose(rules.fused_grad(r, s), expected, atol=1e-10)
+
+
+def test_locality_is_declared_and_enforced():
+    assert {k for k, p in rules.PRIMITIVES.items() if p.local} == {"decay", "amp", "null"}
+    syn, x = _dense()
+    B = torch.randn_like(syn.weight)
+    for name, p in rules.PRIMITIVES.items():
+        if p.local:  # a local primitive computes the same without W
+            assert torch.equal(rules.primitive_grad(name, _signals(syn, x, B, with_w=False)),
+                               rules.primitive_grad(name, _signals(syn, x, B)))
+    with pytest.raises(plastic.SpecError, match="non-local"):
+        rules.primitive_grad("self", _signals(syn, x, B, with_w=False))
+    # a learned feedback synapse with a local rule is never handed W
+    seen = []
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0, "null": 1.0, "decay": 1.0})
+    orig = fb.signals
+    fb.signals = lambda *a: seen.append(orig(*a)) or seen[-1]
+    syn.set_feedback(fb)
+    syn(torch.randn(4, 7, requires_grad=True)).sum().backward()
+    assert fb.local and seen and all(s.W is None for s in seen)
+    assert LearnedFeedback(syn.weight, "symmetric").local is False
+    assert LearnedFeedback(syn.weight, "activation").local is False
+
+
+def test_learned_feedback_writes_its_rule_into_grad_in_backward():
+    syn, x = _conv()
+    fb = LearnedFeedback(syn.weight, "information")
+    syn.set_feedback(fb)
+    y = syn(x.requires_grad_())
+    y.pow(2).sum().backward()
+    s = _signals(syn, x.detach(), fb.weight.detach())
+    expected = rules.fused_grad(rules.COMPOSITES["information"], s)
+    assert torch.allclose(fb.weight.grad, expected, atol=1e-10)
+
+
+def test_weight_mirror_aligns_B_with_W_on_white_noise():
+    torch.manual_seed(0)
+    syn = plastic.Dense(30, 20, feedback="fa")
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0, "decay": 1.0}, drive="sleep")
+    syn.set_feedback(fb)
+    syn(torch.randn(2, 30))  # the pre population's shape
+    opt = torch.optim.SGD([fb.weight], lr=0.05)
+    start = plastic.weight_angles(syn)[""]
+    for _ in range(200):
+        opt.zero_grad()
+        sleep_step(syn, batch_size=64)
+        opt.step()
+    end = plastic.weight_angles(syn)[""]
+    assert start > 80 and end < 10, (start, end)
+
+
+def test_symmetric_alignment_makes_B_proportional_to_W():
+    torch.manual_seed(0)
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(),
+                                              torch.nn.Linear(30, 5)), "fa")
+    for _, syn in plastic.synapses(net):
+        syn.set_feedback(LearnedFeedback(syn.weight, {"self": 1.0, "decay": 1.0}))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(150):
+        x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    angles = plastic.weight_angles(net)
+    assert all(a < 5 for a in angles.values()), angles
+
+
+def test_kolen_pollack_B_converges_to_W():
+    torch.manual_seed(0)
+    syn = plastic.Dense(20, 10, feedback="fa")
+    syn.set_feedback(KolenPollack(syn.weight))
+    opt = torch.optim.SGD(syn.parameters(), lr=0.1, weight_decay=0.2)
+    d0 = (syn.feedback.weight - syn.weight).norm()
+    target = torch.randn(10, 20)
+    for _ in range(300):  # B - W shrinks by (1 - lr * weight_decay) per step
+        opt.zero_grad()
+        x = torch.randn(16, 20)
+        (syn(x) - x @ target.t()).pow(2).mean().backward()
+        opt.step()
+    assert torch.allclose(syn.feedback.weight.grad, syn.weight.grad)
+    assert (syn.feedback.weight - syn.weight).norm() < 0.01 * d0
+    assert plastic.weight_angles(syn)[""] < 2
