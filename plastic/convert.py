@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .feedback import FEEDBACK_KINDS, DirectFeedbackHub
+from .feedback import FEEDBACK_KINDS, DirectFeedbackHub, is_rule
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["convert", "synapses", "resolve_kind"]
@@ -25,11 +25,12 @@ def synapses(module: nn.Module) -> Iterator[tuple[str, Synapse]]:
             yield name, m
 
 
-def resolve_kind(name: str, feedback: str | Mapping[str, str]) -> str:
-    """The feedback kind of the synapse called ``name``.  ``feedback`` is one kind for every
-    synapse, or a mapping from module names or fnmatch patterns to kinds: an exact name wins,
-    then the first pattern that matches, in the order given (use ``"*"`` for the rest)."""
-    if isinstance(feedback, str):
+def resolve_kind(name: str, feedback):
+    """The feedback kind of the synapse called ``name``.  ``feedback`` is one kind (or one rule
+    of primitives, e.g. ``{"amp": 1, "decay": 1}``) for every synapse, or a mapping from module
+    names or fnmatch patterns to kinds: an exact name wins, then the first pattern that matches,
+    in the order given (use ``"*"`` for the rest)."""
+    if isinstance(feedback, str) or is_rule(feedback):
         kind = feedback
     else:
         if name in feedback:
@@ -42,6 +43,10 @@ def resolve_kind(name: str, feedback: str | Mapping[str, str]) -> str:
             else:
                 raise SpecError(f"no feedback kind given for synapse {name!r} "
                                 f"(patterns: {list(feedback)}); add a '*' entry")
+    if is_rule(kind):
+        from .rules import parse_rule
+        parse_rule(kind)  # validates
+        return kind
     kind = str(kind).lower()
     if kind not in FEEDBACK_KINDS:
         raise SpecError(f"unknown feedback kind {kind!r} for synapse {name!r}; "
@@ -81,7 +86,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     elif output not in names:
         raise SpecError(f"convert: output synapse {output!r} not found; synapses: {names}")
     hub = None
-    if "dfa" in kinds.values():
+    if any(k == "dfa" for k in kinds.values()):
         hub = DirectFeedbackHub()
         out_m = dict(targets)[output]
         if isinstance(out_m, (nn.Linear, Dense)):

@@ -209,11 +209,35 @@ FEEDBACK_KINDS = {
     "brsf": "batchwise random-magnitude sign symmetry: |R| o sign(W), R redrawn per batch",
     "frsf": "fixed random-magnitude sign symmetry: |R| o sign(W), R fixed",
     "dfa": "direct feedback alignment: output error projected by fixed random B_l",
+    # learned feedback (plastic.learned, plastic.rules)
+    "information": "Information Alignment: Amp + Null + Decay (Kunin et al. 2020)",
+    "symmetric": "Symmetric Alignment: Self + Decay (Kunin et al. 2020)",
+    "activation": "Activation Alignment: Amp + Sparse (Kunin et al. 2020)",
+    "mirror": "weight mirror: Amp + Decay on noise in sleep phases (Akrout et al. 2019)",
+    "kolen-pollack": "Kolen-Pollack: B receives W's update and decay",
 }
+LEARNED_KINDS = ("information", "symmetric", "activation", "mirror", "kolen-pollack")
 
 
-def make_feedback(kind: str, forward_weight: torch.Tensor, *, generator=None, hub=None,
+def is_rule(spec) -> bool:
+    """Whether ``spec`` is a rule given as data: a mapping of primitive names to numbers (a
+    mapping of numbers with any primitive name counts, so a misspelt primitive is reported as
+    such by ``rules.parse_rule``)."""
+    from .rules import PRIMITIVES
+    return (isinstance(spec, dict) and bool(spec) and any(k in PRIMITIVES for k in spec)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.values()))
+
+
+def make_feedback(kind, forward_weight: torch.Tensor, *, generator=None, hub=None,
                   seed: int = 0) -> FeedbackSynapse:
+    """A feedback synapse of ``kind``: a name from ``FEEDBACK_KINDS`` or a rule mapping such as
+    ``{"amp": 2e-3, "null": 1e-3, "decay": 1e-3}``."""
+    if is_rule(kind) or (isinstance(kind, str) and kind.lower() in LEARNED_KINDS):
+        from .learned import make_learned
+        return make_learned(kind.lower() if isinstance(kind, str) else kind, forward_weight,
+                            generator=generator)
+    if not isinstance(kind, str):
+        raise SpecError(f"feedback must be a kind name or a rule of primitives, got {kind!r}")
     kind = kind.lower()
     if kind in ("transpose", "bp", "backprop"):
         return Transpose()

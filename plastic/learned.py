@@ -107,7 +107,7 @@ class KolenPollack(FeedbackSynapse):
 
 @torch.no_grad()
 def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
-    """One sleep step: every learned feedback synapse with ``drive`` sleep or noise applies its
+    """One sleep step: every learned feedback synapse with ``drive="sleep"`` applies its
     rule to white noise at its pre population, x ~ N(0, sigma²), y = W x (the weight mirror of
     Akrout et al. 2019).  Writes into ``B.grad``; call ``optimizer.step()`` after.  Returns the
     number of synapses updated."""
@@ -116,7 +116,7 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     n = 0
     for _, syn in synapses(model):
         fb = syn.feedback
-        if isinstance(fb, LearnedFeedback) and fb.drive in ("sleep", "noise"):
+        if isinstance(fb, LearnedFeedback) and fb.drive == "sleep":
             if fb.pre_shape is None:
                 raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
                                 "run one forward pass first")
@@ -133,7 +133,7 @@ def make_learned(kind, forward_weight, generator=None, **options):
     if kind in ("kolen-pollack", "kp"):
         return KolenPollack(forward_weight, generator=generator)
     if kind in ("mirror", "weight-mirror"):
-        rule = options.pop("rule", {"amp": 1.0, "decay": 1.0})
+        rule = options.pop("rule", {"amp": 0.1, "decay": 0.1})
         return LearnedFeedback(forward_weight, rule, generator=generator, name="mirror",
                                drive=options.pop("drive", "sleep"), **options)
     if isinstance(kind, str) and kind in COMPOSITES:

@@ -57,6 +57,11 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
     "loss": {
         "label_smoothing": (NUM, 0.0),
     },
+    "sleep": {  # sleep phases for noise-driven feedback learning (weight mirror)
+        "every": (int, 0),       # wake batches between sleep phases; 0: no sleep phases
+        "batches": (int, 1),     # noise batches per sleep phase
+        "batch_size": (int, 64),
+    },
     "augment": {
         "shift": (int, 0),
         "flip": (bool, False),
@@ -194,7 +199,8 @@ def resolve_circuit(circuit) -> dict:
 
 def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     """Defaults, overrides and validation: the fully resolved spec recorded with the results."""
-    from .feedback import FEEDBACK_KINDS
+    from .feedback import FEEDBACK_KINDS, is_rule
+    from .rules import parse_rule
 
     raw = dict(raw)
     if any(s.split("=", 1)[0].strip().startswith("circuit.") for s in sets or []) \
@@ -225,12 +231,15 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
              "weight_decay": arm.get("weight_decay", spec["optimizer"]["weight_decay"]),
              "output": arm.get("output", ""),
              "description": arm.get("description", "")}
-        kinds = [a["feedback"]] if isinstance(a["feedback"], str) else list(a["feedback"].values()) \
-            if isinstance(a["feedback"], dict) else None
+        fb = a["feedback"]
+        kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \
+            if isinstance(fb, dict) else None
         if kinds is None:
-            raise SpecError(f"arms.{name}.feedback must be a kind or a table of kinds")
+            raise SpecError(f"arms.{name}.feedback must be a kind, a rule or a table of kinds")
         for k in kinds:
-            if str(k).lower() not in FEEDBACK_KINDS:
+            if is_rule(k):
+                parse_rule(k)
+            elif not isinstance(k, str) or k.lower() not in FEEDBACK_KINDS:
                 raise SpecError(f"unknown rule {k!r} in arms.{name}.feedback; known: "
                                 f"{', '.join(sorted(FEEDBACK_KINDS))}")
         resolved[name] = a

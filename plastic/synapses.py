@@ -72,10 +72,11 @@ class Synapse(nn.Module):
         self.name = ""
 
     def set_feedback(self, feedback: FeedbackSynapse | str, *, generator=None, hub=None, seed=0):
-        if isinstance(feedback, str):
+        if isinstance(feedback, (str, dict)):
             feedback = make_feedback(feedback, self.weight, generator=generator, hub=hub, seed=seed)
         if not isinstance(feedback, FeedbackSynapse):
-            raise SpecError(f"feedback must be a kind name or a FeedbackSynapse, got {feedback!r}")
+            raise SpecError(f"feedback must be a kind name, a rule or a FeedbackSynapse, "
+                            f"got {feedback!r}")
         self.feedback = feedback
         if feedback.direct:
             self.hub = feedback.hub

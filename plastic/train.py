@@ -15,6 +15,7 @@ from . import data as data_mod
 from . import models
 from .convert import convert, synapses
 from .errors import SpecError
+from .learned import sleep_step
 from .metrics import hidden_angles, weight_angles
 from .results import ResultsWriter
 
@@ -133,6 +134,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                                 "weight_decay": arm["weight_decay"],
                                 "synapses": [n for n, _ in synapses(model)]})
     gen = torch.Generator().manual_seed(seed)
+    sleep, step = spec["sleep"], 0
     start_epoch, wall = 1, 0.0
     ckpt = _checkpoint_path(out_dir, arm_name, seed)
     if resume and ckpt.exists():
@@ -174,6 +176,13 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
+            step += 1
+            if sleep["every"] and step % sleep["every"] == 0:
+                for _ in range(sleep["batches"]):  # noise-driven feedback learning
+                    opt.zero_grad(set_to_none=True)
+                    if not sleep_step(model, sleep["batch_size"]):
+                        break
+                    opt.step()
             sched.step()
             lv = loss.item()
             if not math.isfinite(lv):

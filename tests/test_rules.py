@@ -162,3 +162,21 @@ def test_kolen_pollack_B_converges_to_W():
     assert torch.allclose(syn.feedback.weight.grad, syn.weight.grad)
     assert (syn.feedback.weight - syn.weight).norm() < 0.01 * d0
     assert plastic.weight_angles(syn)[""] < 2
+
+
+def test_convert_and_protocol_accept_learned_kinds_and_rule_tables():
+    net = plastic.convert(plastic.models.mlp(20, [16], 4),
+                          {"3": "kolen-pollack", "*": {"amp": 2e-3, "null": 1e-3, "decay": 1e-3}})
+    fbs = [s.feedback for _, s in plastic.synapses(net)]
+    assert isinstance(fbs[0], LearnedFeedback) and fbs[0].rule == {"amp": 2e-3, "null": 1e-3, "decay": 1e-3}
+    assert isinstance(fbs[1], KolenPollack)
+    assert {n for n, _ in net.named_parameters()} >= {"1.feedback.weight", "3.feedback.weight"}
+    for kind in ("information", "symmetric", "activation", "mirror"):
+        net = plastic.convert(plastic.models.mlp(20, [16], 4), kind)
+        assert all(isinstance(s.feedback, LearnedFeedback) for _, s in plastic.synapses(net))
+    from plastic.spec import resolve_protocol
+    spec = resolve_protocol({"arms": {"info": {"feedback": {"amp": 1.0, "null": 1.0}},
+                                      "kp": {"feedback": "kolen-pollack"}}})
+    assert spec["arms"]["info"]["feedback"] == {"amp": 1.0, "null": 1.0}
+    with pytest.raises(plastic.SpecError, match="unknown primitive 'ampp'"):
+        resolve_protocol({"arms": {"x": {"feedback": {"amp": 1.0, "ampp": 1.0}}}})
