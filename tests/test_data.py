@@ -77,3 +77,29 @@ def test_augment_shift_and_flip_match_a_per_sample_reference():
         if f[i]:
             ref = ref.flip(2)
         assert torch.equal(out[i], ref)
+
+
+def test_cifar10_sprites_decode_to_chw_images(tmp_path, capsys):
+    """The npm package's layout: image i is row i of a 1024-wide RGB sprite (32x32x3, HWC)."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = {}
+    for name, n in [*((f"data_batch_{i}", 3) for i in range(1, 6)), ("test_batch", 2)]:
+        hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        Image.fromarray(hwc.reshape(n, 1024, 3)).save(tmp_path / f"{name}.png")
+        imgs[name] = hwc
+    (tmp_path / "train_lables.json").write_text(json.dumps(list(range(15))))
+    (tmp_path / "test_lables.json").write_text(json.dumps([3, 8]))
+    out = tmp_path / "c.h5"
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 0
+    ds = data.load(str(out))
+    assert ds.train_x.shape == (15, 3, 32, 32) and ds.test_x.shape == (2, 3, 32, 32)
+    assert torch.equal(ds.test_x[1], torch.from_numpy(imgs["test_batch"][1]).permute(2, 0, 1))
+    assert torch.equal(ds.train_x[3], torch.from_numpy(imgs["data_batch_2"][0]).permute(2, 0, 1))
+    assert ds.test_y.tolist() == [3, 8] and ds.classes[3] == "cat"
+    (tmp_path / "test_batch.png").unlink()
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 2
+    assert "missing CIFAR-10 sprite files ['test_batch.png']" in capsys.readouterr().err
