@@ -15,7 +15,7 @@ from torch import nn
 from .convert import synapses
 from .feedback import Transpose
 
-__all__ = ["angle", "weight_angles", "update_angles", "hidden_angles", "backprop", "preserved_buffers"]
+__all__ = ["angle", "weight_angles", "norm_ratios", "rule_values", "update_angles", "hidden_angles", "backprop", "preserved_buffers"]
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,6 +37,44 @@ def weight_angles(model: nn.Module) -> dict[str, float]:
         b = syn.feedback.matrix(syn.weight)
         if b.shape == syn.weight.shape:
             out[name] = angle(b, syn.weight)
+    return out
+
+
+def norm_ratios(model: nn.Module) -> dict[str, float]:
+    """{synapse name: ||B|| / ||W||} for every synapse whose B has W's shape."""
+    out = {}
+    for name, syn in synapses(model):
+        b = syn.feedback.matrix(syn.weight)
+        if b.shape == syn.weight.shape:
+            out[name] = float(b.norm() / syn.weight.detach().norm().clamp_min(1e-30))
+    return out
+
+
+@torch.no_grad()
+def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """{"<primitive>/<synapse>": R} for every learned feedback synapse, from the activity of
+    one forward pass on ``x`` (buffers are restored)."""
+    from .learned import LearnedFeedback
+
+    named = [(n, s) for n, s in synapses(model) if isinstance(s.feedback, LearnedFeedback)]
+    if not named:
+        return {}
+    seen = {}
+    hooks = [s.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, s in named]
+    try:
+        with preserved_buffers(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, s in named:
+        xin, y = seen[n]
+        if s.bias is not None:
+            y = y - s.bias.view(1, -1, *([1] * (y.dim() - 2)))
+        for k, v in s.feedback.values(s, xin, y).items():
+            out[f"{k}/{n}"] = v
     return out
 
 

@@ -11,6 +11,8 @@ Layout of ``DIR/results.h5``::
         update_angle/<synapse>  angle between the rule's and backprop's hidden-layer update dL/dW
         signal_angle/<synapse>  angle between the rule's and backprop's error signal delta arriving
                                 at the synapse's post population (Lillicrap et al. 2016)
+        norm_ratio/<synapse>    ||B|| / ||W||
+        rule/<primitive>/<synapse>  each learned-feedback primitive's value R on the probe batch
 Epoch 0 is the untrained circuit.  Rows are written (and flushed) at the end of every epoch, so an
 interrupted run keeps every finished epoch.
 """

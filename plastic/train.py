@@ -16,7 +16,7 @@ from . import models
 from .convert import convert, synapses
 from .errors import SpecError
 from .learned import sleep_step
-from .metrics import hidden_angles, weight_angles
+from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
@@ -155,6 +155,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
+        row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
+        row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
         update, signal = hidden_angles(model, loss_fn, probe_x, probe_y)
         row.update({f"update_angle/{k}": v for k, v in update.items()})
         row.update({f"signal_angle/{k}": v for k, v in signal.items()})
