@@ -73,9 +73,10 @@ def test_notebook_runs(path: Path, kernel: str):
     client.execute()  # raises CellExecutionError on the first failing cell
     assert not _errors(nb)
 
-    if path.stem == "quickstart":
-        _check_quickstart(_text(nb))
-        _check_quickstart(_text(stored))
+    check = {"quickstart": _check_quickstart, "alignment": _check_alignment}.get(path.stem)
+    if check:
+        check(_text(nb))
+        check(_text(stored))
 
 
 def _value(text: str, label: str) -> float:
@@ -93,3 +94,15 @@ def _check_quickstart(text: str):
     assert fa_acc > 0.80, f"fa test accuracy {fa_acc}"
     assert 0.0 < fa_angle < 90.0, f"fa hidden update angle {fa_angle} deg"
     assert bp_angle < 1.0, f"bp hidden update angle {bp_angle} deg (backprop against itself)"
+
+
+def _check_alignment(text: str):
+    """B-W^T angles after two epochs: fixed random B stays near 90 degrees; the learned rules
+    that target symmetry get close to W^T."""
+    fa = _value(text, "final angle fa")
+    assert fa > 80, f"fa angle {fa}"
+    for rule, bound in (("symmetric", 5), ("kolen-pollack", 20), ("mirror", 30)):
+        v = _value(text, f"final angle {rule}")
+        assert v < bound, f"{rule} angle {v} deg (bound {bound})"
+    for rule in ("information", "activation"):
+        assert _value(text, f"final angle {rule}") < fa, rule
