@@ -66,7 +66,36 @@ CANDIDATES: dict[str, Factory] = {
     "brsf": _converted("brsf"),
     "frsf": _converted("frsf"),
     "dfa": _converted("dfa"),
+    # learned feedback (Kunin et al. 2020): rules as data, B.grad written in the same backward
+    "decay": _converted({"decay": 1e-3}),
+    "self": _converted({"self": 1e-3}),
+    "amp": _converted({"amp": 1e-3}),
+    "null": _converted({"null": 1e-3}),
+    "sparse": _converted({"sparse": 1e-3}),
+    "information": _converted({"amp": 1e-3, "null": 1e-3, "decay": 1e-3}),
+    "symmetric": _converted("symmetric"),
+    "activation": _converted({"amp": 1e-3, "sparse": 1e-3}),
+    "kolen-pollack": _converted("kolen-pollack"),
+    "mirror-concurrent": lambda m: _mirror_concurrent(m),
 }
+
+#: operation-count lower bounds of the learned rules: a backprop step is 3 weight-sized passes
+#: (forward, input gradient, weight gradient); each extra weight-gradient-sized or projection
+#: operation a rule needs is one more pass.
+BOUNDS = {"decay": 1.0, "self": 1.0, "symmetric": 1.0, "kolen-pollack": 1.0, "amp": 4 / 3,
+          "null": 5 / 3, "sparse": 5 / 3, "information": 5 / 3, "activation": 5 / 3,
+          "mirror-concurrent": 5 / 3}
+
+
+def _mirror_concurrent(model):
+    """The weight mirror run concurrently with training: Amp + Decay on white noise of the
+    pre population's shape, in every backward pass (one forward projection + one weight-gradient
+    operation)."""
+    from plastic.learned import LearnedFeedback
+    net = plastic.convert(model, "fa", seed=SEED)
+    for _, syn in plastic.synapses(net):
+        syn.set_feedback(LearnedFeedback(syn.weight, {"amp": 1e-3, "decay": 1e-3}, drive="noise"))
+    return net
 #: the reference every ratio is taken against
 BASELINE_FACTORY: Factory = copy.deepcopy
 
@@ -193,6 +222,12 @@ def main(argv=None) -> dict:
             paired_all[n] = round(paired, 3)
         spread = max(spread, (q3 - q1) / (med[n] * 1e3))
     elapsed = time.perf_counter() - t_start
+    bounds = {n: round(BOUNDS[n], 3) for n in args.kinds if n in BOUNDS}
+    if bounds:
+        result["bounds"] = bounds
+        result["ratio_to_bound"] = {n: round(result[n] / b, 3) for n, b in bounds.items()}
+        say("learned rules, ratio / operation-count bound (target <= 1.15): " + ", ".join(
+            f"{n} {result[n]:.3f}/{b:.3f}={result[n] / b:.2f}" for n, b in bounds.items()))
     result["_meta"] = {
         "baseline_ms": round(base_med * 1e3, 2),
         "ms": {n: round(m * 1e3, 2) for n, m in med.items()},
