@@ -6,7 +6,7 @@ from torch import nn
 
 from .populations import RatePopulation
 
-__all__ = ["mlp", "convnet", "BasicBlock", "ResNet", "resnet18"]
+__all__ = ["mlp", "convnet", "BasicBlock", "ResNet", "resnet18", "resnet20"]
 
 
 def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh") -> nn.Sequential:
@@ -92,3 +92,10 @@ def resnet18(outputs: int = 1000, in_channels: int = 3, stem: str = "imagenet",
              population: str = "relu") -> ResNet:
     """ResNet-18: 4 stages of 2 basic blocks (20 convs incl. 3 shortcut convs, and 1 dense)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), outputs, in_channels, stem, population)
+
+
+def resnet20(outputs: int = 10, in_channels: int = 3, population: str = "relu") -> ResNet:
+    """ResNet-20 for CIFAR (He et al. 2016, Sec. 4.2): a 3x3 conv, 3 stages of 3 basic blocks
+    with 16, 32, 64 channels, global average pooling and one dense synapse (1x1-conv
+    projection shortcuts where the shape changes)."""
+    return ResNet((3, 3, 3), (16, 32, 64), outputs, in_channels, "cifar", population)

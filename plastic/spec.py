@@ -83,7 +83,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "batch_norm": (bool, True),
     "stem": (str, "cifar"),
 }
-CIRCUIT_KINDS = ("mlp", "convnet", "resnet18")
+CIRCUIT_KINDS = ("mlp", "convnet", "resnet18", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
 

@@ -42,6 +42,8 @@ def build_circuit(circuit: dict, input_shape, n_classes: int) -> nn.Module:
                               shape[1])
     if kind == "resnet18":
         return models.resnet18(outputs, shape[0], circuit["stem"], pop)
+    if kind == "resnet20":
+        return models.resnet20(outputs, shape[0], pop)
     raise SpecError(f"unknown circuit kind {kind!r}")
 
 

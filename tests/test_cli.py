@@ -166,3 +166,31 @@ def test_plastic_with_only_options_runs_the_quickstart(tmp_path, capsys):
     assert r["spec"]["name"] == "quickstart" and set(r["arms"]) == {"bp"}
     with h5py.File(tmp_path / "q" / "results.h5") as h:
         assert h.attrs["seed"] == 0
+
+
+def test_learned_arms_and_sleep_phases_run_from_a_protocol(tmp_path, capsys):
+    out = tmp_path / "learned"
+    proto = tmp_path / "p.toml"
+    proto.write_text("""
+name = "learned"
+data = "mnist-sample"
+circuit = "mlp-small"
+epochs = 2
+train_limit = 1000
+test_limit = 300
+probe_size = 200
+[sleep]
+every = 1
+batches = 4
+[arms.fa]
+feedback = "fa"
+[arms.mirror]
+feedback = "mirror"
+[arms.info]
+feedback = {amp = 1e-3, null = 1e-3, decay = 1e-3}
+""")
+    assert main(["run", str(proto), "--out", str(out), "-q"]) == 0
+    r = results.read(out)["arms"]
+    fa, mirror = r["fa"]["metrics"], r["mirror"]["metrics"]
+    assert mirror["angle/1"][-1] < fa["angle/1"][-1] - 20  # sleep phases align B with W^T
+    assert "rule/amp/1" in r["info"]["metrics"] and "norm_ratio/1" in r["info"]["metrics"]

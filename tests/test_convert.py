@@ -72,3 +72,12 @@ def test_convert_torchvision_resnet18_where_installed():
     assert len(convs) == 20 and all(m.feedback.kind == "fa" for m in convs)
     net(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(m.weight.grad is not None for m in convs)
+
+
+def test_resnet20_shape_and_convert():
+    net = plastic.convert(models.resnet20(10), "usf")
+    convs = [m for _, m in plastic.synapses(net) if isinstance(m, Conv2d)]
+    assert len(convs) == 21  # 1 + 18 block convs + 2 projection shortcuts
+    assert sum(p.numel() for p in net.parameters()) < 300_000
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
