@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .feedback import FEEDBACK_KINDS, DirectFeedbackHub, is_rule
+from .feedback import FEEDBACK_KINDS, LEARNED_KINDS, DirectFeedbackHub, is_rule
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["convert", "synapses", "resolve_kind"]
@@ -59,7 +59,8 @@ def _seed_for(seed: int, name: str) -> int:
 
 
 def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", *,
-            output: str | None = None, seed: int = 0, inplace: bool = False) -> nn.Module:
+            output: str | None = None, seed: int = 0, inplace: bool = False,
+            options: dict | None = None) -> nn.Module:
     """Return ``module`` with every ``nn.Linear`` / ``nn.Conv2d`` (and every plastic synapse
     already there) given a feedback synapse of the chosen kind.
 
@@ -69,6 +70,8 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         by default the last synapse in module order.
     seed: seeds the random feedback weights (each synapse from its own stream, keyed by name),
         independently of the global RNG, so W's initialisation is the same for every rule.
+    options: for learned feedback, e.g. ``{"drive": "noise", "noise": 0.1, "every": 4}``
+        (see ``plastic.learned.LearnedFeedback``).
     """
     if not isinstance(module, nn.Module):
         raise SpecError(f"convert needs a torch.nn.Module, got {type(module).__name__}")
@@ -81,6 +84,9 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
     kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
     names = [n for n, _ in targets]
+    if options and not any(k in LEARNED_KINDS or is_rule(k) for k in kinds.values()):
+        raise SpecError(f"feedback options {sorted(options)} apply to learned feedback only; "
+                        "no synapse here learns its feedback")
     if output is None:
         output = names[-1]
     elif output not in names:
@@ -97,6 +103,9 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     for name, m in targets:
         s = _seed_for(seed, name)
         kw = dict(generator=torch.Generator().manual_seed(s), hub=hub, seed=s)
+        learned = kinds[name] in LEARNED_KINDS or is_rule(kinds[name])
+        if options and learned:
+            kw["options"] = dict(options)
         if isinstance(m, Synapse):
             syn = m.set_feedback(kinds[name], **kw)
         elif isinstance(m, nn.Linear):

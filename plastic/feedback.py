@@ -229,13 +229,16 @@ def is_rule(spec) -> bool:
 
 
 def make_feedback(kind, forward_weight: torch.Tensor, *, generator=None, hub=None,
-                  seed: int = 0) -> FeedbackSynapse:
+                  seed: int = 0, options: dict | None = None) -> FeedbackSynapse:
     """A feedback synapse of ``kind``: a name from ``FEEDBACK_KINDS`` or a rule mapping such as
     ``{"amp": 2e-3, "null": 1e-3, "decay": 1e-3}``."""
     if is_rule(kind) or (isinstance(kind, str) and kind.lower() in LEARNED_KINDS):
         from .learned import make_learned
         return make_learned(kind.lower() if isinstance(kind, str) else kind, forward_weight,
-                            generator=generator)
+                            generator=generator, **(options or {}))
+    if options:
+        raise SpecError(f"feedback options {sorted(options)} apply to learned feedback only, "
+                        f"not to {kind!r}")
     if not isinstance(kind, str):
         raise SpecError(f"feedback must be a kind name or a rule of primitives, got {kind!r}")
     kind = kind.lower()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import math
+
 from .errors import SpecError
 from .feedback import FeedbackSynapse, _kaiming_uniform_like
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
@@ -33,12 +35,16 @@ class LearnedFeedback(FeedbackSynapse):
         same shape, in the same backward pass; ``"sleep"`` only in ``sleep_step`` calls.
     noise: std of Gaussian noise added to every update (Kunin et al.'s robustness experiment).
     sigma: std of the driving noise for ``drive="noise"`` / sleep.
+    every, subsample: cheaper, approximate variants (off by default and reported separately):
+        apply the rule only on every ``every``-th backward pass, or to the first ``subsample``
+        fraction of each batch.
     """
 
     plastic = True
 
     def __init__(self, forward_weight: torch.Tensor, rule, *, generator=None, name: str | None = None,
-                 drive: str = "data", noise: float = 0.0, sigma: float = 1.0):
+                 drive: str = "data", noise: float = 0.0, sigma: float = 1.0, every: int = 1,
+                 subsample: float = 1.0):
         super().__init__()
         self.rule = parse_rule(rule)
         if not self.rule:
@@ -47,7 +53,13 @@ class LearnedFeedback(FeedbackSynapse):
             raise SpecError(f"unknown drive {drive!r}; known: {', '.join(DRIVES)}")
         self.kind = name or (rule if isinstance(rule, str) else "learned")
         self.local = is_local(self.rule)
+        if not (isinstance(every, int) and every >= 1):
+            raise SpecError(f"feedback option every must be a positive integer, got {every!r}")
+        if not 0 < float(subsample) <= 1:
+            raise SpecError(f"feedback option subsample must be in (0, 1], got {subsample!r}")
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
+        self.every, self.subsample = every, float(subsample)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
         fan_in = forward_weight[0].numel()
         self.weight = nn.Parameter(_kaiming_uniform_like(
             forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
@@ -67,6 +79,12 @@ class LearnedFeedback(FeedbackSynapse):
         return g
 
     def plasticity(self, synapse, x, y, delta, dw):
+        self.updates += 1
+        if self.every > 1 and int(self.updates) % self.every:
+            return
+        if self.subsample < 1:
+            k = max(1, math.ceil(self.subsample * x.shape[0]))
+            x, y, delta = x[:k], y[:k], delta[:k]
         if self.drive == "data":
             self.accumulate(self.weight, self.grad(synapse, x, y, delta))
         elif self.drive == "noise":
@@ -130,8 +148,15 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
 
 def make_learned(kind, forward_weight, generator=None, **options):
     """A learned feedback synapse from a kind name or a rule mapping."""
+    try:
+        return _make_learned(kind, forward_weight, generator, **options)
+    except TypeError as e:
+        raise SpecError(f"bad feedback option for {kind!r}: {e}") from None
+
+
+def _make_learned(kind, forward_weight, generator=None, **options):
     if kind in ("kolen-pollack", "kp"):
-        return KolenPollack(forward_weight, generator=generator)
+        return KolenPollack(forward_weight, generator=generator, **options)
     if kind in ("mirror", "weight-mirror"):
         rule = options.pop("rule", {"amp": 0.1, "decay": 0.1})
         return LearnedFeedback(forward_weight, rule, generator=generator, name="mirror",

@@ -69,7 +69,8 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
     "arms": (dict, {}),
 }
 
-ARM_KEYS = {"feedback": ANY, "lr": NUM, "weight_decay": NUM, "output": str, "description": str}
+ARM_KEYS = {"feedback": ANY, "feedback_options": dict, "lr": NUM, "weight_decay": NUM,
+            "output": str, "description": str}
 
 CIRCUIT_SCHEMA: dict[str, Any] = {
     "name": (str, ""),
@@ -230,6 +231,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
              "lr": arm.get("lr", spec["optimizer"]["lr"]),
              "weight_decay": arm.get("weight_decay", spec["optimizer"]["weight_decay"]),
              "output": arm.get("output", ""),
+             "feedback_options": arm.get("feedback_options", {}),
              "description": arm.get("description", "")}
         fb = a["feedback"]
         kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \

@@ -71,9 +71,11 @@ class Synapse(nn.Module):
         self.is_output = False
         self.name = ""
 
-    def set_feedback(self, feedback: FeedbackSynapse | str, *, generator=None, hub=None, seed=0):
+    def set_feedback(self, feedback: FeedbackSynapse | str, *, generator=None, hub=None, seed=0,
+                     options: dict | None = None):
         if isinstance(feedback, (str, dict)):
-            feedback = make_feedback(feedback, self.weight, generator=generator, hub=hub, seed=seed)
+            feedback = make_feedback(feedback, self.weight, generator=generator, hub=hub, seed=seed,
+                                     options=options)
         if not isinstance(feedback, FeedbackSynapse):
             raise SpecError(f"feedback must be a kind name, a rule or a FeedbackSynapse, "
                             f"got {feedback!r}")

@@ -120,7 +120,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     torch.manual_seed(seed)
     model = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)
     output = arm["output"] or None
-    model = convert(model, arm["feedback"], seed=seed, output=output).to(device)
+    model = convert(model, arm["feedback"], seed=seed, output=output,
+                    options=arm.get("feedback_options") or None).to(device)
     # materialise lazily-shaped feedback (direct feedback of conv layers) before the optimizer
     with torch.no_grad():
         model.eval()
@@ -133,6 +134,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     probe_x = ds.normalize(ds.train_x[:spec["probe_size"]]).to(device)
     probe_y = ds.train_y[:spec["probe_size"]].long().to(device)
     writer.arm_group(arm_name, {"feedback": arm["feedback"], "lr": arm["lr"],
+                                "feedback_options": arm.get("feedback_options", {}),
                                 "weight_decay": arm["weight_decay"],
                                 "synapses": [n for n, _ in synapses(model)]})
     gen = torch.Generator().manual_seed(seed)
@@ -225,7 +227,10 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
-    build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)  # validate before writing anything
+    plain = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)  # validate before writing
+    for a in names:
+        convert(plain, spec["arms"][a]["feedback"], output=spec["arms"][a]["output"] or None,
+                options=spec["arms"][a].get("feedback_options") or None, inplace=False)
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)

@@ -180,3 +180,29 @@ def test_convert_and_protocol_accept_learned_kinds_and_rule_tables():
     assert spec["arms"]["info"]["feedback"] == {"amp": 1.0, "null": 1.0}
     with pytest.raises(plastic.SpecError, match="unknown primitive 'ampp'"):
         resolve_protocol({"arms": {"x": {"feedback": {"amp": 1.0, "ampp": 1.0}}}})
+
+
+def test_feedback_options_every_subsample_noise_and_errors():
+    syn, x = _dense()
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, every=2)
+    syn.set_feedback(fb)
+    for i in range(3):
+        syn(x.requires_grad_()).sum().backward()
+    s = _signals(syn, x.detach(), fb.weight.detach())
+    assert int(fb.updates) == 3  # passes 2 only: one update
+    assert torch.allclose(fb.weight.grad, rules.primitive_grad("amp", s))
+    fb2 = LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0.5)
+    syn.set_feedback(fb2)
+    syn(x).sum().backward()
+    half = _signals(syn, x.detach()[:6], fb2.weight.detach())
+    assert torch.allclose(fb2.weight.grad, rules.primitive_grad("amp", half))
+    net = plastic.convert(plastic.models.mlp(7, [5], 3), "information", options={"noise": 0.5})
+    assert all(s.feedback.noise == 0.5 for _, s in plastic.synapses(net))
+    with pytest.raises(plastic.SpecError, match="bad feedback option"):
+        plastic.convert(plastic.models.mlp(7, [5], 3), "kolen-pollack", options={"noise": 1.0})
+    with pytest.raises(plastic.SpecError, match="subsample"):
+        LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0)
+    with pytest.raises(plastic.SpecError, match="apply to learned feedback only"):
+        plastic.Dense(3, 2).set_feedback("fa", options={"noise": 1.0})
+    with pytest.raises(plastic.SpecError, match="apply to learned feedback only"):
+        plastic.convert(plastic.models.mlp(7, [5], 3), "fa", options={"every": 2})
