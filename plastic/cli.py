@@ -63,13 +63,12 @@ def _cmd_data(args):
     from . import data
 
     if args.action == "list":
-        for name in list(data.DATASETS) + ["cifar10"] + list(data.SAMPLES):
+        for name in data.FETCHABLE + list(data.SAMPLES):
             p = data.dataset_path(name)
             print(f"{name:16s} {'present' if p.exists() else 'missing':8s} {p}")
         return 0
     if not args.name:
-        raise SpecError("plastic data fetch needs a data set name: "
-                        + ", ".join(list(data.DATASETS) + ["cifar10"]))
+        raise SpecError("plastic data fetch needs a data set name: " + ", ".join(data.FETCHABLE))
     path = data.fetch(args.name, out=args.out, source_dir=args.source,
                       canonical=not args.no_canonical, verify=not args.no_verify)
     print(path)

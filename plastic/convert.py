@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .feedback import FEEDBACK_KINDS, LEARNED_KINDS, DirectFeedbackHub, is_rule
+from .feedback import FEEDBACK_KINDS, DirectFeedbackHub, is_learned, is_rule
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["convert", "synapses", "resolve_kind"]
@@ -84,7 +84,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
     kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
     names = [n for n, _ in targets]
-    if options and not any(k in LEARNED_KINDS or is_rule(k) for k in kinds.values()):
+    if options and not any(is_learned(k) for k in kinds.values()):
         raise SpecError(f"feedback options {sorted(options)} apply to learned feedback only; "
                         "no synapse here learns its feedback")
     if output is None:
@@ -103,8 +103,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     for name, m in targets:
         s = _seed_for(seed, name)
         kw = dict(generator=torch.Generator().manual_seed(s), hub=hub, seed=s)
-        learned = kinds[name] in LEARNED_KINDS or is_rule(kinds[name])
-        if options and learned:
+        if options and is_learned(kinds[name]):
             kw["options"] = dict(options)
         if isinstance(m, Synapse):
             syn = m.set_feedback(kinds[name], **kw)

