@@ -22,6 +22,8 @@ from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primit
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
 
 DRIVES = ("data", "noise", "sleep")
+AVERAGES = ("batch", "positions")
+_ACTIVITY = ("amp", "null", "sparse")  # primitives that read activity (sums over positions)
 
 
 class LearnedFeedback(FeedbackSynapse):
@@ -34,6 +36,18 @@ class LearnedFeedback(FeedbackSynapse):
         same shape, in the same backward pass; ``"sleep"`` only in ``sleep_step`` calls.
     noise: std of Gaussian noise added to every update (Kunin et al.'s robustness experiment).
     sigma: std of the driving noise for ``drive="noise"`` / sleep.
+    average: ``"batch"`` (Kunin et al.'s code: activity terms are averaged over the batch and
+        summed over a conv layer's output positions) or ``"positions"`` (averaged over batch and
+        output positions, so a conv layer's Amp/Null/Sparse have the scale of a dense layer's and
+        one coefficient suits every layer of a CNN; identical for dense layers).
+    normalize_input: rescale each sample's pre activity to unit norm before the rule reads it,
+        x̂ = x/||x||, ŷ = W x̂ = y/||x|| (Kunin et al.'s code, ``normalize_input``, without its
+        centring), so the activity terms' stiffness is bounded by ||W||² whatever the layer's
+        activity; off by default.
+    normalize: route the error through B rescaled to its initial norm (a local, scalar gain),
+        so that the rule sets only B's direction.  The rules fix B's scale only up to their
+        coefficients and the layer's activity (e.g. Amp + Decay gives B ∝ W Σ_x), and in a deep
+        net that scale multiplies every earlier layer's error; off by default.
     every, subsample: cheaper, approximate variants (off by default and reported separately):
         apply the rule only on every ``every``-th backward pass, or to the first ``subsample``
         fraction of each batch.
@@ -43,13 +57,17 @@ class LearnedFeedback(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, rule, *, generator=None, name: str | None = None,
                  drive: str = "data", noise: float = 0.0, sigma: float = 1.0, every: int = 1,
-                 subsample: float = 1.0):
+                 subsample: float = 1.0, average: str = "batch", normalize: bool = False,
+                 normalize_input: bool = False):
         super().__init__()
         self.rule = parse_rule(rule)
         if not self.rule:
             raise SpecError("a learned feedback rule needs at least one non-zero primitive")
         if drive not in DRIVES:
             raise SpecError(f"unknown drive {drive!r}; known: {', '.join(DRIVES)}")
+        if average not in AVERAGES:
+            raise SpecError(f"unknown average {average!r}; known: {', '.join(AVERAGES)}")
+        self.average = average
         self.kind = name or (rule if isinstance(rule, str) else "learned")
         self.local = is_local(self.rule)
         if not (isinstance(every, int) and every >= 1):
@@ -60,17 +78,33 @@ class LearnedFeedback(FeedbackSynapse):
         self.every, self.subsample = every, float(subsample)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
         self.weight = nn.Parameter(random_like(forward_weight, generator))
+        self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
+        self.register_buffer("initial_norm", self.weight.detach().norm().clone())
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
 
     def matrix(self, forward_weight):
-        return self.weight.detach()
+        b = self.weight.detach()
+        if self.normalize:
+            return b * (self.initial_norm / b.norm().clamp_min(1e-30))
+        return b
 
     def signals(self, synapse, x, y, delta) -> Signals:
         return Signals(x, y, delta, self.weight.detach(),
                        None if self.local else synapse.weight.detach(), synapse.operator())
 
+    def scaled_rule(self, y) -> dict[str, float]:
+        """The rule's coefficients for this layer (activity terms / positions if averaged)."""
+        if self.average == "positions" and y.dim() > 2:
+            p = y[0, 0].numel()
+            return {k: c / p if k in _ACTIVITY else c for k, c in self.rule.items()}
+        return self.rule
+
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
-        g = fused_grad(self.rule, self.signals(synapse, x, y, delta))
+        if self.normalize_input:
+            inv = x.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
+            x = x * inv.view(-1, *([1] * (x.dim() - 1)))
+            y = y * inv.view(-1, *([1] * (y.dim() - 1)))
+        g = fused_grad(self.scaled_rule(y), self.signals(synapse, x, y, delta))
         if self.noise:
             g = g + self.noise * torch.randn_like(g)
         return g
@@ -92,10 +126,14 @@ class LearnedFeedback(FeedbackSynapse):
     def values(self, synapse, x, y) -> dict[str, float]:
         """Each primitive's R on (x, y), for the metrics."""
         s = Signals(x, y, None, self.weight.detach(), synapse.weight.detach(), synapse.operator())
-        return {k: primitive_value(k, s) for k in self.rule}
+        scale = {k: c / self.rule[k] for k, c in self.scaled_rule(y).items()}
+        return {k: primitive_value(k, s) * scale[k] for k in self.rule}
 
     def extra_repr(self):
-        return f"kind={self.kind!r}, rule={self.rule}, drive={self.drive!r}, local={self.local}"
+        avg = f", average={self.average!r}" if self.average != "batch" else ""
+        avg += ", normalize=True" if self.normalize else ""
+        avg += ", normalize_input=True" if self.normalize_input else ""
+        return f"kind={self.kind!r}, rule={self.rule}, drive={self.drive!r}{avg}, local={self.local}"
 
 
 class KolenPollack(FeedbackSynapse):

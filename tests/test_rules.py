@@ -82,6 +82,26 @@ def test_fused_grad_is_the_weighted_sum(make, rule):
     assert torch.allclose(rules.fused_grad(r, s), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("make", [_dense, _conv, lambda: _conv(2)], ids=["dense", "conv", "conv-s2"])
+def test_average_over_positions_is_the_gradient_of_the_position_mean(make):
+    """average="positions": activity terms averaged over batch and output positions."""
+    syn, x = make()
+    rule = {"amp": 1.0, "null": 0.5, "sparse": 0.3, "self": 0.2, "decay": 0.1}
+    fb = LearnedFeedback(syn.weight, rule, average="positions")
+    B = fb.weight.detach().clone().requires_grad_()
+    y = syn.operator().forward(x, syn.weight.detach())
+    p = y[0, 0].numel() if y.dim() > 2 else 1
+    R = sum(c * _reference_R(k, syn, x, B) / (p if k in ("amp", "null", "sparse") else 1)
+            for k, c in rule.items())
+    (ref,) = torch.autograd.grad(R, B)
+    assert torch.allclose(fb.grad(syn, x, y), ref, atol=1e-8)
+    if p > 1:
+        fb.average = "batch"  # Kunin et al.'s code: summed over positions, differs by p
+        assert not torch.allclose(fb.grad(syn, x, y), ref)
+    with pytest.raises(plastic.SpecError, match="average"):
+        LearnedFeedback(syn.weight, rule, average="space")
+
+
 def test_locality_is_declared_and_enforced():
     assert {k for k, p in rules.PRIMITIVES.items() if p.local} == {"decay", "amp", "null"}
     syn, x = _dense()
@@ -206,3 +226,24 @@ def test_feedback_options_every_subsample_noise_and_errors():
         plastic.Dense(3, 2).set_feedback("fa", options={"noise": 1.0})
     with pytest.raises(plastic.SpecError, match="apply to learned feedback only"):
         plastic.convert(plastic.models.mlp(7, [5], 3), "fa", options={"every": 2})
+
+
+@pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
+def test_normalize_input_and_normalized_routing(make):
+    """normalize_input: the rule reads x/||x|| and W x/||x||; normalize: the error is routed
+    through B rescaled to its initial norm, whatever the rule does to ||B||."""
+    syn, x = make()
+    rule = {"amp": 1.0, "null": 0.5, "decay": 0.1}
+    fb = LearnedFeedback(syn.weight, rule, normalize_input=True, normalize=True)
+    y = syn.operator().forward(x, syn.weight.detach())
+    xn = x / x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+    yn = syn.operator().forward(xn, syn.weight.detach())
+    expected = rules.fused_grad(rule, _signals(syn, xn, fb.weight.detach()))
+    assert torch.allclose(fb.grad(syn, x, y), expected, atol=1e-10)
+    n0 = float(fb.weight.norm())
+    with torch.no_grad():
+        fb.weight.mul_(7.0)
+    B = fb.matrix(syn.weight)
+    assert abs(float(B.norm()) - n0) < 1e-9 * n0
+    assert plastic.metrics.angle(B, fb.weight.detach()) < 1e-5
+    assert torch.allclose(yn, y / x.flatten(1).norm(dim=1).view(-1, *[1] * (y.dim() - 1)))
