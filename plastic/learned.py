@@ -192,6 +192,9 @@ def _make_learned(kind, forward_weight, generator=None, **options):
         return KolenPollack(forward_weight, generator=generator, **options)
     if kind in ("mirror", "weight-mirror"):
         rule = options.pop("rule", {"amp": 0.1, "decay": 0.1})
+        # averaged over positions: on white noise (Σ = σ²I per patch) Amp + Decay then settles
+        # at B = (c_amp/c_decay) σ² W on conv layers too, instead of a factor #positions larger
+        options.setdefault("average", "positions")
         return LearnedFeedback(forward_weight, rule, generator=generator, name="mirror",
                                drive=options.pop("drive", "sleep"), **options)
     if isinstance(kind, str) and kind in COMPOSITES:

@@ -6,7 +6,7 @@ from torch import nn
 
 from .populations import RatePopulation
 
-__all__ = ["mlp", "convnet", "BasicBlock", "ResNet", "resnet18", "resnet20"]
+__all__ = ["mlp", "convnet", "Scale", "BasicBlock", "ResNet", "resnet18", "resnet20"]
 
 
 def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh") -> nn.Sequential:
@@ -20,9 +20,28 @@ def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "ta
     return nn.Sequential(*layers)
 
 
+class Scale(nn.Module):
+    """Multiply by a constant: the logit scale of fast CIFAR-10 recipes (Page 2018 uses 1/8).
+    A large flattened feature vector gives the classifier an effective step lr·||x||²; scaling
+    its output by s divides that by 1/s², which keeps non-backprop rules (whose hidden features
+    do not help the classifier early on) from blowing the logits up."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x):
+        return x * self.scale
+
+    def extra_repr(self):
+        return f"scale={self.scale:g}"
+
+
 def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
-            population: str = "relu", batch_norm: bool = True, image_size: int = 32) -> nn.Sequential:
-    """A small ConvNet: [conv3x3 - (BN) - population - maxpool2] per stage, then one dense synapse."""
+            population: str = "relu", batch_norm: bool = True, image_size: int = 32,
+            output_scale: float = 1.0) -> nn.Sequential:
+    """A small ConvNet: [conv3x3 - (BN) - population - maxpool2] per stage, then one dense synapse
+    (its output multiplied by ``output_scale`` when that is not 1)."""
     layers: list[nn.Module] = []
     c, size = in_channels, image_size
     for ch in channels:
@@ -32,6 +51,8 @@ def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
         layers += [RatePopulation(population), nn.MaxPool2d(2)]
         c, size = ch, size // 2
     layers += [nn.Flatten(), nn.Linear(c * size * size, outputs)]
+    if output_scale != 1.0:
+        layers.append(Scale(output_scale))
     return nn.Sequential(*layers)
 
 

@@ -82,6 +82,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "hidden": (list, [1000]),
     "channels": (list, [32, 64, 128]),
     "batch_norm": (bool, True),
+    "output_scale": (NUM, 1.0),
     "stem": (str, "cifar"),
 }
 CIRCUIT_KINDS = ("mlp", "convnet", "resnet18", "resnet20")

@@ -39,7 +39,7 @@ def build_circuit(circuit: dict, input_shape, n_classes: int) -> nn.Module:
             raise SpecError(f"convnet needs square inputs divisible by 2^{len(circuit['channels'])}, "
                             f"got {list(shape)}")
         return models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
-                              shape[1])
+                              shape[1], circuit["output_scale"])
     if kind == "resnet18":
         return models.resnet18(outputs, shape[0], circuit["stem"], pop)
     if kind == "resnet20":
@@ -238,13 +238,20 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
     prog = _Progress(progress)
     prog.epoch(f"plastic: protocol {spec['name']!r} on {spec['data']} ({len(names)} arms x "
                f"{len(spec['seeds'])} seeds, {spec['epochs']} epochs) -> {writer.path}")
+    diverged = []
     try:
         for seed in spec["seeds"]:
             for a in names:
                 if resume and seed in writer.done_seeds(a):
                     prog.epoch(f"[{a} seed {seed}] already complete, skipped")
                     continue
-                run_arm(spec, a, spec["arms"][a], seed, ds, writer, Path(out_dir), prog, resume)
+                try:
+                    run_arm(spec, a, spec["arms"][a], seed, ds, writer, Path(out_dir), prog, resume)
+                except FloatingPointError as e:  # one arm's divergence does not stop the others
+                    prog.epoch(f"[{a} seed {seed}] stopped: {e}")
+                    diverged.append(str(e))
     finally:
         writer.close()
+    if diverged:
+        raise FloatingPointError("; ".join(diverged) + f" (the other arms are in {writer.path})")
     return writer.path

@@ -194,3 +194,14 @@ feedback = {amp = 1e-3, null = 1e-3, decay = 1e-3}
     fa, mirror = r["fa"]["metrics"], r["mirror"]["metrics"]
     assert mirror["angle/1"][-1] < fa["angle/1"][-1] - 20  # sleep phases align B with W^T
     assert "rule/amp/1" in r["info"]["metrics"] and "norm_ratio/1" in r["info"]["metrics"]
+
+
+def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--out", str(out), "--arms", "fa,bp", "-q", "--set", *FAST, "epochs=1",
+               "arms.fa.lr=1e37"])
+    assert rc == 2
+    err = _err_line(capsys)
+    assert "arm 'fa': training loss became " in err and "the other arms are in" in err
+    r = results.read(out / "results.h5")
+    assert r["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged

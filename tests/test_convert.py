@@ -81,3 +81,16 @@ def test_resnet20_shape_and_convert():
     assert sum(p.numel() for p in net.parameters()) < 300_000
     out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
+
+
+def test_convnet_output_scale_from_a_circuit_spec():
+    from plastic.spec import resolve_circuit
+    from plastic.train import build_circuit
+    torch.manual_seed(0)
+    c = resolve_circuit({"kind": "convnet", "channels": [4, 8], "output_scale": 0.25})
+    net = build_circuit(c, (3, 32, 32), 10)
+    assert isinstance(net[-1], models.Scale) and net[-1].scale == 0.25
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(net(x), 0.25 * net[:-1](x))
+    assert not isinstance(build_circuit(resolve_circuit({"kind": "convnet", "channels": [4, 8]}),
+                                        (3, 32, 32), 10)[-1], models.Scale)
