@@ -204,4 +204,4 @@ def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
     err = _err_line(capsys)
     assert "arm 'fa': training loss became " in err and "the other arms are in" in err
     r = results.read(out / "results.h5")
-    assert r["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged
+    assert r["arms"]["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged
