@@ -50,11 +50,11 @@ BASELINE = "backprop"
 Factory = Callable[[nn.Module], nn.Module]
 
 
-def _converted(kind) -> Factory:
+def _converted(kind, **options) -> Factory:
     """A factory converting the plain model with feedback ``kind`` (a kind name or a mapping
-    {name or pattern: kind}, see ``plastic.convert``)."""
+    {name or pattern: kind}, see ``plastic.convert``) and learned-feedback ``options``."""
     def make(model: nn.Module) -> nn.Module:
-        return plastic.convert(model, kind, seed=SEED)  # convert deep-copies
+        return plastic.convert(model, kind, seed=SEED, options=options or None)  # deep-copies
     return make
 
 
@@ -73,6 +73,9 @@ CANDIDATES: dict[str, Factory] = {
     "null": _converted({"null": 1e-3}),
     "sparse": _converted({"sparse": 1e-3}),
     "information": _converted({"amp": 1e-3, "null": 1e-3, "decay": 1e-3}),
+    # as in protocols/cifar10.toml: activity normalised per sample, error routed through B/||B||
+    "information-normalized": _converted({"amp": 0.025, "null": 0.025, "decay": 0.0025},
+                                         normalize_input=True, normalize=True),
     "symmetric": _converted("symmetric"),
     "activation": _converted({"amp": 1e-3, "sparse": 1e-3}),
     "kolen-pollack": _converted("kolen-pollack"),
@@ -84,6 +87,7 @@ CANDIDATES: dict[str, Factory] = {
 #: operation a rule needs is one more pass.
 BOUNDS = {"decay": 1.0, "self": 1.0, "symmetric": 1.0, "kolen-pollack": 1.0, "amp": 4 / 3,
           "null": 5 / 3, "sparse": 5 / 3, "information": 5 / 3, "activation": 5 / 3,
+          "information-normalized": 5 / 3,
           "mirror-concurrent": 5 / 3}
 
 
