@@ -20,7 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["LIFParameters", "LIFState", "lif_step", "superspike", "LIFPopulation"]
+__all__ = ["LIFParameters", "LIFState", "lif_step", "LIFBoxParameters", "LIFBoxState",
+           "lif_box_step", "AdaptiveLIFParameters", "AdaptiveLIFState", "adaptive_lif_step",
+           "superspike", "LIFPopulation", "SPIKING_KINDS"]
 
 
 class LIFParameters(NamedTuple):
@@ -70,23 +72,95 @@ def lif_step(input_current: torch.Tensor, state: LIFState, p: LIFParameters = LI
     return z, LIFState(v_new, i_decayed)
 
 
+class LIFBoxParameters(NamedTuple):
+    """A LIF neuron without synaptic current (norse's ``LIFBoxParameters``, value reset)."""
+    tau_mem_inv: torch.Tensor = torch.as_tensor(1.0 / 1e-2)
+    v_leak: torch.Tensor = torch.as_tensor(0.0)
+    v_th: torch.Tensor = torch.as_tensor(1.0)
+    v_reset: torch.Tensor = torch.as_tensor(0.0)
+    alpha: torch.Tensor = torch.as_tensor(100.0)
+
+
+class LIFBoxState(NamedTuple):
+    v: torch.Tensor
+
+
+def lif_box_step(input_current: torch.Tensor, state: LIFBoxState,
+                 p: LIFBoxParameters = LIFBoxParameters(), dt: float = 1e-3):
+    """v ← v + dt/τ_mem (I + v_leak − v); z = H(v − v_th); v ← (1 − z) v + z v_reset
+    (norse's ``lif_box_feed_forward_step``)."""
+    v_decayed = state.v + dt * p.tau_mem_inv * (input_current + p.v_leak - state.v)
+    z = superspike(v_decayed - p.v_th, p.alpha)
+    return z, LIFBoxState((1 - z) * v_decayed + z * p.v_reset)
+
+
+class AdaptiveLIFParameters(NamedTuple):
+    """A LIF neuron with an adaptive threshold b (Bellec et al. 2018's LSNN; norse's
+    ``LSNNParameters``): b relaxes to v_th with τ_adapt and jumps by β at every spike."""
+    tau_syn_inv: torch.Tensor = torch.as_tensor(1.0 / 5e-3)
+    tau_mem_inv: torch.Tensor = torch.as_tensor(1.0 / 1e-2)
+    tau_adapt_inv: torch.Tensor = torch.as_tensor(1.0 / 800)
+    v_leak: torch.Tensor = torch.as_tensor(0.0)
+    v_th: torch.Tensor = torch.as_tensor(1.0)
+    v_reset: torch.Tensor = torch.as_tensor(0.0)
+    beta: torch.Tensor = torch.as_tensor(1.8)
+    alpha: torch.Tensor = torch.as_tensor(100.0)
+
+
+class AdaptiveLIFState(NamedTuple):
+    v: torch.Tensor
+    i: torch.Tensor
+    b: torch.Tensor  # the adaptive threshold
+
+
+def adaptive_lif_step(input_current: torch.Tensor, state: AdaptiveLIFState,
+                      p: AdaptiveLIFParameters = AdaptiveLIFParameters(), dt: float = 1e-3):
+    """One step of norse's ``lsnn_feed_forward_step`` (the input current enters after the step)."""
+    v_decayed = state.v + dt * p.tau_mem_inv * ((p.v_leak - state.v) + state.i)
+    i_decayed = state.i + (-dt * p.tau_syn_inv * state.i)
+    b_decayed = state.b + dt * p.tau_adapt_inv * (p.v_th - state.b)
+    z = superspike(v_decayed - b_decayed, p.alpha)
+    v_new = (1 - z) * v_decayed + z * p.v_reset
+    return z, AdaptiveLIFState(v_new, i_decayed + input_current, b_decayed + z * p.beta)
+
+
+#: kind -> (step function, default parameters, state type)
+SPIKING_KINDS = {
+    "lif": (lif_step, LIFParameters(), LIFState),
+    "lif_box": (lif_box_step, LIFBoxParameters(), LIFBoxState),
+    "adaptive_lif": (adaptive_lif_step, AdaptiveLIFParameters(), AdaptiveLIFState),
+}
+
+
 class LIFPopulation(nn.Module):
-    """A population of current-based LIF neurons: a thin module over ``lif_step``."""
+    """A population of spiking neurons, a thin module over one of the pure step functions:
+    ``kind`` is ``"lif"`` (current-based, the default), ``"lif_box"`` (no synaptic current) or
+    ``"adaptive_lif"`` (adaptive threshold)."""
 
-    def __init__(self, p: LIFParameters = LIFParameters(), dt: float = 1e-3):
+    def __init__(self, p: NamedTuple | None = None, dt: float = 1e-3, kind: str = "lif"):
         super().__init__()
-        self.p, self.dt = p, float(dt)
+        if kind not in SPIKING_KINDS:
+            from .errors import SpecError
+            raise SpecError(f"unknown spiking population {kind!r}; known: {', '.join(SPIKING_KINDS)}")
+        self.kind = kind
+        self._step, default, self._state = SPIKING_KINDS[kind]
+        self.p, self.dt = (default if p is None else p), float(dt)
 
-    def initial_state(self, input_current: torch.Tensor) -> LIFState:
-        """Resting state: v = v_leak, i = 0, shaped like one step's input."""
-        v = torch.zeros_like(input_current) + self.p.v_leak.to(input_current)
-        return LIFState(v, torch.zeros_like(input_current))
+    def initial_state(self, input_current: torch.Tensor):
+        """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th."""
+        zero = torch.zeros_like(input_current)
+        v = zero + self.p.v_leak.to(input_current)
+        if self.kind == "lif_box":
+            return LIFBoxState(v)
+        if self.kind == "adaptive_lif":
+            return AdaptiveLIFState(v, zero, zero + self.p.v_th.to(input_current))
+        return LIFState(v, zero)
 
-    def step(self, input_current: torch.Tensor, state: LIFState | None = None):
+    def step(self, input_current: torch.Tensor, state=None):
         """One step in time: (spikes, state)."""
         if state is None:
             state = self.initial_state(input_current)
-        return lif_step(input_current, state, self.p, self.dt)
+        return self._step(input_current, state, self.p, self.dt)
 
     def forward(self, currents: torch.Tensor, state: LIFState | None = None):
         """Run over a time-major sequence of input currents (T, ...): (spikes (T, ...), state)."""
@@ -97,5 +171,5 @@ class LIFPopulation(nn.Module):
         return torch.stack(out), state
 
     def extra_repr(self):
-        return (f"tau_mem={1 / float(self.p.tau_mem_inv):g}, tau_syn={1 / float(self.p.tau_syn_inv):g}, "
+        return (f"kind={self.kind!r}, tau_mem={1 / float(self.p.tau_mem_inv):g}, tau_syn={1 / float(self.p.tau_syn_inv):g}, "
                 f"v_th={float(self.p.v_th):g}, dt={self.dt:g}")

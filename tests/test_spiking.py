@@ -38,3 +38,31 @@ def test_population_module_and_surrogate_gradient():
     out.sum().backward()
     assert torch.allclose(v.grad, 1 / (100 * v.detach().abs() + 1) ** 2)
     assert "tau_mem=0.01" in repr(pop)
+
+
+@pytest.mark.parametrize("kind", ["lif_box", "adaptive_lif"])
+def test_box_and_adaptive_lif_identical_to_norse(kind):
+    pytest.importorskip("norse")
+    from norse.torch.functional import lif_box, lsnn
+    from plastic.spiking import (AdaptiveLIFState, LIFBoxState, adaptive_lif_step,
+                                 lif_box_step)
+    g = torch.Generator().manual_seed(1)
+    drive = torch.rand(1000, 4, 128, generator=g) * (2.5 if kind == "lif_box" else 0.6)
+    pop = LIFPopulation(kind=kind)
+    s_ours = pop.initial_state(drive[0])
+    if kind == "lif_box":
+        s_norse = lif_box.LIFBoxFeedForwardState(torch.zeros(4, 128))
+        step_n = lambda x, s: lif_box.lif_box_feed_forward_step(x, s)
+    else:
+        s_norse = lsnn.LSNNFeedForwardState(torch.zeros(4, 128), torch.zeros(4, 128),
+                                            torch.ones(4, 128))
+        step_n = lambda x, s: lsnn.lsnn_feed_forward_step(x, s, lsnn.LSNNParameters())
+    spikes = 0
+    for t in range(1000):
+        z_o, s_ours = pop.step(drive[t], s_ours)
+        z_n, s_norse = step_n(drive[t], s_norse)
+        assert torch.equal(z_o, z_n) and torch.equal(s_ours.v, s_norse.v)
+        spikes += int(z_o.sum())
+    assert spikes > 100
+    if kind == "adaptive_lif":
+        assert torch.equal(s_ours.b, s_norse.b) and float(s_ours.b.mean()) > 1.0  # adapted
