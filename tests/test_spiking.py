@@ -66,3 +66,23 @@ def test_box_and_adaptive_lif_identical_to_norse(kind):
     assert spikes > 100
     if kind == "adaptive_lif":
         assert torch.equal(s_ours.b, s_norse.b) and float(s_ours.b.mean()) > 1.0  # adapted
+
+
+def test_encoders_rates_latency_and_errors():
+    import plastic
+    from plastic import encoders
+    x = torch.tensor([[0.0, 0.25, 0.5, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    s = encoders.poisson(x, 4000, f_max=100.0, dt=1e-3, generator=g)
+    rate = s.mean(0) / 1e-3  # Hz
+    assert s.shape == (4000, 1, 4) and rate[0, 0] == 0
+    assert torch.allclose(rate[0, 1:], torch.tensor([25.0, 50.0, 100.0]), rtol=0.2)
+    c = encoders.constant_current(x, 10, scale=2.0)
+    assert c.shape == (10, 1, 4) and torch.equal(c[7], 2 * x)
+    lat = encoders.latency(x, 11)
+    assert lat.sum(0).tolist() == [[0.0, 1.0, 1.0, 1.0]]  # one spike each, none for 0
+    assert lat[:, 0, 3].argmax() == 0 and lat[:, 0, 2].argmax() == 5 and lat[:, 0, 1].argmax() == 8
+    with pytest.raises(plastic.SpecError, match="intensities in"):
+        encoders.poisson(x * 3, 10)
+    with pytest.raises(plastic.SpecError, match="positive integer"):
+        encoders.latency(x, 0)
