@@ -92,12 +92,17 @@ class LearnedFeedback(FeedbackSynapse):
         return Signals(x, y, delta, self.weight.detach(),
                        None if self.local else synapse.weight.detach(), synapse.operator())
 
+    def activity_scale(self, y) -> float:
+        """The factor on this layer's activity terms: 1/#output positions if averaged over
+        positions, else 1."""
+        return 1.0 / y[0, 0].numel() if self.average == "positions" and y.dim() > 2 else 1.0
+
     def scaled_rule(self, y) -> dict[str, float]:
-        """The rule's coefficients for this layer (activity terms / positions if averaged)."""
-        if self.average == "positions" and y.dim() > 2:
-            p = y[0, 0].numel()
-            return {k: c / p if k in _ACTIVITY else c for k, c in self.rule.items()}
-        return self.rule
+        """The rule's coefficients for this layer (activity terms times ``activity_scale``)."""
+        a = self.activity_scale(y)
+        if a == 1.0:
+            return self.rule
+        return {k: c * a if k in _ACTIVITY else c for k, c in self.rule.items()}
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
         if self.normalize_input:
@@ -126,8 +131,8 @@ class LearnedFeedback(FeedbackSynapse):
     def values(self, synapse, x, y) -> dict[str, float]:
         """Each primitive's R on (x, y), for the metrics."""
         s = Signals(x, y, None, self.weight.detach(), synapse.weight.detach(), synapse.operator())
-        scale = {k: c / self.rule[k] for k, c in self.scaled_rule(y).items()}
-        return {k: primitive_value(k, s) * scale[k] for k in self.rule}
+        a = self.activity_scale(y)
+        return {k: primitive_value(k, s) * (a if k in _ACTIVITY else 1.0) for k in self.rule}
 
     def extra_repr(self):
         avg = f", average={self.average!r}" if self.average != "batch" else ""

@@ -60,6 +60,11 @@ def superspike(x: torch.Tensor, alpha: torch.Tensor | float = 100.0) -> torch.Te
     return _SuperSpike.apply(x, alpha)
 
 
+def _reset(z: torch.Tensor, v: torch.Tensor, v_reset: torch.Tensor) -> torch.Tensor:
+    """v after the jump condition: v_reset where a spike was emitted (norse's ``reset_value``)."""
+    return (1 - z) * v + z * v_reset
+
+
 def lif_step(input_current: torch.Tensor, state: LIFState, p: LIFParameters = LIFParameters(),
              dt: float = 1e-3) -> tuple[torch.Tensor, LIFState]:
     """One Euler step of the current-based LIF neuron (norse's ``lif_feed_forward_step``).
@@ -68,8 +73,7 @@ def lif_step(input_current: torch.Tensor, state: LIFState, p: LIFParameters = LI
     v_decayed = state.v + dt * p.tau_mem_inv * ((p.v_leak - state.v) + i_new)
     i_decayed = i_new + (-dt * p.tau_syn_inv * i_new)
     z = superspike(v_decayed - p.v_th, p.alpha)
-    v_new = (1 - z) * v_decayed + z * p.v_reset
-    return z, LIFState(v_new, i_decayed)
+    return z, LIFState(_reset(z, v_decayed, p.v_reset), i_decayed)
 
 
 class LIFBoxParameters(NamedTuple):
@@ -91,7 +95,7 @@ def lif_box_step(input_current: torch.Tensor, state: LIFBoxState,
     (norse's ``lif_box_feed_forward_step``)."""
     v_decayed = state.v + dt * p.tau_mem_inv * (input_current + p.v_leak - state.v)
     z = superspike(v_decayed - p.v_th, p.alpha)
-    return z, LIFBoxState((1 - z) * v_decayed + z * p.v_reset)
+    return z, LIFBoxState(_reset(z, v_decayed, p.v_reset))
 
 
 class AdaptiveLIFParameters(NamedTuple):
@@ -120,8 +124,8 @@ def adaptive_lif_step(input_current: torch.Tensor, state: AdaptiveLIFState,
     i_decayed = state.i + (-dt * p.tau_syn_inv * state.i)
     b_decayed = state.b + dt * p.tau_adapt_inv * (p.v_th - state.b)
     z = superspike(v_decayed - b_decayed, p.alpha)
-    v_new = (1 - z) * v_decayed + z * p.v_reset
-    return z, AdaptiveLIFState(v_new, i_decayed + input_current, b_decayed + z * p.beta)
+    return z, AdaptiveLIFState(_reset(z, v_decayed, p.v_reset), i_decayed + input_current,
+                               b_decayed + z * p.beta)
 
 
 #: kind -> (step function, default parameters, state type)
@@ -147,14 +151,12 @@ class LIFPopulation(nn.Module):
         self.p, self.dt = (default if p is None else p), float(dt)
 
     def initial_state(self, input_current: torch.Tensor):
-        """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th."""
+        """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's
+        state type takes the fields it has)."""
         zero = torch.zeros_like(input_current)
-        v = zero + self.p.v_leak.to(input_current)
-        if self.kind == "lif_box":
-            return LIFBoxState(v)
-        if self.kind == "adaptive_lif":
-            return AdaptiveLIFState(v, zero, zero + self.p.v_th.to(input_current))
-        return LIFState(v, zero)
+        rest = {"v": lambda: zero + self.p.v_leak.to(input_current), "i": lambda: zero,
+                "b": lambda: zero + self.p.v_th.to(input_current)}
+        return self._state(*(rest[f]() for f in self._state._fields))
 
     def step(self, input_current: torch.Tensor, state=None):
         """One step in time: (spikes, state)."""
@@ -171,5 +173,7 @@ class LIFPopulation(nn.Module):
         return torch.stack(out), state
 
     def extra_repr(self):
-        return (f"kind={self.kind!r}, tau_mem={1 / float(self.p.tau_mem_inv):g}, tau_syn={1 / float(self.p.tau_syn_inv):g}, "
-                f"v_th={float(self.p.v_th):g}, dt={self.dt:g}")
+        taus = ", ".join(f"{name[:-4]}={1 / float(getattr(self.p, name)):g}"
+                         for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
+                         if name in self.p._fields)
+        return f"kind={self.kind!r}, {taus}, v_th={float(self.p.v_th):g}, dt={self.dt:g}"

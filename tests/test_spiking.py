@@ -66,6 +66,7 @@ def test_box_and_adaptive_lif_identical_to_norse(kind):
     assert spikes > 100
     if kind == "adaptive_lif":
         assert torch.equal(s_ours.b, s_norse.b) and float(s_ours.b.mean()) > 1.0  # adapted
+    assert f"kind={kind!r}" in repr(pop)
 
 
 def test_encoders_rates_latency_and_errors():
