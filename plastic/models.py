@@ -5,8 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from .populations import RatePopulation
+from .spiking import SPIKING_KINDS, LIFPopulation
 
-__all__ = ["mlp", "convnet", "Scale", "BasicBlock", "ResNet", "resnet18", "resnet20"]
+__all__ = ["make_population", "mlp", "convnet", "Scale", "BasicBlock", "ResNet", "resnet18", "resnet20"]
+
+
+def make_population(name: str) -> nn.Module:
+    """A population module by name: a spiking kind (``lif``, ``lif_box``, ``adaptive_lif``) or
+    a rate population with that activation.  A circuit with spiking populations is simulated in
+    time (``plastic.simulator.TimeStepped``); the rest of its definition is the same."""
+    if isinstance(name, str) and name.lower() in SPIKING_KINDS:
+        return LIFPopulation(kind=name.lower())
+    return RatePopulation(name)
 
 
 def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh") -> nn.Sequential:
@@ -14,7 +24,7 @@ def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "ta
     layers: list[nn.Module] = [nn.Flatten()]
     n = in_features
     for i, h in enumerate(hidden):
-        layers += [nn.Linear(n, h), RatePopulation(population)]
+        layers += [nn.Linear(n, h), make_population(population)]
         n = h
     layers.append(nn.Linear(n, outputs))
     return nn.Sequential(*layers)
@@ -48,7 +58,7 @@ def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
         layers.append(nn.Conv2d(c, ch, 3, padding=1, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm2d(ch))
-        layers += [RatePopulation(population), nn.MaxPool2d(2)]
+        layers += [make_population(population), nn.MaxPool2d(2)]
         c, size = ch, size // 2
     layers += [nn.Flatten(), nn.Linear(c * size * size, outputs)]
     if output_scale != 1.0:
@@ -63,10 +73,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.pop1 = RatePopulation(population)
+        self.pop1 = make_population(population)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.pop2 = RatePopulation(population)
+        self.pop2 = make_population(population)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
@@ -93,7 +103,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False)
             self.pool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(w0)
-        self.pop1 = RatePopulation(population)
+        self.pop1 = make_population(population)
         stages, cin = [], w0
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):

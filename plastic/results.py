@@ -13,6 +13,12 @@ Layout of ``DIR/results.h5``::
                                 at the synapse's post population (Lillicrap et al. 2016)
         norm_ratio/<synapse>    ||B|| / ||W||
         rule/<primitive>/<synapse>  each learned-feedback primitive's value R on the probe batch
+        firing_rate, synaptic_ops, decision_steps   inference statistics on the test set
+    /arms/<arm>/recordings/seed<S>/epoch<E>/<population>/{spikes,voltages,rates}
+                             what the protocol's [record] table asks for, on a fixed probe of
+                             test samples: spikes (uint8, T' x samples x neurons...), voltages
+                             (float32, same shape), rates (per neuron, mean over steps and
+                             samples); /weights/<synapse> when record.weights is true
 Epoch 0 is the untrained circuit.  Rows are written (and flushed) at the end of every epoch, so an
 interrupted run keeps every finished epoch.
 """
@@ -129,6 +135,18 @@ class ResultsWriter:
             ds[n] = float(row.get(key, math.nan))
         self.h5.flush()
 
+    def write_recording(self, arm: str, seed: int, epoch: int, data: dict):
+        """Store {"<population>/spikes": array, ...} under recordings/seed<S>/epoch<E>."""
+        g = self.h5["arms"][arm].require_group("recordings").require_group(f"seed{int(seed)}")
+        name = f"epoch{int(epoch)}"
+        if name in g:
+            del g[name]
+        e = g.create_group(name)
+        for key, arr in data.items():
+            arr = np.asarray(arr)
+            e.create_dataset(key, data=arr, compression="gzip" if arr.size > 4096 else None)
+        self.h5.flush()
+
     def close(self):
         try:
             self.h5.close()
@@ -154,6 +172,20 @@ def _open(path: Path, mode="r"):
         return h5py.File(path, mode)
     except OSError as e:
         raise ResultsError(f"{path}: not a readable HDF5 results file ({str(e).split(';')[0]})") from None
+
+
+def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict:
+    """{epoch: {"<population>/<what>": array}} of one arm (its first seed unless given)."""
+    path = results_path(path)
+    with _open(path) as h:
+        g = h["arms"].get(arm)
+        if g is None:
+            raise ResultsError(f"{path}: no arm {arm!r}; arms: {', '.join(h['arms'])}")
+        rec = g.get("recordings")
+        if rec is None or not len(rec):
+            return {}
+        s = rec[f"seed{seed}"] if seed is not None else rec[sorted(rec)[0]]
+        return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
 
 
 def read(path: str | Path) -> dict:
@@ -183,6 +215,11 @@ def final_rows(metrics: dict) -> dict[int, dict]:
         last = idx[np.argmax(metrics["epoch"][idx])]
         out[int(s)] = {k: float(v[last]) for k, v in metrics.items()}
     return out
+
+
+#: inference statistics recorded per epoch (train.evaluate): spikes per neuron per step (a rate
+#: population's mean activity), synaptic operations per inference, steps to decision
+INFERENCE_STATS = ("firing_rate", "synaptic_ops", "decision_steps")
 
 
 def _nanmean(values):
@@ -228,20 +265,44 @@ def summary(results: list[dict]) -> list[dict]:
                 "test_accuracy": [f["test_accuracy"] for f in per_seed],
                 "update_angle": ua, "weight_angle": wa,
                 "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
+                "population": a["attrs"].get("population", ""),
+                "convert_from": a["attrs"].get("convert_from", ""),
+                **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
                 "done": len(a["attrs"].get("done_seeds", [])),
             }
     return list(rows.values())
 
 
+def _has_stats(rows) -> bool:
+    """Whether the rows come from a rate-vs-spiking comparison (a spiking or converted arm)."""
+    return any(r.get("convert_from") or str(r.get("population", "")).lower() in
+               ("lif", "lif_box", "adaptive_lif") for r in rows)
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The arms' final figures.  When an arm is spiking, the table adds the population and the
+    inference statistics: mean firing rate, synaptic operations per inference, steps to
+    decision."""
+    stats = _has_stats(rows)
     head = ["arm", "feedback", "lr", "seeds", "epochs", "test acc (%)", "update angle (°)",
             "B–Wᵀ angle (°)", "time (s)"]
+    if stats:
+        head[1:1] = ["population"]
+        head += ["firing rate", "synaptic ops", "steps to decision"]
     body = []
     for r in rows:
-        body.append([r["arm"], r["feedback"], f"{r['lr']:g}",
-                     f"{r['done']}/{r['seeds']}" if r["done"] < r["seeds"] else str(r["seeds"]),
-                     str(r["epochs"]), _pm(r["test_accuracy"], 100), _pm(r["update_angle"], 1, 1),
-                     _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)])
+        b = [r["arm"], r["feedback"], f"{r['lr']:g}",
+             f"{r['done']}/{r['seeds']}" if r["done"] < r["seeds"] else str(r["seeds"]),
+             str(r["epochs"]), _pm(r["test_accuracy"], 100), _pm(r["update_angle"], 1, 1),
+             _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)]
+        if stats:
+            pop = r.get("population", "")
+            b[1:1] = [f"{pop} (from {r['convert_from']})" if r.get("convert_from") else pop]
+            ops = np.asarray(r.get("synaptic_ops", [np.nan]), dtype=float)
+            b += [_pm(r.get("firing_rate", [np.nan]), 1, 3),
+                  f"{np.nanmean(ops):.3g}" if np.any(~np.isnan(ops)) else "-",
+                  _pm(r.get("decision_steps", [np.nan]), 1, 1)]
+        body.append(b)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]
@@ -318,4 +379,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     files.append(out_dir / "angles.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
+    from .plots import recording_figures
+    t, rec = spec.get("time", {}), spec.get("record", {})
+    for arm in arms:
+        files += recording_figures(read_recordings(path, arm), out_dir, arm, t.get("dt", 1e-3),
+                                   rec.get("every", 1))
     return files

@@ -66,11 +66,22 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
         "shift": (int, 0),
         "flip": (bool, False),
     },
+    "time": {  # time-stepped simulation (circuits with spiking populations)
+        "steps": (int, 25),
+        "dt": (NUM, 1e-3),
+        "encoder": (str, "constant"),  # constant current, poisson or latency
+    },
+    "record": {  # recorders: a fixed probe of test samples, at every epoch's end
+        "samples": (int, 0),      # 0: record nothing
+        "every": (int, 1),        # keep every k-th time step
+        "voltages": (bool, True),
+        "weights": (bool, False),
+    },
     "arms": (dict, {}),
 }
 
 ARM_KEYS = {"feedback": ANY, "feedback_options": dict, "lr": NUM, "weight_decay": NUM,
-            "output": str, "description": str}
+            "output": str, "description": str, "population": str, "convert_from": str}
 
 CIRCUIT_SCHEMA: dict[str, Any] = {
     "name": (str, ""),
@@ -84,6 +95,10 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "batch_norm": (bool, True),
     "output_scale": (NUM, 1.0),
     "stem": (str, "cifar"),
+    # biological constraints (plastic.constraints); time-stepped circuits only for delay
+    "excitatory": (NUM, 0.0),     # Dale's law: fraction of excitatory neurons (0: unconstrained)
+    "connectivity": (NUM, 1.0),   # density of a fixed random sparse connectivity mask
+    "delay": (int, 0),            # synaptic delay, whole steps, of every synapse after the first
 }
 CIRCUIT_KINDS = ("mlp", "convnet", "resnet18", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -217,6 +232,12 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
             raise SpecError(f"{key} must be at least 1, got {spec[key]}")
     if spec["optimizer"]["name"] not in OPTIMIZERS:
         raise SpecError(f"unknown optimizer {spec['optimizer']['name']!r}; known: {', '.join(OPTIMIZERS)}")
+    if spec["time"]["steps"] < 1 or spec["time"]["dt"] <= 0:
+        raise SpecError(f"time.steps must be >= 1 and time.dt > 0, got {spec['time']}")
+    c = spec["circuit"]
+    if not 0 <= c["excitatory"] <= 1 or not 0 < c["connectivity"] <= 1 or c["delay"] < 0:
+        raise SpecError("circuit.excitatory must be in [0, 1], circuit.connectivity in (0, 1] and "
+                        f"circuit.delay >= 0; got {c['excitatory']}, {c['connectivity']}, {c['delay']}")
     if spec["schedule"]["name"] not in SCHEDULES:
         raise SpecError(f"unknown schedule {spec['schedule']['name']!r}; known: {', '.join(SCHEDULES)}")
     arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
@@ -233,7 +254,14 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
              "weight_decay": arm.get("weight_decay", spec["optimizer"]["weight_decay"]),
              "output": arm.get("output", ""),
              "feedback_options": arm.get("feedback_options", {}),
-             "description": arm.get("description", "")}
+             "description": arm.get("description", ""),
+             "population": arm.get("population", ""),
+             "convert_from": arm.get("convert_from", "")}
+        if a["convert_from"]:
+            if a["convert_from"] not in arms:
+                raise SpecError(f"arms.{name}.convert_from names unknown arm {a['convert_from']!r}")
+            if list(arms).index(a["convert_from"]) > list(arms).index(name):
+                raise SpecError(f"arms.{name}.convert_from must name an earlier arm")
         fb = a["feedback"]
         kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \
             if isinstance(fb, dict) else None

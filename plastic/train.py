@@ -18,12 +18,19 @@ from .errors import SpecError
 from .learned import sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
+from .simulator import TimeStepped, calibrate_conversion, inference_stats, spiking_version
+from .spiking import SPIKING_KINDS
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
 
 
-def build_circuit(circuit: dict, input_shape, n_classes: int) -> nn.Module:
-    """A plain torch model from a resolved circuit spec, checked against the data's shape."""
+def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | None = None,
+                  time: dict | None = None, ds=None, seed: int = 0) -> nn.Module:
+    """A plain torch model from a resolved circuit spec, checked against the data's shape.
+    ``population`` overrides the circuit's population.  A circuit with spiking populations
+    comes back wrapped in ``TimeStepped`` (``time``: steps, dt, encoder); the same spec with a
+    rate population gives the rate network.  The circuit's constraints (Dale's law, sparse
+    connectivity) and delays are applied."""
     shape = tuple(circuit["input_shape"]) or tuple(input_shape)
     if tuple(shape) != tuple(input_shape):
         raise SpecError(f"circuit {circuit['name'] or circuit['kind']!r} expects input "
@@ -31,34 +38,107 @@ def build_circuit(circuit: dict, input_shape, n_classes: int) -> nn.Module:
     outputs = circuit["outputs"] or n_classes
     if outputs != n_classes:
         raise SpecError(f"circuit has {outputs} outputs but the data set has {n_classes} classes")
-    kind, pop = circuit["kind"], circuit["population"]
+    kind, pop = circuit["kind"], population or circuit["population"]
+    spiking = pop.lower() in SPIKING_KINDS
+    if spiking and kind not in ("mlp", "convnet"):
+        raise SpecError(f"spiking population {pop!r}: time-stepped simulation supports the "
+                        f"sequential circuits mlp and convnet, not {kind!r}")
+    if circuit.get("delay", 0) and not spiking:
+        raise SpecError("circuit.delay needs a time-stepped (spiking) population")
     if kind == "mlp":
-        return models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop)
-    if kind == "convnet":
+        model = models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop)
+    elif kind == "convnet":
         if shape[1] != shape[2] or shape[1] % (2 ** len(circuit["channels"])):
             raise SpecError(f"convnet needs square inputs divisible by 2^{len(circuit['channels'])}, "
                             f"got {list(shape)}")
-        return models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
-                              shape[1], circuit["output_scale"])
-    if kind == "resnet18":
-        return models.resnet18(outputs, shape[0], circuit["stem"], pop)
-    if kind == "resnet20":
-        return models.resnet20(outputs, shape[0], pop)
-    raise SpecError(f"unknown circuit kind {kind!r}")
+        model = models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
+                               shape[1], circuit["output_scale"])
+    elif kind == "resnet18":
+        model = models.resnet18(outputs, shape[0], circuit["stem"], pop)
+    elif kind == "resnet20":
+        model = models.resnet20(outputs, shape[0], pop)
+    else:
+        raise SpecError(f"unknown circuit kind {kind!r}")
+    if spiking:
+        t = time or {"steps": 25, "dt": 1e-3, "encoder": "constant"}
+        delay = circuit.get("delay", 0)
+        names = [str(i) for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+        mean = std = None
+        if ds is not None:
+            mean, std = ds.mean, ds.std
+        model = TimeStepped(model, t["steps"], t["dt"], t["encoder"],
+                            delays={n: delay for n in names[1:]} if delay else None,
+                            input_mean=mean, input_std=std)
+    return model
+
+
+def _constrain(model, circuit, seed):
+    """Dale's law and sparse connectivity from the circuit spec, on the converted circuit."""
+    exc, conn = circuit.get("excitatory", 0.0), circuit.get("connectivity", 1.0)
+    if not exc and conn >= 1.0:
+        return None
+    from .constraints import apply_circuit_constraints
+    return apply_circuit_constraints(model, exc or None, conn if conn < 1.0 else None, seed)
 
 
 @torch.no_grad()
-def evaluate(model, ds, batch_size, device, label_smoothing=0.0):
+def evaluate(model, ds, batch_size, device, label_smoothing=0.0, stats=False):
+    """(accuracy, loss) on the test set; with ``stats`` also a dict of inference statistics:
+    mean firing rate, synaptic operations per inference and steps to decision."""
     model.eval()
     correct, loss, n = 0, 0.0, 0
+    acc_stats = {"firing_rate": 0.0, "synaptic_ops": 0.0, "decision_steps": 0.0}
     for x, y in ds.batches("test", batch_size):
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        if stats:
+            out, st = inference_stats(model, x)
+            for k in acc_stats:
+                acc_stats[k] += st[k] * len(y)
+        else:
+            out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
     model.train()
+    if stats:
+        return correct / n, loss / n, {k: v / n for k, v in acc_stats.items()}
     return correct / n, loss / n
+
+
+@torch.no_grad()
+def recording(model, x, rec: dict) -> dict:
+    """What the [record] table asks for on the probe x: per population spikes (uint8), voltages
+    and per-neuron rates (spiking circuits) or per-neuron mean activity (rate circuits); the
+    synapses' weights if ``rec["weights"]``."""
+    data = {}
+    was = model.training
+    model.eval()
+    try:
+        if isinstance(model, TimeStepped):
+            what = ("spikes", "voltages") if rec["voltages"] else ("spikes",)
+            _, r = model.run(x, record=what, every=1)
+            for name, z in r.spikes.items():
+                data[f"{name}/rates"] = z.float().mean((0, 1)).cpu().numpy()
+                data[f"{name}/spikes"] = z[::rec["every"]].to(torch.uint8).cpu().numpy()
+            for name, v in r.voltages.items():
+                data[f"{name}/voltages"] = v[::rec["every"]].float().cpu().numpy()
+        else:
+            from .populations import RatePopulation
+            pops = [(n, m) for n, m in model.named_modules() if isinstance(m, RatePopulation)]
+            hooks = [m.register_forward_hook(
+                lambda mod, i, o, n=n: data.__setitem__(f"{n}/rates", o.float().mean(0).cpu().numpy()))
+                for n, m in pops]
+            try:
+                model(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+        if rec["weights"]:
+            for n, syn in synapses(model):
+                data[f"weights/{n}"] = syn.weight.detach().float().cpu().numpy()
+    finally:
+        model.train(was)
+    return data
 
 
 def _optimizer(spec, arm, model):
@@ -117,23 +197,27 @@ def _checkpoint_path(out_dir: Path, arm: str, seed: int) -> Path:
 def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             progress: _Progress, resume: bool = False):
     device = torch.device(spec["device"])
+    if arm.get("convert_from"):
+        return run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress)
     torch.manual_seed(seed)
-    model = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)
-    output = arm["output"] or None
-    model = convert(model, arm["feedback"], seed=seed, output=output,
-                    options=arm.get("feedback_options") or None).to(device)
+    model = _model(spec, arm, seed, ds).to(device)
     # materialise lazily-shaped feedback (direct feedback of conv layers) before the optimizer
     with torch.no_grad():
         model.eval()
         model(ds.normalize(ds.train_x[:2]).to(device))
         model.train()
     opt = _optimizer(spec, arm, model)
+    if getattr(model, "_constraints", None):
+        from .constraints import attach
+        attach(opt, model)
     steps = math.ceil(len(ds.train_x) / spec["batch_size"])
     sched = _schedule(spec, opt, steps, arm["lr"])
     loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=spec["loss"]["label_smoothing"])
     probe_x = ds.normalize(ds.train_x[:spec["probe_size"]]).to(device)
     probe_y = ds.train_y[:spec["probe_size"]].long().to(device)
+    rec_x = ds.normalize(ds.test_x[:spec["record"]["samples"]]).to(device)
     writer.arm_group(arm_name, {"feedback": arm["feedback"], "lr": arm["lr"],
+                                "population": arm.get("population") or spec["circuit"]["population"],
                                 "feedback_options": arm.get("feedback_options", {}),
                                 "weight_decay": arm["weight_decay"],
                                 "synapses": [n for n, _ in synapses(model)]})
@@ -157,9 +241,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         writer.drop_rows(arm_name, seed, from_epoch=0)
 
     def record(epoch, train_loss, wall_time):
-        acc, test_loss = evaluate(model, ds, spec["test_batch_size"], device)
+        acc, test_loss, st = evaluate(model, ds, spec["test_batch_size"], device, stats=True)
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
+        row.update(st)
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
         row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
         row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
@@ -167,6 +252,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row.update({f"update_angle/{k}": v for k, v in update.items()})
         row.update({f"signal_angle/{k}": v for k, v in signal.items()})
         writer.append(arm_name, row)
+        if spec["record"]["samples"] > 0:
+            writer.write_recording(arm_name, seed, epoch, recording(model, rec_x, spec["record"]))
         return row
 
     if start_epoch == 1:
@@ -211,9 +298,74 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "
                        f"loss {row['train_loss']:.4f}, test acc {100 * row['test_accuracy']:.2f}%"
                        f"{angle_txt} ({wall:.0f} s)")
+    _save_weights(model, out_dir, arm_name, seed)
     writer.mark_done(arm_name, seed)
     ckpt.unlink(missing_ok=True)
     return model
+
+
+def _model(spec, arm, seed, ds) -> nn.Module:
+    """The arm's circuit: built (with the arm's population), converted to its feedback kind,
+    constrained as the circuit spec says."""
+    model = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes, arm.get("population"),
+                          spec["time"], ds, seed)
+    model = convert(model, arm["feedback"], seed=seed, output=arm["output"] or None,
+                    options=arm.get("feedback_options") or None)
+    model._constraints = _constrain(model, spec["circuit"], seed)
+    return model
+
+
+def _weights_path(out_dir: Path, arm: str, seed: int) -> Path:
+    return Path(out_dir) / "weights" / f"{arm}-seed{seed}.pt"
+
+
+def _save_weights(model, out_dir, arm, seed):
+    """The trained circuit's state (for conversion arms and later analysis), written atomically."""
+    p = _weights_path(out_dir, arm, seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), str(p) + ".tmp")
+    Path(str(p) + ".tmp").replace(p)
+
+
+def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
+    """An arm that trains nothing: the trained weights of arm ``convert_from`` run as the spiking
+    circuit of this arm's population, after data-based weight normalisation
+    (``simulator.calibrate_conversion`` on 1000 training samples)."""
+    device = torch.device(spec["device"])
+    src = arm["convert_from"]
+    path = _weights_path(out_dir, src, seed)
+    if not path.exists():
+        raise SpecError(f"arm {arm_name!r} converts the weights of arm {src!r}, but {path} does "
+                        f"not exist; run arm {src!r} first (into the same --out)")
+    src_arm = spec["arms"][src]
+    if (src_arm.get("population") or spec["circuit"]["population"]).lower() in SPIKING_KINDS:
+        raise SpecError(f"arm {arm_name!r}: convert_from must name a rate arm; {src!r} is spiking")
+    rate = _model(spec, src_arm, seed, ds).to(device)
+    rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    kind = (arm.get("population") or "lif").lower()
+    t = spec["time"]
+    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"],
+                          input_mean=ds.mean, input_std=ds.std).to(device)
+    x = ds.normalize(ds.train_x[:1000]).to(device)
+    cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
+    writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
+                                "convert_from": src, "population": kind,
+                                "conversion_gain": cal["gain"], "conversion_lambdas": cal["lambdas"],
+                                "synapses": [n for n, _ in synapses(snn)]})
+    writer.drop_rows(arm_name, seed, from_epoch=0)
+    acc, test_loss, st = evaluate(snn, ds, spec["test_batch_size"], device, stats=True)
+    row = {"seed": seed, "epoch": spec["epochs"], "train_loss": math.nan, "test_loss": test_loss,
+           "test_accuracy": acc, "lr": math.nan, "wall_time": 0.0}
+    row.update(st)
+    writer.append(arm_name, row)
+    if spec["record"]["samples"] > 0:
+        rec_x = ds.normalize(ds.test_x[:spec["record"]["samples"]]).to(device)
+        writer.write_recording(arm_name, seed, spec["epochs"], recording(snn, rec_x, spec["record"]))
+    progress.epoch(f"[{arm_name} seed {seed}] {src} converted to {kind} (gain {cal['gain']:g}): "
+                   f"test acc {100 * acc:.2f}%, {st['firing_rate']:.3f} spikes/neuron/step, "
+                   f"{st['synaptic_ops']:.3g} synaptic ops, {st['decision_steps']:.1f} steps to decision")
+    writer.mark_done(arm_name, seed)
+    return snn
 
 
 def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resume: bool = False,
@@ -228,10 +380,11 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
-    plain = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes)  # validate before writing
-    for a in names:
+    for a in names:  # validate every arm before writing anything
+        plain = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes,
+                              spec["arms"][a].get("population"), spec["time"], ds)
         convert(plain, spec["arms"][a]["feedback"], output=spec["arms"][a]["output"] or None,
-                options=spec["arms"][a].get("feedback_options") or None, inplace=False)
+                options=spec["arms"][a].get("feedback_options") or None, inplace=True)
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)

@@ -1,0 +1,101 @@
+"""Figures of time-stepped circuits: spike rasters, voltage traces, firing-rate histograms, from
+the recordings in a results file (``results.read_recordings``) or from a ``Recording``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["raster", "voltage_traces", "rate_histograms", "recording_figures"]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _populations(rec: dict, what: str) -> list[str]:
+    return sorted(k[: -len(what) - 1] for k in rec if k.endswith("/" + what))
+
+
+def raster(ax, spikes: np.ndarray, sample: int = 0, dt_ms: float = 1.0, every: int = 1,
+           max_neurons: int = 200, color="k"):
+    """Spike raster of one sample: spikes (T', samples, neurons...) -> dots at (time, neuron)."""
+    z = np.asarray(spikes)[:, sample].reshape(spikes.shape[0], -1)[:, :max_neurons]
+    t, n = np.nonzero(z)
+    ax.scatter(t * every * dt_ms, n, s=2, marker="|", color=color, linewidths=0.8)
+    ax.set(xlim=(0, z.shape[0] * every * dt_ms), ylim=(-1, z.shape[1]), xlabel="time (ms)",
+           ylabel="neuron")
+    return ax
+
+
+def voltage_traces(ax, voltages: np.ndarray, sample: int = 0, neurons: int = 5,
+                   dt_ms: float = 1.0, every: int = 1, v_th: float | None = 1.0):
+    """Voltage of the first ``neurons`` neurons of one sample over time."""
+    v = np.asarray(voltages)[:, sample].reshape(voltages.shape[0], -1)[:, :neurons]
+    t = np.arange(v.shape[0]) * every * dt_ms
+    for j in range(v.shape[1]):
+        ax.plot(t, v[:, j], lw=0.8)
+    if v_th is not None:
+        ax.axhline(v_th, color="gray", ls="--", lw=0.6)
+    ax.set(xlabel="time (ms)", ylabel="v (after reset)")
+    return ax
+
+
+def rate_histograms(ax, rates: np.ndarray, dt: float = 1e-3, label=None, spiking=True):
+    """Histogram of per-neuron firing rates (Hz for spiking populations, a.u. for rate ones)."""
+    r = np.asarray(rates).reshape(-1) / (dt if spiking else 1.0)
+    ax.hist(r, bins=40, alpha=0.6, label=label)
+    ax.set(xlabel="firing rate (Hz)" if spiking else "activity (a.u.)", ylabel="neurons")
+    return ax
+
+
+def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float = 1e-3,
+                      every: int = 1) -> list[Path]:
+    """raster_<arm>.png (first recorded epoch vs last: before/after learning), voltages_<arm>.png
+    and rates_<arm>.png, from {epoch: {key: array}}.  Returns the files written."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    if not recordings:
+        return []
+    first, last = min(recordings), max(recordings)
+    files = []
+    pops = _populations(recordings[last], "spikes")
+    if pops:
+        fig, axes = plt.subplots(len(pops), 2, figsize=(10, 2.6 * len(pops)), squeeze=False)
+        for i, p in enumerate(pops):
+            for j, e in enumerate((first, last)):
+                if f"{p}/spikes" in recordings[e]:
+                    raster(axes[i][j], recordings[e][f"{p}/spikes"], dt_ms=dt * 1e3, every=every)
+                axes[i][j].set_title(f"{arm}: {p}, epoch {e}", fontsize=9)
+        fig.tight_layout()
+        files.append(out_dir / f"raster_{arm}.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    vpops = _populations(recordings[last], "voltages")
+    if vpops:
+        fig, axes = plt.subplots(1, len(vpops), figsize=(5 * len(vpops), 3), squeeze=False)
+        for i, p in enumerate(vpops):
+            voltage_traces(axes[0][i], recordings[last][f"{p}/voltages"], dt_ms=dt * 1e3, every=every)
+            axes[0][i].set_title(f"{arm}: {p}, epoch {last}", fontsize=9)
+        fig.tight_layout()
+        files.append(out_dir / f"voltages_{arm}.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    rpops = _populations(recordings[last], "rates")
+    if rpops:
+        fig, axes = plt.subplots(1, len(rpops), figsize=(5 * len(rpops), 3), squeeze=False)
+        for i, p in enumerate(rpops):
+            for e in (first, last):
+                if f"{p}/rates" in recordings[e]:
+                    rate_histograms(axes[0][i], recordings[e][f"{p}/rates"], dt, f"epoch {e}",
+                                    spiking=bool(pops))
+            axes[0][i].set_title(f"{arm}: {p}", fontsize=9)
+            axes[0][i].legend(fontsize=7)
+        fig.tight_layout()
+        files.append(out_dir / f"rates_{arm}.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files

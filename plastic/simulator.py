@@ -1,0 +1,331 @@
+"""Time-stepped circuits: one circuit definition, simulated for T steps of dt.
+
+``TimeStepped`` wraps a sequential circuit (``models.mlp``, ``models.convnet``) whose populations
+are spiking (``LIFPopulation``) or rate ones.  The data are encoded into T steps (``encoders``),
+spikes travel through the same forward synapses, and errors through the same feedback synapses
+as in rate mode, so every feedback kind and learned rule trains a spiking circuit unchanged:
+surrogate-gradient backpropagation through time in which each synapse's backward pass routes the
+error through its feedback synapse B, never through Wᵀ (``synapses._Route``).
+
+A feed-forward circuit is simulated population by population: a synapse or any stateless module
+(flatten, pooling, batch norm) sees the T steps folded into the batch, one call for the whole
+sequence; only a population loops over time (``LIFPopulation.forward``).  The spikes are the same
+as stepping the whole circuit step by step (tested), because no population sees a later step of
+another.  A constant-current input is applied once and broadcast over time, not T times.
+
+Synaptic delays of whole steps shift a synapse's input sequence in time (the first d steps see
+zero).  The readout is the output synapse's current averaged over the T steps (a rate readout).
+``run`` also returns recordings (spikes, voltages) and inference statistics: mean firing rate,
+synaptic operations per inference (active inputs × fan-out, summed over steps and synapses) and
+steps to decision (the first step after which the running readout's argmax no longer changes).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import encoders
+from .errors import SpecError
+from .populations import RatePopulation
+from .spiking import SPIKING_KINDS, LIFPopulation
+from .synapses import Conv2d, Dense, Synapse
+
+__all__ = ["TimeStepped", "Recording", "spiking_version", "is_time_stepped", "fan_out",
+           "decision_steps", "inference_stats"]
+
+ENCODINGS = ("constant", "poisson", "latency")
+#: what counts as a synapse of a circuit: plastic synapses, and torch layers not yet converted
+SYNAPSES = (Synapse, nn.Linear, nn.Conv2d)
+
+
+def fan_out(syn: Synapse) -> float:
+    """Synaptic events one active input unit causes: out_features for a dense synapse; for a conv
+    synapse, out_channels/groups × k_h k_w / (stride_h stride_w) (the mean over positions)."""
+    if isinstance(syn, (Dense, nn.Linear)):
+        return float(syn.out_features)
+    if isinstance(syn, (Conv2d, nn.Conv2d)):
+        kh, kw = syn.kernel_size
+        return syn.out_channels / syn.groups * kh * kw / (syn.stride[0] * syn.stride[1])
+    raise SpecError(f"no fan-out rule for {type(syn).__name__}")
+
+
+def decision_steps(outputs: torch.Tensor) -> torch.Tensor:
+    """Per sample, the 1-based step from which the running mean readout's argmax equals the final
+    one for every later step.  ``outputs``: (T, B, classes) readout currents per step."""
+    t = outputs.shape[0]
+    pred = outputs.cumsum(0).argmax(-1)                      # (T, B); the mean has the same argmax
+    wrong = pred != pred[-1:]
+    steps = torch.arange(1, t + 1, device=outputs.device).view(-1, 1).expand_as(pred)
+    last_wrong = torch.where(wrong, steps, torch.zeros_like(steps)).amax(0)
+    return last_wrong + 1
+
+
+@dataclass
+class Recording:
+    """What one ``run`` recorded.  ``spikes``/``voltages``: {population name: (T', B, ...)} every
+    ``every`` steps; ``stats``: mean firing rate (spikes per neuron per step), synaptic operations
+    per sample, steps to decision (per sample) when asked for."""
+    spikes: dict = field(default_factory=dict)
+    voltages: dict = field(default_factory=dict)
+    outputs: torch.Tensor | None = None   # (T, B, classes) readout per step
+    ops: float = 0.0                      # synaptic operations per sample
+    spike_count: float = 0.0              # spikes per sample, all populations
+    neuron_steps: float = 0.0             # neurons × steps, all populations
+
+    @property
+    def firing_rate(self) -> float:
+        return self.spike_count / self.neuron_steps if self.neuron_steps else float("nan")
+
+
+class TimeStepped(nn.Module):
+    """A sequential circuit simulated for ``steps`` steps of ``dt`` seconds.
+
+    circuit: an ``nn.Sequential`` of synapses, populations and stateless modules.
+    encoder: ``"constant"`` (the input as a constant current every step), ``"poisson"`` or
+        ``"latency"`` (spikes; these need intensities in [0, 1], recovered from normalised data
+        with ``input_mean``/``input_std``).
+    delays: {synapse name (index in the circuit, as in ``plastic.synapses``): whole steps}.
+    """
+
+    def __init__(self, circuit: nn.Sequential, steps: int = 25, dt: float = 1e-3,
+                 encoder: str = "constant", encoder_options: dict | None = None,
+                 delays: dict | None = None, input_mean=None, input_std=None):
+        super().__init__()
+        if not isinstance(circuit, nn.Sequential):
+            raise SpecError("time-stepped simulation needs a sequential circuit (mlp, convnet); "
+                            f"got {type(circuit).__name__}")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise SpecError(f"time steps must be a positive integer, got {steps!r}")
+        if encoder not in ENCODINGS:
+            raise SpecError(f"unknown encoder {encoder!r}; known: {', '.join(ENCODINGS)}")
+        self.circuit, self.steps, self.dt = circuit, steps, float(dt)
+        self.encoder, self.encoder_options = encoder, dict(encoder_options or {})
+        names = {str(i) for i, m in enumerate(circuit) if isinstance(m, SYNAPSES)}
+        self.delays = {str(k): int(v) for k, v in (delays or {}).items()}
+        for k, v in self.delays.items():
+            if k not in names:
+                raise SpecError(f"delay for unknown synapse {k!r}; synapses: {sorted(names)}")
+            if v < 0 or v >= steps:
+                raise SpecError(f"delay of synapse {k} must be in [0, {steps - 1}] steps, got {v}")
+        for i, m in enumerate(circuit):
+            if isinstance(m, LIFPopulation):
+                m.dt = self.dt
+        if encoder != "constant":
+            if input_mean is None or input_std is None:
+                raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "
+                                "intensities in [0, 1] from normalised data")
+        self.register_buffer("input_mean", None if input_mean is None else torch.as_tensor(input_mean).float())
+        self.register_buffer("input_std", None if input_std is None else torch.as_tensor(input_std).float())
+        self._gen = None
+
+    # -- encoding --------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor):
+        """(sequence, constant): the input as (T, B, ...) or, for a constant current, (B, ...)
+        with constant=True (the same every step; broadcast lazily)."""
+        if self.encoder == "constant":
+            return x * self.encoder_options.get("scale", 1.0), True
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        intensity = (x * self.input_std.view(shape).to(x) + self.input_mean.view(shape).to(x))
+        intensity = intensity.clamp(0, 1)
+        if self.encoder == "poisson":
+            return encoders.poisson(intensity, self.steps, dt=self.dt,
+                                    **{k: v for k, v in self.encoder_options.items() if k == "f_max"}), False
+        return encoders.latency(intensity, self.steps), False
+
+    # -- simulation ------------------------------------------------------------------------
+    def run(self, x: torch.Tensor, record: tuple = (), every: int = 1, stats: bool = False):
+        """Simulate the circuit on a batch ``x`` (B, ...): (readout (B, classes), Recording).
+        ``record``: any of "spikes", "voltages"; ``stats``: count firing and synaptic operations
+        and keep the per-step readout."""
+        t, b = self.steps, x.shape[0]
+        seq, const = self.encode(x)
+        rec = Recording()
+        spiking_input = self.encoder != "constant"
+        for i, m in enumerate(self.circuit):
+            name = f"circuit.{i}"  # the population's module name in the time-stepped circuit
+            if isinstance(m, SYNAPSES):
+                d = self.delays.get(str(i), 0)
+                if d:
+                    if const:
+                        seq, const = seq.expand(t, *seq.shape), False
+                    seq = torch.cat([seq.new_zeros((d, *seq.shape[1:])), seq[:t - d]])
+                if stats:
+                    nnz = float((seq != 0).sum()) / b
+                    rec.ops += nnz * fan_out(m) * (t if const else 1)
+                seq = self._through(m, seq, const, spiking_input)
+                spiking_input = False
+            elif isinstance(m, LIFPopulation):
+                if const:
+                    seq, const = seq.expand(t, *seq.shape), False
+                if "voltages" in record:
+                    with torch.no_grad():
+                        rec.voltages[name] = self._voltages(m, seq)[::every].detach()
+                seq, _ = m(seq)
+                spiking_input = True
+                if "spikes" in record:
+                    rec.spikes[name] = seq[::every].detach()
+                if stats:
+                    rec.spike_count += float(seq.sum()) / b
+                    rec.neuron_steps += seq[0, 0].numel() * t
+            else:
+                seq = self._through(m, seq, const, False)
+                if isinstance(m, RatePopulation) and stats:
+                    # a rate population inside a time-stepped circuit: its rate counts as firing
+                    rec.spike_count += float(seq.sum()) / b * (t if const else 1)
+                    rec.neuron_steps += seq[0].numel() * t if const else seq[0, 0].numel() * t
+        if const:
+            out = seq
+            if stats:
+                rec.outputs = seq.unsqueeze(0).expand(t, *seq.shape)
+        else:
+            out = seq.mean(0)
+            if stats:
+                rec.outputs = seq.detach()
+        return out, rec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[0]
+
+    @staticmethod
+    def _through(m: nn.Module, seq: torch.Tensor, const: bool, spikes: bool) -> torch.Tensor:
+        if const:
+            return m(seq)
+        t, b = seq.shape[:2]
+        flat = seq.reshape(t * b, *seq.shape[2:])
+        if spikes and isinstance(m, (Dense, nn.Linear)) and not torch.is_grad_enabled() and _propagate():
+            y = _propagate()(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
+        else:
+            y = m(flat)
+        return y.reshape(t, b, *y.shape[1:])
+
+    @staticmethod
+    def _voltages(pop: LIFPopulation, currents: torch.Tensor) -> torch.Tensor:
+        state, vs = None, []
+        for k in range(currents.shape[0]):
+            _, state = pop.step(currents[k], state)
+            vs.append(state.v)
+        return torch.stack(vs)
+
+    def extra_repr(self):
+        d = f", delays={self.delays}" if self.delays else ""
+        return f"steps={self.steps}, dt={self.dt:g}, encoder={self.encoder!r}{d}"
+
+
+def _propagate():
+    try:  # TODO(issue 4): plastic.propagation lands with the speed work
+        from .propagation import propagate
+        return propagate
+    except ImportError:
+        return None
+
+
+def is_time_stepped(model: nn.Module) -> bool:
+    return isinstance(model, TimeStepped)
+
+
+def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: float = 1e-3,
+                    params=None, **options) -> TimeStepped:
+    """The same circuit with spiking populations: every rate population of a sequential
+    ``model`` becomes a ``LIFPopulation`` of ``kind``; the synapses (and their weights and
+    feedback synapses) are deep copies of the model's.  Used to run trained rate weights as a
+    spiking network (conversion)."""
+    if kind not in SPIKING_KINDS:
+        raise SpecError(f"unknown spiking population {kind!r}; known: {', '.join(SPIKING_KINDS)}")
+    if isinstance(model, TimeStepped):
+        model = model.circuit
+    new = copy.deepcopy(model)
+    if not isinstance(new, nn.Sequential):
+        raise SpecError("spiking_version needs a sequential circuit (mlp, convnet)")
+    for i, m in enumerate(new):
+        if isinstance(m, RatePopulation):
+            new[i] = LIFPopulation(params, dt, kind)
+    return TimeStepped(new, steps, dt, **options)
+
+
+@torch.no_grad()
+def inference_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(output, stats) on a batch: ``firing_rate`` (spikes per neuron per step for spiking
+    populations; a rate population's mean activity), ``synaptic_ops`` per inference (active
+    inputs × fan-out, over steps and synapses; for a rate circuit the non-zero inputs' MACs)
+    and ``decision_steps`` (1 for a rate circuit, which decides in one pass)."""
+    if isinstance(model, TimeStepped):
+        out, rec = model.run(x, stats=True)
+        return out, {"firing_rate": rec.firing_rate, "synaptic_ops": rec.ops,
+                     "decision_steps": float(decision_steps(rec.outputs).float().mean())}
+    b = x.shape[0]
+    acc = {"ops": 0.0, "act": 0.0, "n": 0.0}
+
+    def syn_hook(m, inp, out):
+        acc["ops"] += float((inp[0] != 0).sum()) / b * fan_out(m)
+
+    def pop_hook(m, inp, out):
+        acc["act"] += float(out.sum()) / b
+        acc["n"] += out[0].numel()
+
+    hooks = [s.register_forward_hook(syn_hook) for s in model.modules() if isinstance(s, SYNAPSES)]
+    hooks += [m.register_forward_hook(pop_hook) for m in model.modules()
+              if isinstance(m, RatePopulation)]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, {"firing_rate": acc["act"] / acc["n"] if acc["n"] else float("nan"),
+                 "synaptic_ops": acc["ops"], "decision_steps": 1.0}
+
+
+
+@torch.no_grad()
+def calibrate_conversion(snn: TimeStepped, rate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         gains=(1.0, 2.0, 4.0, 8.0), percentile: float = 99.9) -> dict:
+    """Data-based weight normalisation for running a trained rate circuit as a spiking one
+    (Diehl et al. 2015, IJCNN, sec. III.B; Rueckauer et al. 2017, eq. 8 with the 99.9th
+    percentile): each hidden synapse l gets W_l · λ_{l−1}/λ_l and b_l/λ_l, where λ_l is the
+    percentile of population l's rate activity on the calibration batch x (λ_0 = 1), so the
+    activity of every population is about 1 at its percentile; then one gain g on the hidden
+    synapses, chosen from ``gains`` by accuracy on (x, y), sets where that activity falls on the
+    LIF neurons' rate curve.  Changes ``snn`` in place; returns {"lambdas", "gain", "accuracy"}."""
+    rate_seq = rate.circuit if isinstance(rate, TimeStepped) else rate
+    acts, hooks = [], []
+    for m in rate_seq:
+        if isinstance(m, RatePopulation):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: acts.append(o.detach())))
+    was = rate.training
+    rate.eval()
+    try:
+        rate(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        rate.train(was)
+    lambdas = [float(torch.quantile(a.flatten()[:1_000_000].float(), percentile / 100)) or 1.0
+               for a in acts]
+    syns = [m for m in snn.circuit if isinstance(m, SYNAPSES)]
+    if len(syns) != len(lambdas) + 1:
+        raise SpecError("calibrate_conversion: expected one population after every hidden synapse")
+    base = [(s.weight.detach().clone(), None if s.bias is None else s.bias.detach().clone())
+            for s in syns]
+    prev = [1.0] + lambdas
+
+    def set_gain(g):
+        for k, (s, (w, b)) in enumerate(zip(syns, base)):
+            last = k == len(syns) - 1
+            scale = prev[k] if last else g * prev[k] / lambdas[k]
+            s.weight.copy_(w * scale)
+            if b is not None:
+                s.bias.copy_(b if last else b * (g / lambdas[k]))
+
+    best = (-1.0, gains[0])
+    was = snn.training
+    snn.eval()
+    for g in gains:
+        set_gain(g)
+        acc = float((snn(x).argmax(1) == y).float().mean())
+        if acc > best[0]:
+            best = (acc, g)
+    set_gain(best[1])
+    snn.train(was)
+    return {"lambdas": lambdas, "gain": best[1], "accuracy": best[0]}
