@@ -9,3 +9,7 @@ from .populations import RateParameters, RatePopulation, RateState, rate_step
 from .synapses import Conv2d, Dense, Synapse
 
 __version__ = "0.1.0"
+
+from . import constraints
+from .constraints import (Dale, SparseMask, apply_circuit_constraints, attach, constrain,
+                          dale_signs, enforce, random_mask)

@@ -267,6 +267,7 @@ def summary(results: list[dict]) -> list[dict]:
                 "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
                 "population": a["attrs"].get("population", ""),
                 "convert_from": a["attrs"].get("convert_from", ""),
+                "learning": a["attrs"].get("learning", "backprop"),
                 **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
                 "done": len(a["attrs"].get("done_seeds", [])),
             }
@@ -297,7 +298,11 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
              _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)]
         if stats:
             pop = r.get("population", "")
-            b[1:1] = [f"{pop} (from {r['convert_from']})" if r.get("convert_from") else pop]
+            if r.get("convert_from"):
+                pop = f"{pop} (from {r['convert_from']})"
+            elif r.get("learning") == "online":
+                pop = f"{pop}, online"
+            b[1:1] = [pop]
             ops = np.asarray(r.get("synaptic_ops", [np.nan]), dtype=float)
             b += [_pm(r.get("firing_rate", [np.nan]), 1, 3),
                   f"{np.nanmean(ops):.3g}" if np.any(~np.isnan(ops)) else "-",

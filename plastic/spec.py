@@ -81,7 +81,9 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
 }
 
 ARM_KEYS = {"feedback": ANY, "feedback_options": dict, "lr": NUM, "weight_decay": NUM,
-            "output": str, "description": str, "population": str, "convert_from": str}
+            "output": str, "description": str, "population": str, "convert_from": str,
+            "learning": str}
+LEARNING = ("backprop", "online")  # how a spiking arm's error reaches its synapses in time
 
 CIRCUIT_SCHEMA: dict[str, Any] = {
     "name": (str, ""),
@@ -99,6 +101,9 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "excitatory": (NUM, 0.0),     # Dale's law: fraction of excitatory neurons (0: unconstrained)
     "connectivity": (NUM, 1.0),   # density of a fixed random sparse connectivity mask
     "delay": (int, 0),            # synaptic delay, whole steps, of every synapse after the first
+    # parameters of spiking populations (fields of plastic.spiking's parameter tuples, e.g.
+    # alpha (surrogate sharpness), tau_mem_inv, v_th); rate populations ignore it
+    "population_params": (dict, {}),
 }
 CIRCUIT_KINDS = ("mlp", "convnet", "resnet18", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -256,7 +261,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
              "feedback_options": arm.get("feedback_options", {}),
              "description": arm.get("description", ""),
              "population": arm.get("population", ""),
-             "convert_from": arm.get("convert_from", "")}
+             "convert_from": arm.get("convert_from", ""),
+             "learning": arm.get("learning", "backprop")}
+        if a["learning"] not in LEARNING:
+            raise SpecError(f"arms.{name}.learning must be one of {', '.join(LEARNING)}, "
+                            f"got {a['learning']!r}")
         if a["convert_from"]:
             if a["convert_from"] not in arms:
                 raise SpecError(f"arms.{name}.convert_from names unknown arm {a['convert_from']!r}")

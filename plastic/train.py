@@ -19,7 +19,7 @@ from .learned import sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
 from .simulator import TimeStepped, calibrate_conversion, inference_stats, spiking_version
-from .spiking import SPIKING_KINDS
+from .spiking import SPIKING_KINDS, LIFPopulation
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
 
@@ -60,6 +60,17 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     else:
         raise SpecError(f"unknown circuit kind {kind!r}")
     if spiking:
+        params = circuit.get("population_params") or {}
+        for m in model.modules():
+            if isinstance(m, LIFPopulation) and params:
+                unknown = sorted(set(params) - set(m.p._fields))
+                if unknown:
+                    raise SpecError(f"circuit.population_params: {unknown} are not parameters of "
+                                    f"{m.kind!r} populations ({', '.join(m.p._fields)})")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in params.values()):
+                    raise SpecError(f"circuit.population_params must be numbers, got {params}")
+                m.p = m.p._replace(**{k: torch.as_tensor(float(v)) for k, v in params.items()})
         t = time or {"steps": 25, "dt": 1e-3, "encoder": "constant"}
         delay = circuit.get("delay", 0)
         names = [str(i) for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -210,6 +221,11 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     if getattr(model, "_constraints", None):
         from .constraints import attach
         attach(opt, model)
+    online = arm.get("learning") == "online"
+    if online and not isinstance(model, TimeStepped):
+        raise SpecError(f"arm {arm_name!r}: learning = \"online\" needs a spiking population")
+    if online:
+        from .eligibility import online_step
     steps = math.ceil(len(ds.train_x) / spec["batch_size"])
     sched = _schedule(spec, opt, steps, arm["lr"])
     loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=spec["loss"]["label_smoothing"])
@@ -218,6 +234,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     rec_x = ds.normalize(ds.test_x[:spec["record"]["samples"]]).to(device)
     writer.arm_group(arm_name, {"feedback": arm["feedback"], "lr": arm["lr"],
                                 "population": arm.get("population") or spec["circuit"]["population"],
+                                "learning": arm.get("learning", "backprop"),
                                 "feedback_options": arm.get("feedback_options", {}),
                                 "weight_decay": arm["weight_decay"],
                                 "synapses": [n for n, _ in synapses(model)]})
@@ -268,8 +285,12 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                                shift=spec["augment"]["shift"], flip=spec["augment"]["flip"]):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
+            if online:  # eligibility traces, step by step; no graph through time
+                with torch.no_grad():
+                    loss = loss_fn(online_step(model, x, y), y)
+            else:
+                loss = loss_fn(model(x), y)
+                loss.backward()
             opt.step()
             step += 1
             if sleepers and step % sleep["every"] == 0:

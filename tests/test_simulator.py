@@ -218,3 +218,58 @@ def test_protocol_rate_spiking_and_converted_arms(tmp_path):
     assert rec[1]["weights/circuit.1"].shape == (64, 784)
     with pytest.raises(SpecError, match="earlier arm"):
         resolve_protocol({"arms": {"c": {"convert_from": "r"}, "r": {}}})
+
+
+def test_constraints_and_delays_survive_training_a_spiking_circuit(tmp_path):
+    """A spiking circuit with Dale's law (80 % excitatory), 30 % connectivity and a 2-step delay,
+    trained by BPTT and by online e-prop: after training every synapse out of an excitatory
+    neuron is >= 0 and out of an inhibitory one <= 0, absent synapses are still exactly zero,
+    and the delayed synapse still delivers its spikes 2 steps late."""
+    from plastic.train import _model, run_protocol
+    raw = {"data": "mnist-sample", "train_limit": 1024, "test_limit": 200, "epochs": 1,
+           "batch_size": 64, "probe_size": 64, "time": {"steps": 10},
+           "circuit": {"kind": "mlp", "hidden": [64, 32], "population": "lif",
+                       "excitatory": 0.8, "connectivity": 0.3, "delay": 2},
+           "arms": {"bptt": {"feedback": "fa", "lr": 0.2},
+                    "eprop": {"feedback": "fa", "learning": "online", "lr": 0.2}}}
+    spec = resolve_protocol(raw)
+    with pytest.raises(SpecError, match="delays"):  # e-prop with delays is not supported yet
+        run_protocol(spec, tmp_path / "e", arms=["eprop"], progress=False)
+    spec = resolve_protocol({**raw, "circuit": {**raw["circuit"], "delay": 0}})
+    run_protocol(spec, tmp_path / "e2", arms=["eprop"], progress=False)
+    spec_d = resolve_protocol(raw)
+    run_protocol(spec_d, tmp_path / "b", arms=["bptt"], progress=False)
+    from plastic import data
+    ds = data.load("mnist-sample", 1024, 200)
+    for s, out, arm in ((spec_d, tmp_path / "b", "bptt"), (spec, tmp_path / "e2", "eprop")):
+        net = _model(s, s["arms"][arm], 0, ds)
+        init = {n: syn.weight.detach().clone() for n, syn in plastic.synapses(net)}
+        net.load_state_dict(torch.load(out / "weights" / f"{arm}-seed0.pt"))
+        syns = list(plastic.synapses(net))
+        moved = 0.0
+        for k, (name, syn) in enumerate(syns):
+            mask = syn.constraints[-1].mask
+            assert torch.equal(syn.weight.detach() != 0, (syn.weight.detach() != 0) & mask)
+            assert abs(mask.float().mean().item() - 0.3) < 0.02
+            if k > 0:
+                signs = syn.constraints[0].signs
+                w = syn.weight.detach() * signs.view(1, -1)
+                assert (w >= 0).all(), name
+            moved += float((syn.weight.detach() - init[name]).abs().sum())
+        assert moved > 0
+    net = _model(spec_d, spec_d["arms"]["bptt"], 0, ds)
+    net.load_state_dict(torch.load(tmp_path / "b" / "weights" / "bptt-seed0.pt"))
+    assert net.delays == {"3": 2, "5": 2}
+    x = ds.normalize(ds.test_x[:16])
+    with torch.no_grad():
+        # a tonic current (bias) is not delayed: the shift is exact without it; the trained
+        # circuit, 1 epoch on 1024 digits, is quiet, so drive it harder to see the delay
+        net.circuit[3].bias.zero_()
+        net.circuit[1].weight.mul_(3)
+        net.circuit[3].weight.mul_(10)
+        _, late = net.run(x, record=("spikes",))
+        net.delays = {"5": 2}
+        _, early = net.run(x, record=("spikes",))
+    assert early.spikes["circuit.4"].sum() > 0
+    assert late.spikes["circuit.4"][:2].sum() == 0
+    assert torch.equal(late.spikes["circuit.4"][2:], early.spikes["circuit.4"][:-2])

@@ -1,0 +1,409 @@
+"""Biological constraints on forward synapses: Dale's law and fixed sparse connectivity.
+
+A constraint is a small ``nn.Module`` attached to a synapse with ``constrain(synapse, ...)``; it
+lives in the synapse's ``constraints`` ModuleList, so it shows in the synapse's repr, its tensors
+(the signs, the mask) are buffers that follow ``.to(device/dtype)`` and are saved in the
+``state_dict``.  Every constraint is a projection onto a closed set of weights: it is applied once
+when attached, and after every optimizer step by ``enforce(model)`` (projected gradient descent);
+``attach(optimizer, model)`` registers that as an optimizer step post-hook, with a step pre-hook
+that first masks the gradients of absent synapses so that no optimizer state (momentum, Adam's
+moments) builds up on them.
+
+Only the forward weight W is constrained; the feedback synapse is a separate object.  Derived
+feedback (``transpose``, ``usf``, ``frsf``) reads the constrained W, fixed random feedback (``fa``,
+``dfa``) does not depend on W, and learned feedback by a rule (``information``, ``mirror``, ...)
+learns from the synapse's local signals.  The one exception is Kolen-Pollack, whose B is defined
+to receive W's update: W's update is now the *projected* one, so B gets the same gradient mask and
+the same projection (it is in W's layout).  Projections onto a convex set are non-expansive, so
+||B - W|| still decays under weight decay; left alone, B would integrate the gradient of synapses
+that cannot move (absent ones, ones held at zero by Dale's law) and diverge.  The bias is not a
+synapse from a pre neuron and is never constrained.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .convert import _seed_for, synapses
+from .errors import SpecError
+from .learned import KolenPollack
+from .synapses import Conv2d, Dense, Synapse
+
+__all__ = ["Constraint", "Dale", "SparseMask", "dale_signs", "random_mask", "constrain",
+           "constraints_of", "enforce", "mask_gradients", "attach", "Attachment",
+           "apply_circuit_constraints", "n_pre", "constrained_weights"]
+
+
+def _label(synapse: Synapse) -> str:
+    return repr(synapse.name) if getattr(synapse, "name", "") else type(synapse).__name__
+
+
+def n_pre(synapse: Synapse) -> int:
+    """The number of neurons of a synapse's pre population as Dale's law counts them: the input
+    features of a dense synapse, the input channels of a conv synapse."""
+    if isinstance(synapse, Dense):
+        return synapse.in_features
+    if isinstance(synapse, Conv2d):
+        return synapse.in_channels
+    raise SpecError(f"constraints apply to Dense and Conv2d synapses, not {type(synapse).__name__}")
+
+
+def constrained_weights(synapse: Synapse) -> list[torch.Tensor]:
+    """The weights a synapse's constraints act on: W, and a Kolen-Pollack feedback weight B
+    (which receives W's update, so it gets W's constraints too; see the module docstring)."""
+    ws = [synapse.weight]
+    fb = getattr(synapse, "feedback", None)
+    if isinstance(fb, KolenPollack) and fb.weight.shape == synapse.weight.shape:
+        ws.append(fb.weight)
+    return ws
+
+
+class Constraint(nn.Module):
+    """Base class: a projection of a synapse's weight onto a closed set, in place.  Subclasses
+    implement ``project_weight_(synapse, w)`` (and optionally ``initialize_weight_`` and
+    ``mask_grad_weight_``) for one weight tensor ``w`` in the synapse's forward layout."""
+
+    def bind(self, synapse: Synapse) -> None:
+        """Validate against ``synapse`` (raise ``SpecError``) and move buffers to its device."""
+
+    @torch.no_grad()
+    def initialize_(self, synapse: Synapse) -> None:
+        """Make the synapse's current weights satisfy the constraint (when attached)."""
+        for w in constrained_weights(synapse):
+            self.initialize_weight_(synapse, w)
+
+    @torch.no_grad()
+    def project_(self, synapse: Synapse) -> None:
+        """Project the synapse's weights back onto the constraint set, in place."""
+        for w in constrained_weights(synapse):
+            self.project_weight_(synapse, w)
+
+    @torch.no_grad()
+    def mask_grad_(self, synapse: Synapse) -> None:
+        """Remove the parts of the weights' ``.grad`` the constraint forbids."""
+        for w in constrained_weights(synapse):
+            if w.grad is not None:
+                self.mask_grad_weight_(synapse, w.grad)
+
+    def initialize_weight_(self, synapse: Synapse, w: torch.Tensor) -> None:
+        self.project_weight_(synapse, w)
+
+    def project_weight_(self, synapse: Synapse, w: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def mask_grad_weight_(self, synapse: Synapse, grad: torch.Tensor) -> None:
+        """Default: the gradient is left alone (the projection after the step suffices)."""
+
+    def summary(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------- Dale
+
+
+def dale_signs(n: int, excitatory: float = 0.8, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+    """±1 signs of ``n`` neurons, ``round(excitatory * n)`` of them excitatory (+1), the rest
+    inhibitory (-1).  Without a generator the excitatory neurons are the first ones (a contiguous
+    E block then an I block, the layout of Song, Yang & Wang 2016): the signs then depend on
+    ``n`` only, so synapses reading the same population get the same signs, as Dale's law needs.
+    With a generator, which neurons are excitatory is a random permutation of that (still exactly
+    ``round(excitatory * n)`` excitatory).  An 80/20 split is the usual cortical ratio."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SpecError(f"dale_signs: n must be a positive integer, got {n!r}")
+    if not isinstance(excitatory, (int, float)) or isinstance(excitatory, bool) \
+            or not 0.0 <= excitatory <= 1.0:
+        raise SpecError(f"dale_signs: the excitatory fraction must be in [0, 1], "
+                        f"got {excitatory!r}")
+    n_exc = int(math.floor(excitatory * n + 0.5))
+    signs = torch.full((n,), -1.0)
+    if generator is None:
+        signs[:n_exc] = 1.0
+    else:
+        signs[torch.randperm(n, generator=generator)[:n_exc]] = 1.0
+    return signs
+
+
+class Dale(Constraint):
+    """Dale's law: every synapse out of a neuron has that neuron's sign, excitatory (+1, W >= 0) or
+    inhibitory (-1, W <= 0), forever.  ``signs`` (±1, or bool with True = excitatory) runs over
+    the pre population: ``in_features`` of a dense synapse, ``in_channels`` of a conv synapse.
+
+    When attached the weights are made sign-consistent, W <- s |W| (the initialisation of
+    excitatory-inhibitory networks in Song, Yang & Wang 2016, PLoS Comput. Biol. 12:e1004792,
+    "Training excitatory-inhibitory recurrent neural networks for cognitive tasks"); after every
+    optimizer step they are projected back, W <- s relu(s W): a synapse whose update would carry
+    it across zero stays at zero (projected gradient descent; cf. Cornford et al. 2021, ICLR,
+    "Learning to live with Dale's principle")."""
+
+    def __init__(self, signs):
+        super().__init__()
+        s = torch.as_tensor(signs)
+        if s.dim() != 1 or s.numel() == 0:
+            raise SpecError(f"Dale: signs must be a non-empty 1-D tensor over the pre neurons, "
+                            f"got shape {tuple(s.shape)}")
+        if s.dtype == torch.bool:
+            s = torch.where(s, 1.0, -1.0)
+        s = s.detach().to(torch.float32)
+        if not bool(((s == 1) | (s == -1)).all()):
+            bad = s[(s != 1) & (s != -1)].unique()[:5].tolist()
+            raise SpecError(f"Dale: signs must be +1 (excitatory) or -1 (inhibitory), got {bad}")
+        self.register_buffer("signs", s)
+
+    @property
+    def n_excitatory(self) -> int:
+        return int((self.signs > 0).sum())
+
+    def bind(self, synapse):
+        n = n_pre(synapse)
+        what = "in_features" if isinstance(synapse, Dense) else "in_channels"
+        if self.signs.numel() != n:
+            raise SpecError(f"Dale on synapse {_label(synapse)}: {self.signs.numel()} signs given "
+                            f"but the pre population has {n} neurons ({what})")
+        self.signs = self.signs.to(device=synapse.weight.device)
+
+    def weight_signs(self, synapse: Synapse, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The signs broadcast against the synapse's weight (grouped convs map each output
+        channel's local input channels to their pre neurons)."""
+        w = synapse.weight if w is None else w
+        s = self.signs.to(device=w.device, dtype=w.dtype)
+        if isinstance(synapse, Dense):
+            return s.view(1, -1)
+        g = synapse.groups
+        if g == 1:
+            return s.view(1, -1, 1, 1)
+        out, ipg = w.shape[:2]
+        group = torch.arange(out, device=w.device) // (out // g)
+        idx = group.unsqueeze(1) * ipg + torch.arange(ipg, device=w.device)
+        return s[idx].view(out, ipg, 1, 1)
+
+    def initialize_weight_(self, synapse, w):
+        w.abs_().mul_(self.weight_signs(synapse, w))  # W <- s |W|
+
+    def project_weight_(self, synapse, w):
+        w.masked_fill_(w * self.weight_signs(synapse, w) < 0, 0)  # = s relu(s W)
+
+    def summary(self):
+        n = self.signs.numel()
+        return {"n_pre": n, "excitatory": self.n_excitatory, "inhibitory": n - self.n_excitatory}
+
+    def extra_repr(self):
+        n, e = self.signs.numel(), self.n_excitatory
+        return f"n={n}, excitatory={e}, inhibitory={n - e}"
+
+
+# ----------------------------------------------------------------------------------- sparsity
+
+
+def random_mask(shape, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bool connectivity mask of ``shape`` (a weight's shape, ``(out, ...)``) with a fixed
+    in-degree: every post neuron (row ``out``) receives exactly ``k = max(1, round(density *
+    fan_in))`` of its ``fan_in = prod(shape[1:])`` possible synapses, chosen uniformly at random
+    (a fixed-in-degree random graph, as in Brunel 2000, J. Comput. Neurosci. 8:183).  The
+    realised density is ``k / fan_in`` (exactly ``density`` when that is a whole number of
+    synapses); no post neuron is left without input.  Drawn on the CPU from ``generator``."""
+    try:
+        shape = tuple(int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise SpecError(f"random_mask: shape must be a sequence of integers, "
+                        f"got {shape!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise SpecError(f"random_mask: shape must be a weight shape (out, in, ...), got {shape}")
+    _check_density(density, "random_mask")
+    rows, fan_in = shape[0], math.prod(shape[1:])
+    k = max(1, int(math.floor(density * fan_in + 0.5)))
+    scores = torch.rand(rows, fan_in, generator=generator)
+    mask = torch.zeros(rows, fan_in, dtype=torch.bool)
+    mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+    return mask.view(shape)
+
+
+def _check_density(density, what):
+    if not isinstance(density, (int, float)) or isinstance(density, bool) \
+            or not (0.0 < density <= 1.0):
+        raise SpecError(f"{what}: density (connectivity) must be in (0, 1], got {density!r}")
+
+
+class SparseMask(Constraint):
+    """Fixed sparse connectivity: synapses outside ``mask`` (a bool or 0/1 tensor of the weight's
+    shape) do not exist.  They are zeroed when attached, their gradient is masked before every
+    optimizer step (so momentum and Adam's moments never move them) and they are zeroed again
+    after it (in case of weight decay or anything else), so they stay exactly zero."""
+
+    def __init__(self, mask):
+        super().__init__()
+        m = torch.as_tensor(mask).detach()
+        if m.dtype != torch.bool:
+            if not bool(((m == 0) | (m == 1)).all()):
+                raise SpecError("SparseMask: the mask must be bool or hold only 0 and 1")
+            m = m != 0
+        if m.dim() < 2:
+            raise SpecError(f"SparseMask: the mask must have a weight's shape (out, in, ...), "
+                            f"got shape {tuple(m.shape)}")
+        if not bool(m.any()):
+            raise SpecError("SparseMask: the mask has no connections (density 0); "
+                            "density must be in (0, 1]")
+        self.register_buffer("mask", m.clone())
+
+    @property
+    def density(self) -> float:
+        """The fraction of synapses present."""
+        return float(self.mask.sum()) / self.mask.numel()
+
+    def bind(self, synapse):
+        n_pre(synapse)  # type check
+        if tuple(self.mask.shape) != tuple(synapse.weight.shape):
+            raise SpecError(f"SparseMask on synapse {_label(synapse)}: mask shape "
+                            f"{tuple(self.mask.shape)} does not match the weight's shape "
+                            f"{tuple(synapse.weight.shape)}")
+        self.mask = self.mask.to(device=synapse.weight.device)
+
+    def project_weight_(self, synapse, w):
+        w.masked_fill_(~self.mask.to(w.device), 0)
+
+    def mask_grad_weight_(self, synapse, grad):
+        grad.masked_fill_(~self.mask.to(grad.device), 0)
+
+    def summary(self):
+        return {"density": self.density}
+
+    def extra_repr(self):
+        return f"shape={tuple(self.mask.shape)}, density={self.density:.4g}"
+
+
+# ----------------------------------------------------------------------------------------- API
+
+
+def constraints_of(synapse: nn.Module) -> list[Constraint]:
+    """The constraints attached to a synapse (empty if none)."""
+    cs = synapse._modules.get("constraints") if isinstance(synapse, nn.Module) else None
+    return list(cs) if cs is not None else []
+
+
+def constrain(synapse: Synapse, *constraints: Constraint) -> Synapse:
+    """Attach ``constraints`` to a Dense or Conv2d synapse (appended to its ``constraints``
+    ModuleList) and make its weights satisfy them now.  Returns the synapse."""
+    if not isinstance(synapse, (Dense, Conv2d)):
+        raise SpecError(f"constrain: needs a plastic Dense or Conv2d synapse (use plastic.convert "
+                        f"first), got {type(synapse).__name__}")
+    existing = constraints_of(synapse)
+    for c in constraints:
+        if not isinstance(c, Constraint):
+            raise SpecError(f"constrain: {c!r} is not a Constraint (Dale, SparseMask)")
+        if isinstance(c, Dale) and any(isinstance(e, Dale) for e in existing):
+            raise SpecError(f"constrain: synapse {_label(synapse)} already obeys Dale's law; "
+                            "a neuron has one sign")
+        c.bind(synapse)
+        existing.append(c)
+    if "constraints" not in synapse._modules:
+        synapse.constraints = nn.ModuleList()
+    for c in constraints:
+        synapse.constraints.append(c)
+        c.initialize_(synapse)
+    return synapse
+
+
+def _constrained(model: nn.Module):
+    for _, syn in synapses(model):
+        cs = constraints_of(syn)
+        if cs:
+            yield syn, cs
+
+
+@torch.no_grad()
+def enforce(model: nn.Module) -> int:
+    """Project every constrained synapse of ``model`` (a circuit or one synapse) back onto its
+    constraints, in place.  Returns the number of synapses projected."""
+    n = 0
+    for syn, cs in _constrained(model):
+        for c in cs:
+            c.project_(syn)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module) -> int:
+    """Zero the gradient of every absent synapse (``SparseMask``) of ``model``, in place."""
+    n = 0
+    for syn, cs in _constrained(model):
+        for c in cs:
+            c.mask_grad_(syn)
+        n += 1
+    return n
+
+
+class Attachment:
+    """The optimizer hooks registered by ``attach``; ``remove()`` unregisters them."""
+
+    def __init__(self, handles):
+        self.handles = list(handles)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> Attachment:
+    """Keep ``model``'s constraints through training with ``optimizer``: a step pre-hook masks the
+    gradients (``mask_gradients``), a step post-hook projects the weights (``enforce``).  The
+    synapses are looked up at every step, so constraints attached later are kept too.  Gradient
+    clipping, if any, runs before ``step`` and so still sees the unmasked gradients."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SpecError(f"attach: needs a torch optimizer, got {type(optimizer).__name__}")
+    enforce(model)
+
+    def before_step(opt, args, kwargs):
+        mask_gradients(model)
+
+    def after_step(opt, args, kwargs):
+        enforce(model)
+
+    return Attachment([optimizer.register_step_pre_hook(before_step),
+                       optimizer.register_step_post_hook(after_step)])
+
+
+def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
+                              connectivity: float | None, seed: int = 0) -> dict[str, dict]:
+    """The circuit spec's constraints on a converted circuit.
+
+    excitatory: Dale's law with this fraction of excitatory neurons on every synapse except the
+        first (which reads the raw input, not neurons); signs from ``dale_signs(n, excitatory)``,
+        the first neurons excitatory, so synapses reading the same population agree.
+    connectivity: a fixed random sparse mask of this density (``random_mask``) on every synapse,
+        the first included; drawn from a generator seeded by ``seed`` and the synapse's name, so
+        the same circuit gets the same masks.  ``1.0`` (like ``None``) adds no mask.
+
+    Returns ``{name: {"n_pre", "excitatory" (None if unconstrained), "density"}}``."""
+    syns = list(synapses(model))
+    if not syns:
+        raise SpecError("apply_circuit_constraints: the circuit has no plastic synapse "
+                        "(use plastic.convert first)")
+    if excitatory is not None and (isinstance(excitatory, bool)
+                                   or not isinstance(excitatory, (int, float))
+                                   or not 0.0 <= excitatory <= 1.0):
+        raise SpecError(f"excitatory fraction must be in [0, 1], got {excitatory!r}")
+    if connectivity is not None:
+        _check_density(connectivity, "connectivity")
+    summary = {}
+    for i, (name, syn) in enumerate(syns):
+        cs = []
+        if excitatory is not None and i > 0:
+            cs.append(Dale(dale_signs(n_pre(syn), float(excitatory))))
+        if connectivity is not None and connectivity < 1.0:
+            g = torch.Generator().manual_seed(_seed_for(seed, "connectivity:" + name))
+            cs.append(SparseMask(random_mask(syn.weight.shape, float(connectivity), g)))
+        if cs:
+            constrain(syn, *cs)
+        row = {"n_pre": n_pre(syn), "excitatory": None, "density": 1.0}
+        for c in cs:
+            s = c.summary()
+            if "excitatory" in s:
+                row["excitatory"] = s["excitatory"]
+            if "density" in s:
+                row["density"] = s["density"]
+        summary[name] = row
+    return summary

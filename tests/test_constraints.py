@@ -1,0 +1,312 @@
+"""Dale's law and sparse connectivity hold through training, for dense and conv synapses, and
+with every kind of feedback synapse; learning is not frozen by them."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plastic
+from plastic.constraints import (Dale, SparseMask, apply_circuit_constraints, attach, constrain,
+                                 constraints_of, dale_signs, enforce, random_mask)
+from plastic.errors import SpecError
+from plastic.populations import RatePopulation
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These circuits are tiny: one thread is many times faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _task(n=512, k=10, seed=0):
+    """Ten separable Gaussian clusters in 64 dimensions, shown as 1x8x8 images."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, 64, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = means[y] + 0.7 * torch.randn(n, 64, generator=g)
+    return x.view(n, 1, 8, 8), y
+
+
+def _mlp(feedback="fa"):
+    torch.manual_seed(0)
+    return plastic.convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), RatePopulation("relu"),
+                                         nn.Linear(32, 10)), feedback=feedback)
+
+
+def _convnet(feedback="fa"):
+    torch.manual_seed(0)
+    return plastic.convert(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), RatePopulation("relu"),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2), RatePopulation("relu"),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10)), feedback=feedback)
+
+
+def _train(model, steps=120, lr=0.05, opt="sgd"):
+    """Train with momentum and weight decay; (loss before, loss after, optimizer)."""
+    x, y = _task()
+    if opt == "sgd":
+        optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+    else:
+        optim = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    attach(optim, model)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y).item()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (32,), generator=g)
+        optim.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        optim.step()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y).item()
+    return before, after, optim
+
+
+def _dale_everywhere(model, generator=None):
+    for _, syn in plastic.synapses(model):
+        n = syn.in_features if isinstance(syn, plastic.Dense) else syn.in_channels
+        constrain(syn, Dale(dale_signs(n, 0.75, generator)))
+
+
+def _pre_signs(syn, dale):
+    """The sign of every weight's pre neuron, built element by element (independently of
+    Dale.weight_signs), in the weight's shape."""
+    w = syn.weight
+    s = torch.empty(w.shape[:2])
+    for o in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            if isinstance(syn, plastic.Dense):
+                pre = j
+            else:
+                per_group_out = syn.out_channels // syn.groups
+                pre = (o // per_group_out) * (syn.in_channels // syn.groups) + j
+            s[o, j] = dale.signs[pre]
+    return s.view(*s.shape, *([1] * (w.dim() - 2))).expand_as(w)
+
+
+def _assert_dale(w, signs):
+    assert (w[signs > 0] >= 0).all()
+    assert (w[signs < 0] <= 0).all()
+
+
+@pytest.mark.parametrize("arch,feedback", [("mlp", "fa"), ("mlp", "transpose"),
+                                           ("mlp", "kolen-pollack"), ("conv", "fa"),
+                                           ("conv", "kolen-pollack")])
+def test_dale_signs_hold_after_training_and_loss_falls(arch, feedback):
+    model = (_mlp if arch == "mlp" else _convnet)(feedback)
+    _dale_everywhere(model, torch.Generator().manual_seed(3))  # random E/I placement
+    before, after, _ = _train(model)
+    assert after < 0.4 * before, (before, after)
+    for name, syn in plastic.synapses(model):
+        (dale,) = constraints_of(syn)
+        signs = _pre_signs(syn, dale)
+        _assert_dale(syn.weight.detach(), signs)
+        assert 0 < dale.n_excitatory <= dale.signs.numel()
+        if feedback == "kolen-pollack":  # B receives W's (projected) update, so obeys it too
+            b = syn.feedback.weight.detach()
+            assert torch.isfinite(b).all()
+            _assert_dale(b, signs)
+
+
+def test_learning_moves_weights_under_dale():
+    model = _mlp("fa")
+    _dale_everywhere(model)
+    w0 = {n: s.weight.detach().clone() for n, s in plastic.synapses(model)}
+    before, after, _ = _train(model)
+    assert after < 0.4 * before
+    for name, syn in plastic.synapses(model):
+        w = syn.weight.detach()
+        (dale,) = constraints_of(syn)
+        change = (w - w0[name]).norm() / w0[name].norm()
+        assert change > 0.1, (name, float(change))
+        # many synapses stay alive, out of excitatory and of inhibitory neurons alike
+        # (here 52-79 %; the readout's excitatory ones are the most often held at zero)
+        exc, inh = dale.signs > 0, dale.signs < 0
+        assert (w[:, exc] > 0).float().mean() > 0.3, name
+        assert (w[:, inh] < 0).float().mean() > 0.3, name
+        # and some were held at zero: the projection did act
+        assert (w == 0).any(), name
+
+
+def test_dale_attach_makes_weights_sign_consistent():
+    torch.manual_seed(0)
+    syn = plastic.Dense(6, 3)
+    w0 = syn.weight.detach().clone()
+    signs = torch.tensor([1, 1, 1, 1, -1, -1])
+    constrain(syn, Dale(signs))
+    assert torch.equal(syn.weight.detach(), signs.float() * w0.abs())
+    with torch.no_grad():
+        syn.weight[0, 0] = -0.5  # excitatory, wrong sign
+        syn.weight[1, 5] = 0.25  # inhibitory, wrong sign
+    enforce(syn)
+    assert syn.weight[0, 0] == 0 and syn.weight[1, 5] == 0
+    assert dale_signs(10, 0.8).tolist() == [1.0] * 8 + [-1.0] * 2
+    r = dale_signs(10, 0.8, torch.Generator().manual_seed(0))
+    assert int((r > 0).sum()) == 8 and torch.equal(
+        r, dale_signs(10, 0.8, torch.Generator().manual_seed(0)))
+    assert torch.equal(Dale(torch.tensor([True, False])).signs, torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("arch,feedback,opt", [("mlp", "fa", "sgd"),
+                                               ("mlp", "kolen-pollack", "sgd"),
+                                               ("mlp", "transpose", "adam"), ("conv", "fa", "sgd")])
+def test_sparse_zero_pattern_unchanged_after_training(arch, feedback, opt):
+    model = (_mlp if arch == "mlp" else _convnet)(feedback)
+    masks = {}
+    for i, (name, syn) in enumerate(plastic.synapses(model)):
+        m = random_mask(syn.weight.shape, 0.5, torch.Generator().manual_seed(i))
+        constrain(syn, SparseMask(m))
+        masks[name] = m
+        assert (syn.weight.detach() != 0).eq(m).all()  # zero at attach
+    before, after, optim = _train(model, opt=opt)
+    assert after < 0.4 * before, (before, after)
+    for name, syn in plastic.synapses(model):
+        m = masks[name]
+        (sm,) = constraints_of(syn)
+        fan_in = m[0].numel()  # k = round(0.5 fan_in) synapses per post neuron
+        assert sm.density == int(fan_in * 0.5 + 0.5) / fan_in  # 0.5, or 5/9 for a 1x3x3 kernel
+        assert abs(sm.density - 0.5) <= 0.5 / fan_in + 1e-12
+        w = syn.weight.detach()
+        assert torch.equal(w != 0, m), name  # the exact zero pattern
+        # the gradient was masked before each step: no optimizer state on absent synapses
+        state = optim.state[syn.weight]
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if key in state:
+                assert (state[key][~m] == 0).all(), (name, key)
+        if feedback == "kolen-pollack":
+            b = syn.feedback.weight.detach()
+            assert torch.isfinite(b).all() and (b[~m] == 0).all()
+
+
+def test_random_mask_density_and_fixed_in_degree():
+    m = random_mask((32, 64), 0.25, torch.Generator().manual_seed(0))
+    assert m.dtype == torch.bool and m.shape == (32, 64)
+    assert (m.sum(1) == 16).all() and SparseMask(m).density == 0.25
+    c = random_mask((8, 4, 3, 3), 0.1, torch.Generator().manual_seed(0))  # 36 inputs: 4 each
+    assert (c.view(8, -1).sum(1) == 4).all()
+    assert torch.equal(m, random_mask((32, 64), 0.25, torch.Generator().manual_seed(0)))
+    assert not torch.equal(m, random_mask((32, 64), 0.25, torch.Generator().manual_seed(1)))
+    assert random_mask((3, 5), 1.0).all()
+
+
+def test_state_dict_round_trip_keeps_constraint_buffers():
+    a = _mlp("fa")
+    apply_circuit_constraints(a, 0.8, 0.5, seed=1)
+    _train(a, steps=5)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    sd = torch.load(io.BytesIO(buf.getvalue()))
+    keys = [k for k in sd if ".constraints." in k]
+    assert sorted(keys) == ["1.constraints.0.mask", "3.constraints.0.signs",
+                            "3.constraints.1.mask"]
+
+    b = _mlp("fa")
+    apply_circuit_constraints(b, 0.5, 0.25, seed=2)  # other signs, other masks
+    b.load_state_dict(sd)
+    for (_, sa), (_, sb) in zip(plastic.synapses(a), plastic.synapses(b)):
+        for ca, cb in zip(constraints_of(sa), constraints_of(sb)):
+            for (na, ta), (nb, tb) in zip(ca.named_buffers(), cb.named_buffers()):
+                assert na == nb and torch.equal(ta, tb)
+        assert torch.equal(sa.weight, sb.weight)
+    assert constraints_of(b[3])[1].density == 0.5 and constraints_of(b[3])[0].n_excitatory == 26
+    x, _ = _task(8)
+    assert torch.equal(a(x), b(x))
+    # an unconstrained circuit does not silently drop them
+    with pytest.raises(RuntimeError, match="constraints"):
+        _mlp("fa").load_state_dict(sd)
+
+
+def test_buffers_follow_dtype_and_repr_shows_constraints():
+    model = _mlp("transpose")
+    apply_circuit_constraints(model, 0.8, 0.5, seed=0)
+    text = repr(model)
+    assert "Dale(n=32, excitatory=26, inhibitory=6)" in text
+    assert "SparseMask(shape=(32, 64), density=0.5)" in text
+    model = model.double()
+    dale, mask = constraints_of(model[3])
+    assert dale.signs.dtype == torch.float64 and mask.mask.dtype == torch.bool
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(opt, model)
+    x, y = _task(16)
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.step()
+    w = model[3].weight.detach()
+    assert (w[:, :26] >= 0).all() and (w[:, 26:] <= 0).all() and (w[~mask.mask] == 0).all()
+
+
+def test_attach_handle_removes_hooks():
+    model = _mlp("fa")
+    constrain(model[3], Dale(dale_signs(32, 0.5)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(opt, model)
+    handle.remove()
+    with torch.no_grad():
+        model[3].weight[0, 0] = -1.0  # excitatory pre neuron
+    opt.step()  # no gradients: only the (removed) hook could have changed it
+    assert model[3].weight[0, 0] == -1.0
+    assert enforce(model) == 1 and model[3].weight[0, 0] == 0
+
+
+def test_apply_circuit_constraints_summary_and_determinism():
+    model = _convnet("fa")
+    summary = apply_circuit_constraints(model, 0.8, 0.5, seed=7)
+    assert summary == {
+        # reads the raw input: no Dale; 9 possible inputs per post neuron, round(4.5) = 5 kept
+        "0": {"n_pre": 1, "excitatory": None, "density": 5 / 9},
+        "2": {"n_pre": 4, "excitatory": 3, "density": 0.5},
+        "5": {"n_pre": 128, "excitatory": 102, "density": 0.5},
+    }
+    assert [type(c).__name__ for c in constraints_of(model[0])] == ["SparseMask"]
+    again = _convnet("fa")
+    apply_circuit_constraints(again, 0.8, 0.5, seed=7)
+    other = _convnet("fa")
+    apply_circuit_constraints(other, 0.8, 0.5, seed=8)
+    for n in ("0", "2", "5"):
+        m = constraints_of(model.get_submodule(n))[-1].mask
+        assert torch.equal(m, constraints_of(again.get_submodule(n))[-1].mask)
+    assert not torch.equal(constraints_of(model[5])[-1].mask, constraints_of(other[5])[-1].mask)
+    plain = _mlp("fa")
+    assert apply_circuit_constraints(plain, None, None, seed=0)["3"] == {
+        "n_pre": 32, "excitatory": None, "density": 1.0}
+    assert not constraints_of(plain[3])
+
+
+def test_bad_specs_raise_spec_error():
+    model = _convnet("fa")
+    dense, conv = model[5], model[2]
+    with pytest.raises(SpecError, match=r"5 signs given but the pre population has 128 neurons "
+                                        r"\(in_features\)"):
+        constrain(dense, Dale(dale_signs(5)))
+    with pytest.raises(SpecError, match=r"8 signs given .* 4 neurons \(in_channels\)"):
+        constrain(conv, Dale(dale_signs(8)))
+    with pytest.raises(SpecError, match=r"\+1 \(excitatory\) or -1 \(inhibitory\)"):
+        Dale(torch.tensor([1.0, 0.0, -1.0]))
+    with pytest.raises(SpecError, match="1-D"):
+        Dale(torch.ones(2, 2))
+    with pytest.raises(SpecError, match=r"mask shape \(10, 64\) does not match the weight's "
+                                        r"shape \(10, 128\)"):
+        constrain(dense, SparseMask(torch.ones(10, 64, dtype=torch.bool)))
+    for bad in (0, 0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(SpecError, match=r"density \(connectivity\) must be in \(0, 1\]"):
+            random_mask((4, 4), bad)
+    with pytest.raises(SpecError, match="no connections"):
+        SparseMask(torch.zeros(4, 4))
+    with pytest.raises(SpecError, match="only 0 and 1"):
+        SparseMask(torch.full((4, 4), 0.5))
+    with pytest.raises(SpecError, match="excitatory fraction must be in"):
+        dale_signs(10, 1.2)
+    with pytest.raises(SpecError, match="Dense or Conv2d synapse"):
+        constrain(nn.Linear(3, 2), Dale(dale_signs(3)))
+    constrain(dense, Dale(dale_signs(128)))
+    with pytest.raises(SpecError, match="already obeys Dale's law"):
+        constrain(dense, Dale(dale_signs(128)))
+    with pytest.raises(SpecError, match="excitatory fraction must be in"):
+        apply_circuit_constraints(_mlp(), 1.5, None, seed=0)
+    with pytest.raises(SpecError, match="density"):
+        apply_circuit_constraints(_mlp(), None, 0.0, seed=0)
+    assert not constraints_of(conv)  # a failed constrain leaves the synapse as it was
