@@ -30,7 +30,8 @@ from torch import nn
 from . import encoders
 from .errors import SpecError
 from .populations import RatePopulation
-from .spiking import SPIKING_KINDS, LIFPopulation
+from .propagation import propagate
+from .spiking import FUSED_KINDS, SPIKING_KINDS, LIFPopulation, lif_sequence
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["TimeStepped", "Recording", "spiking_version", "is_time_stepped", "fan_out",
@@ -195,14 +196,16 @@ class TimeStepped(nn.Module):
             return m(seq)
         t, b = seq.shape[:2]
         flat = seq.reshape(t * b, *seq.shape[2:])
-        if spikes and isinstance(m, (Dense, nn.Linear)) and not torch.is_grad_enabled() and _propagate():
-            y = _propagate()(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
+        if spikes and isinstance(m, (Dense, nn.Linear)) and not torch.is_grad_enabled():
+            y = propagate(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
         else:
             y = m(flat)
         return y.reshape(t, b, *y.shape[1:])
 
     @staticmethod
     def _voltages(pop: LIFPopulation, currents: torch.Tensor) -> torch.Tensor:
+        if pop.kind in FUSED_KINDS:
+            return lif_sequence(currents, None, pop.p, pop.dt, pop.kind, record_voltage=True)[2]
         state, vs = None, []
         for k in range(currents.shape[0]):
             _, state = pop.step(currents[k], state)
@@ -212,14 +215,6 @@ class TimeStepped(nn.Module):
     def extra_repr(self):
         d = f", delays={self.delays}" if self.delays else ""
         return f"steps={self.steps}, dt={self.dt:g}, encoder={self.encoder!r}{d}"
-
-
-def _propagate():
-    try:  # TODO(issue 4): plastic.propagation lands with the speed work
-        from .propagation import propagate
-        return propagate
-    except ImportError:
-        return None
 
 
 def is_time_stepped(model: nn.Module) -> bool:

@@ -154,8 +154,9 @@ class LIFPopulation(nn.Module):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's
         state type takes the fields it has)."""
         zero = torch.zeros_like(input_current)
-        rest = {"v": lambda: zero + self.p.v_leak.to(input_current), "i": lambda: zero,
-                "b": lambda: zero + self.p.v_th.to(input_current)}
+        rest = {"v": lambda: zero + torch.as_tensor(self.p.v_leak).to(input_current),
+                "i": lambda: zero,
+                "b": lambda: zero + torch.as_tensor(self.p.v_th).to(input_current)}
         return self._state(*(rest[f]() for f in self._state._fields))
 
     def step(self, input_current: torch.Tensor, state=None):
@@ -165,7 +166,11 @@ class LIFPopulation(nn.Module):
         return self._step(input_current, state, self.p, self.dt)
 
     def forward(self, currents: torch.Tensor, state: LIFState | None = None):
-        """Run over a time-major sequence of input currents (T, ...): (spikes (T, ...), state)."""
+        """Run over a time-major sequence of input currents (T, ...): (spikes (T, ...), state).
+        The kinds in ``FUSED_KINDS`` run as one ``lif_sequence`` (the same spikes, one autograd
+        node); the others loop over their step function."""
+        if self.kind in FUSED_KINDS:
+            return lif_sequence(currents, state, self.p, self.dt, kind=self.kind)
         out = []
         for t in range(currents.shape[0]):
             z, state = self.step(currents[t], state)
@@ -177,3 +182,260 @@ class LIFPopulation(nn.Module):
                          for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
                          if name in self.p._fields)
         return f"kind={self.kind!r}, {taus}, v_th={float(self.p.v_th):g}, dt={self.dt:g}"
+
+
+# -- whole sequences: one autograd node for T steps -------------------------------------------
+#
+# ``lif_sequence`` runs T steps of ``lif_step`` (or ``lif_box_step``) in one no-grad loop of
+# in-place ops that are the step function's float operations in the same order, so its spikes
+# and voltages equal the step loop's bit for bit (``tests/test_spiking_speed.py``, 1000 steps).
+# Three rewrites are exact rather than literal:
+#   H(v − v_th) as v > v_th: x − y > 0 iff x > y in IEEE arithmetic with gradual underflow
+#     (torch's default; not under torch.set_flush_denormal(True));
+#   the reset (1 − z)·v + z·v_reset as lerp(v, v_reset, z): torch's lerp computes
+#     v + z (v_reset − v) for z < 1/2 and v_reset − (v_reset − v)(1 − z) otherwise, so z ∈ {0, 1}
+#     gives v or v_reset exactly (finite voltages; only the sign of a zero may differ);
+#   with v_leak = 0, (v_leak − v) + i as i − v (IEEE: (0 − v) + i = i − v), and for lif_box
+#     (I + v_leak) − v as I − v.
+# For the backward it keeps only the pre-reset voltages (and the spikes it returns anyway); the
+# backward is the hand-written adjoint in ``_LIFSequence``.
+
+#: kinds that ``lif_sequence`` runs fused (the others loop over their step function)
+FUSED_KINDS = ("lif", "lif_box")
+_CHUNK = 1 << 15  # elements per block of time steps in the backward's elementwise passes:
+#                   at most torch's intra-op grain size (32768), so they stay serial and in cache
+
+__all__ += ["lif_sequence", "FUSED_KINDS"]
+
+
+def _spec_error(message: str):
+    from .errors import SpecError
+    return SpecError(message)
+
+
+def _is_zero(x) -> bool:
+    return bool((torch.as_tensor(x) == 0).all())
+
+
+def _as_param(x):
+    """A number as a 0-d float64 tensor: ops cast it to the tensor's dtype exactly as they cast
+    a Python number, so the fused loop computes what the step function computes."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+def _fits(shape: torch.Size, step_shape: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to one step's shape without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, step_shape) == step_shape
+    except RuntimeError:
+        return False
+
+
+def _unbroadcast(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient of the step shape back to the shape of a broadcast initial state."""
+    if g.shape == shape:
+        return g
+    lead = g.dim() - len(shape)
+    g = g.sum(dim=tuple(range(lead))) if lead else g
+    dims = tuple(d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+def _lif_sequence_forward(kind, currents, v0, i0, p, dt, save, record, out=None):
+    """The fused no-grad loop.  Returns (spikes (T, ...), v, i, pre-reset voltages (T, ...) if
+    ``save``, post-reset voltages (T, ...) if ``record``)."""
+    T, shape = currents.shape[0], currents.shape[1:]
+    like = dict(dtype=currents.dtype, device=currents.device)
+    a = dt * p.tau_mem_inv  # the coefficients exactly as the step functions form them
+    v = torch.empty(shape, **like)
+    v.copy_(v0)  # broadcasts a per-neuron initial state
+    i = None
+    if kind == "lif":
+        b = -dt * p.tau_syn_inv
+        i = torch.empty(shape, **like)
+        i.copy_(i0)
+    leak0 = _is_zero(p.v_leak)
+    v_leak, v_th = _as_param(p.v_leak), _as_param(p.v_th)
+    v_reset = torch.as_tensor(p.v_reset).to(**like)  # z · v_reset rounds v_reset so too
+    spikes = torch.empty((T, *shape), **like) if out is None else out
+    pre = torch.empty((T, *shape) if save else shape, **like)
+    post = torch.empty((T, *shape), **like) if record else None
+    tmp = torch.empty(shape, **like)
+    for t in range(T):
+        vd = pre[t] if save else pre
+        if kind == "lif":
+            i.add_(currents[t])                  # i_new = i + I
+            if leak0:
+                torch.sub(i, v, out=tmp)         # (v_leak − v) + i_new with v_leak = 0
+            else:
+                torch.sub(v_leak, v, out=tmp)
+                tmp.add_(i)
+            tmp.mul_(a)
+            torch.add(v, tmp, out=vd)            # v_dec = v + dt/τ_mem · (...)
+            torch.mul(i, b, out=tmp)
+            i.add_(tmp)                          # i_dec = i_new + (−dt/τ_syn · i_new)
+        else:
+            if leak0:
+                torch.sub(currents[t], v, out=tmp)   # (I + v_leak) − v with v_leak = 0
+            else:
+                torch.add(currents[t], v_leak, out=tmp)
+                tmp.sub_(v)
+            tmp.mul_(a)
+            torch.add(v, tmp, out=vd)
+        z = spikes[t]
+        torch.gt(vd, v_th, out=z)                # z = H(v_dec − v_th), as 0./1.
+        if record:
+            v = post[t]
+        torch.lerp(vd, v_reset, z, out=v)        # v = (1 − z) v_dec + z v_reset
+    if record:
+        v = v.clone()  # the final state must not alias the voltage trace
+    return spikes, v, i, (pre if save else None), post
+
+
+class _LIFSequence(torch.autograd.Function):
+    """T steps of the LIF neuron as one node.  Backward: the adjoint of the step, with
+    a = dt/τ_mem, c = 1 − dt/τ_syn, s_t = 1/(α|V_t − v_th| + 1)² (SuperSpike) at the
+    pre-reset voltage V_t, and D_t = ∂v_t/∂V_t = (1 − z_t) + (v_reset − V_t) s_t (the reset,
+    with the gradient through the spike):
+
+        u_t = ∂L/∂V_t = ((1 − a) u_{t+1} + ∂L/∂v_t|direct) D_t + ∂L/∂z_t s_t
+        w_t = ∂L/∂I_t = c w_{t+1} + a u_t                       (lif; lif_box: w_t = a u_t)
+
+    with u_T, w_T from the loss on the final state; the initial state gets (1 − a) u_0 and w_0.
+    The per-step recurrences are one fused multiply-add each; s_t and D_t are computed in blocks
+    of time steps."""
+
+    @staticmethod
+    def forward(ctx, currents, v0, i0, kind, p, dt, record):
+        spikes, v, i, pre, post = _lif_sequence_forward(kind, currents, v0, i0, p, dt, True,
+                                                        record)
+        ctx.save_for_backward(pre, spikes)
+        ctx.kind, ctx.p, ctx.dt, ctx.record = kind, p, dt, record
+        ctx.v0_shape = v0.shape
+        ctx.i0_shape = None if i0 is None else i0.shape
+        ctx.set_materialize_grads(False)
+        out = (spikes, v) + ((i,) if kind == "lif" else ())
+        return out + ((post,) if record else ())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gz, gv, *rest):
+        pre, spikes = ctx.saved_tensors
+        kind, p, dt = ctx.kind, ctx.p, ctx.dt
+        gi = rest[0] if kind == "lif" else None
+        gpost = rest[-1] if ctx.record else None
+        T, shape = pre.shape[0], pre.shape[1:]
+        like = dict(dtype=pre.dtype, device=pre.device)
+        a = torch.as_tensor(dt * p.tau_mem_inv, **like)
+        one_minus_a = 1 - a
+        c = torch.as_tensor(1 + (-dt * p.tau_syn_inv), **like) if kind == "lif" else None
+        alpha, v_th, v_reset = (torch.as_tensor(x).to(**like)
+                                for x in (p.alpha, p.v_th, p.v_reset))
+        U = torch.empty_like(pre)
+        block = max(1, _CHUNK // max(1, pre[0].numel()))
+        u_next = w_next = None
+        for t1 in range(T, 0, -block):
+            t0 = max(0, t1 - block)
+            V = pre[t0:t1]
+            s = torch.sub(V, v_th).abs_().mul_(alpha).add_(1).pow_(-2)        # surrogate
+            D = torch.sub(v_reset, V).mul_(s).sub_(spikes[t0:t1]).add_(1)
+            H = None if gz is None else s.mul_(gz[t0:t1])                     # ∂L/∂z s
+            if gpost is not None:
+                H = D * gpost[t0:t1] if H is None else H.addcmul_(D, gpost[t0:t1])
+            if t1 == T:  # the last step: the loss on the final voltage enters here
+                last = torch.zeros(shape, **like) if gv is None else gv * D[-1]
+                U[T - 1] = last if H is None else last.add_(H[-1])
+                u_next, t1_loop = U[T - 1], T - 1
+            else:
+                t1_loop = t1
+            E = D.mul_(one_minus_a)
+            for t in range(t1_loop - 1, t0 - 1, -1):
+                k = t - t0
+                if H is None:
+                    torch.mul(u_next, E[k], out=U[t])
+                else:
+                    torch.addcmul(H[k], u_next, E[k], out=U[t])
+                u_next = U[t]
+            u_next = U[t0].clone()  # U[t0:t1] becomes ∂L/∂I below
+            U[t0:t1].mul_(a)
+            if kind == "lif":
+                for t in range(t1 - 1, t0 - 1, -1):
+                    if w_next is None:  # the last step: the loss on the final current
+                        if gi is not None:
+                            U[t].addcmul_(gi, c)
+                    else:
+                        U[t].addcmul_(w_next, c)
+                    w_next = U[t]
+        g_v0 = _unbroadcast(u_next * one_minus_a, ctx.v0_shape)
+        g_i0 = None if kind != "lif" else _unbroadcast(U[0].clone(), ctx.i0_shape)
+        return U, g_v0, g_i0, None, None, None, None
+
+
+def lif_sequence(currents: torch.Tensor, state=None, p: NamedTuple | None = None,
+                 dt: float = 1e-3, kind: str = "lif", record_voltage: bool = False,
+                 out: torch.Tensor | None = None):
+    """Run a time-major sequence of input currents (T, B, ...) through ``kind``'s dynamics
+    (``"lif"``: ``lif_step``; ``"lif_box"``: ``lif_box_step``) in one fused loop.
+
+    Returns (spikes (T, ...), final state), or with ``record_voltage`` (spikes, final state,
+    post-reset voltages (T, ...)).  Spikes and voltages are bit-identical to looping the step
+    function (see the comment above ``FUSED_KINDS``); gradients to the currents and the initial
+    state come from the adjoint in ``_LIFSequence`` and agree with autograd through the step
+    loop (to float rounding).  Parameters that require grad are not differentiated by the
+    adjoint: then the step loop runs under autograd instead.  ``state=None`` starts at rest
+    (v = v_leak, i = 0).  ``out``: a (T, ...) tensor to write the spikes into, for runs without
+    autograd; it may be ``currents`` itself (step t reads currents[t] before it writes
+    spikes[t]), which spares allocating (and page-faulting) a second sequence-sized buffer."""
+    if kind not in SPIKING_KINDS:
+        raise _spec_error(f"unknown spiking population {kind!r}; known: {', '.join(SPIKING_KINDS)}")
+    if kind not in FUSED_KINDS:
+        raise _spec_error(f"lif_sequence runs {', '.join(FUSED_KINDS)}; loop {kind!r}'s step "
+                          "function (LIFPopulation does)")
+    step, default, state_type = SPIKING_KINDS[kind]
+    p = default if p is None else p
+    if not isinstance(currents, torch.Tensor) or currents.dim() < 1 or currents.shape[0] == 0:
+        raise _spec_error("lif_sequence needs time-major currents (T, ...) with T >= 1, got "
+                          f"{tuple(getattr(currents, 'shape', ()))}")
+    if not currents.is_floating_point():
+        raise _spec_error(f"currents must be floating point, got {currents.dtype}")
+    shape = currents.shape[1:]
+    for name, value in zip(p._fields, p):
+        if isinstance(value, torch.Tensor) and not _fits(value.shape, shape):
+            raise _spec_error(f"parameter {name} of shape {tuple(value.shape)} does not "
+                              f"broadcast to one step's shape {tuple(shape)}")
+    if state is None:
+        zero = currents.new_zeros(shape)
+        state = state_type(*((zero + torch.as_tensor(p.v_leak).to(zero)) if f == "v" else zero
+                             for f in state_type._fields))
+    if not isinstance(state, tuple) or len(state) != len(state_type._fields):
+        raise _spec_error(f"{kind} state needs fields {state_type._fields}")
+    for name, value in zip(state_type._fields, state):
+        if not isinstance(value, torch.Tensor) or not _fits(value.shape, shape):
+            raise _spec_error(f"state {name} of shape {tuple(getattr(value, 'shape', ()))} does "
+                              f"not broadcast to one step's shape {tuple(shape)}")
+    grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (currents, *state, *p))
+    if out is not None and (grad or not isinstance(out, torch.Tensor)
+                            or out.shape != currents.shape or out.dtype != currents.dtype
+                            or out.device != currents.device):
+        raise _spec_error("out= needs a tensor shaped, typed and placed like the currents, and "
+                          "no autograd (run under torch.no_grad())")
+    if grad and any(isinstance(x, torch.Tensor) and x.requires_grad for x in p):
+        spikes, vs = [], []  # the adjoint has no parameter gradients: autograd through steps
+        for t in range(currents.shape[0]):
+            z, state = step(currents[t], state, p, dt)
+            spikes.append(z)
+            vs.append(state.v)
+        res = (torch.stack(spikes), state)
+        return res + (torch.stack(vs),) if record_voltage else res
+    dtype = currents.dtype
+    v0 = state.v.to(dtype)
+    i0 = state.i.to(dtype) if kind == "lif" else None
+    if grad:
+        res = _LIFSequence.apply(currents, v0, i0, kind, p, dt, record_voltage)
+    else:
+        spikes, v, i, _, post = _lif_sequence_forward(kind, currents, v0, i0, p, dt, False,
+                                                      record_voltage, out)
+        res = (spikes, v) + ((i,) if kind == "lif" else ()) + ((post,) if record_voltage else ())
+    new_state = state_type(*res[1:3]) if kind == "lif" else state_type(res[1])
+    return (res[0], new_state) + ((res[-1],) if record_voltage else ())
