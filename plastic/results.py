@@ -292,7 +292,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         head += ["firing rate", "synaptic ops", "steps to decision"]
     body = []
     for r in rows:
-        b = [r["arm"], r["feedback"], f"{r['lr']:g}",
+        b = [r["arm"], r["feedback"], f"{r['lr']:g}" if math.isfinite(r["lr"]) else "-",
              f"{r['done']}/{r['seeds']}" if r["done"] < r["seeds"] else str(r["seeds"]),
              str(r["epochs"]), _pm(r["test_accuracy"], 100), _pm(r["update_angle"], 1, 1),
              _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)]
@@ -305,7 +305,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
             b[1:1] = [pop]
             ops = np.asarray(r.get("synaptic_ops", [np.nan]), dtype=float)
             b += [_pm(r.get("firing_rate", [np.nan]), 1, 3),
-                  f"{np.nanmean(ops):.3g}" if np.any(~np.isnan(ops)) else "-",
+                  f"{np.nanmean(ops):.4g}" if np.any(~np.isnan(ops)) else "-",
                   _pm(r.get("decision_steps", [np.nan]), 1, 1)]
         body.append(b)
     if markdown:
