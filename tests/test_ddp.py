@@ -34,13 +34,22 @@ def _data():
             for _ in range(4)]
 
 
+def _net(kind):
+    """The MLP, or for "<kind>-lif" its spiking version simulated for 8 steps."""
+    if kind.endswith("-lif"):
+        from plastic.simulator import TimeStepped
+        return plastic.convert(TimeStepped(models.mlp(64, [32, 32], 10, "lif"), 8),
+                               kind[:-4], seed=0)
+    return plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0)
+
+
 def _worker(rank, world, port, kind, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        net = plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0)
+        net = _net(kind)
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         shard = [(x[rank::world], y[rank::world]) for x, y in _data()]
         _train(ddp, shard)
@@ -49,13 +58,13 @@ def _worker(rank, world, port, kind, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["fa", "dfa"])
+@pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif"])
 def test_ddp_matches_single_process(tmp_path, kind):
     mp.spawn(_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     torch.manual_seed(0)
-    single = _train(plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0), _data())
+    single = _train(_net(kind), _data())
     for k, v in single.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k  # replicas identical, feedback weights included
         assert torch.allclose(r0[k], v, atol=1e-5), k  # = training on the whole batch
