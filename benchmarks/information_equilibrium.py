@@ -4,15 +4,44 @@ Trains the convnet-cifar circuit with backprop for 300 steps (lr 0.2 one-cycle, 
 for each synapse, solves the equilibrium of Amp + Null + Decay with activity normalised per sample
 (the ``normalize_input`` option): (C + r·λ_max(C) I) B = A, with A = E[ŷ x̂ᵀ] and C = E[ŷ ŷᵀ]
 (per output position for conv layers, ignoring the overlap of patches), and prints the angle
-between that B and W for several decay-to-null ratios r.  Last line: one JSON object.
+between that B and W for several decay-to-null ratios r.  With ``--centering`` it also does so
+for Kunin et al.'s centring options (code: ``center_input``, per-sample centring before the
+normalisation; ``batch_center_backward_input``, Amp reads batch-centred activity) and for
+batch-centred activity on both terms.  Last line: one JSON object.
 Needs ``plastic data fetch cifar10``.  About a minute on 2 cores.
 """
 import json
+import sys
 
 import torch
 
 import plastic
 from plastic import data, metrics, models
+
+
+VARIANTS = ("plain", "sample_center", "sample+batch_center", "batch_center_both")
+CENTERING = "--centering" in sys.argv
+
+
+def _equilibrium(xi, W, op, variant):
+    """Angles between W and B* = (C + r λ_max I)⁻¹ A for the activity ``xi`` of one synapse."""
+    v = xi
+    if variant in ("sample_center", "sample+batch_center"):
+        v = v - v.flatten(1).mean(1).view(-1, *[1] * (v.dim() - 1))
+    if variant == "batch_center_both":
+        v = v - v.mean(0, keepdim=True)
+    xn = v / v.flatten(1).norm(dim=1).view(-1, *[1] * (v.dim() - 1))
+    yn = op.forward(xn, W)
+    xa = xn - xn.mean(0, keepdim=True) if variant == "sample+batch_center" else xn
+    A = op.weight_grad(xa, yn).reshape(W.shape[0], -1)
+    yy = yn.transpose(0, 1).reshape(yn.shape[1], -1) if yn.dim() > 2 else yn.t()
+    C = yy @ yy.t()
+    lam = float(torch.linalg.eigvalsh(C)[-1])
+    eye = torch.eye(C.shape[0])
+    d = {f"r={r:g}": round(metrics.angle(torch.linalg.solve(C + r * lam * eye, A).reshape(W.shape), W), 1)
+         for r in (1.0, 0.1, 0.01, 1e-3, 1e-4)}
+    d["amp_only"] = round(metrics.angle(A.reshape(W.shape), W), 1)
+    return d
 
 
 def main():
@@ -33,17 +62,11 @@ def main():
     out = {}
     for n, s in plastic.synapses(m):
         xi, W, op = acts[n], s.weight.detach(), s.operator()
-        xn = xi / xi.flatten(1).norm(dim=1).view(-1, *[1] * (xi.dim() - 1))
-        yn = op.forward(xn, W)
-        A = op.weight_grad(xn, yn).reshape(W.shape[0], -1)
-        yy = yn.transpose(0, 1).reshape(yn.shape[1], -1) if yn.dim() > 2 else yn.t()
-        C = yy @ yy.t()
-        lam = float(torch.linalg.eigvalsh(C)[-1])
-        eye = torch.eye(C.shape[0])
-        out[n] = {f"r={r:g}": round(metrics.angle(torch.linalg.solve(C + r * lam * eye, A).reshape(W.shape), W), 1)
-                  for r in (1.0, 0.1, 0.01, 1e-3, 1e-4)}
-        out[n]["amp_only"] = round(metrics.angle(A.reshape(W.shape), W), 1)
-        print(n, out[n])
+        out[n] = {}
+        for variant in VARIANTS if CENTERING else ("plain",):
+            d = _equilibrium(xi, W, op, variant)
+            out[n][variant] = d
+            print(n, variant, d, flush=True)
     print(json.dumps(out))
 
 
