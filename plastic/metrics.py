@@ -133,9 +133,16 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
         g = torch.autograd.grad(loss, params + sig, allow_unused=True)
         return g[:len(params)], g[len(params):]
 
+    # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's
+    # random stream is left untouched
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(0, 2**62, (1,)))
     with preserved_buffers(model), torch.enable_grad():
-        w_rule, s_rule = grads()
-        with backprop(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            w_rule, s_rule = grads()
+        with backprop(model), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             w_bp, s_bp = grads()
 
     def ang(a, b):

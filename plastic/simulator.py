@@ -87,7 +87,9 @@ class TimeStepped(nn.Module):
     circuit: an ``nn.Sequential`` of synapses, populations and stateless modules.
     encoder: ``"constant"`` (the input as a constant current every step), ``"poisson"`` or
         ``"latency"`` (spikes; these need intensities in [0, 1], recovered from normalised data
-        with ``input_mean``/``input_std``).
+        with ``input_mean``/``input_std``).  ``encoder_options``: ``scale`` (the current of a
+        unit input or one input spike; default 1, and 1/(f_max dt) for Poisson spikes, so that
+        their mean current is the intensity), ``f_max`` (Poisson, default 100 Hz).
     delays: {synapse name (index in the circuit, as in ``plastic.synapses``): whole steps}.
     """
 
@@ -126,15 +128,20 @@ class TimeStepped(nn.Module):
     def encode(self, x: torch.Tensor):
         """(sequence, constant): the input as (T, B, ...) or, for a constant current, (B, ...)
         with constant=True (the same every step; broadcast lazily)."""
+        scale = self.encoder_options.get("scale")
         if self.encoder == "constant":
-            return x * self.encoder_options.get("scale", 1.0), True
+            return x * (1.0 if scale is None else scale), True
         shape = (1, -1) + (1,) * (x.dim() - 2)
         intensity = (x * self.input_std.view(shape).to(x) + self.input_mean.view(shape).to(x))
         intensity = intensity.clamp(0, 1)
         if self.encoder == "poisson":
-            return encoders.poisson(intensity, self.steps, dt=self.dt,
-                                    **{k: v for k, v in self.encoder_options.items() if k == "f_max"}), False
-        return encoders.latency(intensity, self.steps), False
+            f_max = self.encoder_options.get("f_max", 100.0)
+            z = encoders.poisson(intensity, self.steps, f_max=f_max, dt=self.dt)
+            # by default each spike carries 1/(f_max dt), so the mean input current is the
+            # intensity, as with a constant-current input of the intensity
+            return z.mul_(1.0 / (f_max * self.dt) if scale is None else scale), False
+        z = encoders.latency(intensity, self.steps)
+        return (z if scale is None else z.mul_(scale)), False
 
     # -- simulation ------------------------------------------------------------------------
     def run(self, x: torch.Tensor, record: tuple = (), every: int = 1, stats: bool = False):

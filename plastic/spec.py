@@ -70,6 +70,8 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
         "steps": (int, 25),
         "dt": (NUM, 1e-3),
         "encoder": (str, "constant"),  # constant current, poisson or latency
+        "input_scale": (NUM, 0.0),     # current of one input spike / unit input; 0: the encoder's
+        "f_max": (NUM, 100.0),         # Poisson: rate at intensity 1 (Hz)
     },
     "record": {  # recorders: a fixed probe of test samples, at every epoch's end
         "samples": (int, 0),      # 0: record nothing

@@ -77,7 +77,10 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
         mean = std = None
         if ds is not None:
             mean, std = ds.mean, ds.std
-        model = TimeStepped(model, t["steps"], t["dt"], t["encoder"],
+        opts = {"f_max": t.get("f_max", 100.0)}
+        if t.get("input_scale"):
+            opts["scale"] = t["input_scale"]
+        model = TimeStepped(model, t["steps"], t["dt"], t["encoder"], opts,
                             delays={n: delay for n in names[1:]} if delay else None,
                             input_mean=mean, input_std=std)
     return model
@@ -365,7 +368,10 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     kind = (arm.get("population") or "lif").lower()
     t = spec["time"]
-    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"],
+    opts = {"f_max": t.get("f_max", 100.0)}
+    if t.get("input_scale"):
+        opts["scale"] = t["input_scale"]
+    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"], encoder_options=opts,
                           input_mean=ds.mean, input_std=ds.std).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))

@@ -301,3 +301,21 @@ def test_every_feedback_kind_trains_a_spiking_circuit_unchanged(kind):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], (kind, losses[0], losses[-1])
+
+
+def test_poisson_input_carries_the_intensity_and_bp_angles_stay_zero():
+    """Poisson spikes of amplitude 1/(f_max dt) carry the intensity as their mean current; the
+    update angle of bp against itself is 0 although every pass draws new input spikes."""
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.2]), torch.tensor([0.3])
+    sim = TimeStepped(models.mlp(16, [32], 4, "lif"), 400, encoder="poisson",
+                      input_mean=mean, input_std=std)
+    inten = torch.rand(64, 1, 4, 4)
+    seq, const = sim.encode((inten - 0.2) / 0.3)
+    assert not const and seq.unique().tolist() == [0.0, 10.0]  # 1/(100 Hz × 1 ms)
+    assert abs(float(seq.mean() - inten.mean())) < 0.015  # ~4 standard errors
+    net = plastic.convert(TimeStepped(models.mlp(16, [32], 4, "lif"), 20, encoder="poisson",
+                                      input_mean=mean, input_std=std), "transpose")
+    x, y = (inten - 0.2) / 0.3, torch.randint(0, 4, (64,))
+    upd, _ = plastic.metrics.hidden_angles(net, F.cross_entropy, x, y)
+    assert all(v < 1e-3 for v in upd.values()), upd
