@@ -52,6 +52,14 @@ def rate_histograms(ax, rates: np.ndarray, dt: float = 1e-3, label=None, spiking
     return ax
 
 
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float = 1e-3,
                       every: int = 1) -> list[Path]:
     """raster_<arm>.png (first recorded epoch vs last: before/after learning), voltages_<arm>.png
@@ -70,20 +78,14 @@ def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float
                 if f"{p}/spikes" in recordings[e]:
                     raster(axes[i][j], recordings[e][f"{p}/spikes"], dt_ms=dt * 1e3, every=every)
                 axes[i][j].set_title(f"{arm}: {p}, epoch {e}", fontsize=9)
-        fig.tight_layout()
-        files.append(out_dir / f"raster_{arm}.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out_dir / f"raster_{arm}.png"))
     vpops = _populations(recordings[last], "voltages")
     if vpops:
         fig, axes = plt.subplots(1, len(vpops), figsize=(5 * len(vpops), 3), squeeze=False)
         for i, p in enumerate(vpops):
             voltage_traces(axes[0][i], recordings[last][f"{p}/voltages"], dt_ms=dt * 1e3, every=every)
             axes[0][i].set_title(f"{arm}: {p}, epoch {last}", fontsize=9)
-        fig.tight_layout()
-        files.append(out_dir / f"voltages_{arm}.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out_dir / f"voltages_{arm}.png"))
     rpops = _populations(recordings[last], "rates")
     if rpops:
         fig, axes = plt.subplots(1, len(rpops), figsize=(5 * len(rpops), 3), squeeze=False)
@@ -94,8 +96,5 @@ def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float
                                     spiking=bool(pops))
             axes[0][i].set_title(f"{arm}: {p}", fontsize=9)
             axes[0][i].legend(fontsize=7)
-        fig.tight_layout()
-        files.append(out_dir / f"rates_{arm}.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out_dir / f"rates_{arm}.png"))
     return files
