@@ -216,6 +216,10 @@ def test_protocol_rate_spiking_and_converted_arms(tmp_path):
     assert rec[1]["circuit.2/spikes"].shape == (10, 3, 64)
     assert rec[1]["circuit.2/voltages"].shape == (10, 3, 64)
     assert rec[1]["weights/circuit.1"].shape == (64, 784)
+    from plastic.results import figures
+    names = {f.name for f in figures(tmp_path)}
+    assert {"raster_lif.png", "voltages_lif.png", "rates_lif.png", "raster_converted.png",
+            "rates_rate.png"} <= names
     with pytest.raises(SpecError, match="earlier arm"):
         resolve_protocol({"arms": {"c": {"convert_from": "r"}, "r": {}}})
 
