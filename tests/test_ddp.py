@@ -54,6 +54,8 @@ def _worker(rank, world, port, kind, out):
         shard = [(x[rank::world], y[rank::world]) for x, y in _data()]
         _train(ddp, shard)
         torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.pt")
+        del ddp
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
