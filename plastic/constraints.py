@@ -312,27 +312,27 @@ def _constrained(model: nn.Module):
             yield syn, cs
 
 
+def _each(model: nn.Module, method: str) -> int:
+    """Call ``method`` of every constraint of every constrained synapse; the synapse count."""
+    n = 0
+    for syn, cs in _constrained(model):
+        for c in cs:
+            getattr(c, method)(syn)
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def enforce(model: nn.Module) -> int:
     """Project every constrained synapse of ``model`` (a circuit or one synapse) back onto its
     constraints, in place.  Returns the number of synapses projected."""
-    n = 0
-    for syn, cs in _constrained(model):
-        for c in cs:
-            c.project_(syn)
-        n += 1
-    return n
+    return _each(model, "project_")
 
 
 @torch.no_grad()
 def mask_gradients(model: nn.Module) -> int:
     """Zero the gradient of every absent synapse (``SparseMask``) of ``model``, in place."""
-    n = 0
-    for syn, cs in _constrained(model):
-        for c in cs:
-            c.mask_grad_(syn)
-        n += 1
-    return n
+    return _each(model, "mask_grad_")
 
 
 class Attachment:

@@ -276,8 +276,9 @@ def summary(results: list[dict]) -> list[dict]:
 
 def _has_stats(rows) -> bool:
     """Whether the rows come from a rate-vs-spiking comparison (a spiking or converted arm)."""
-    return any(r.get("convert_from") or str(r.get("population", "")).lower() in
-               ("lif", "lif_box", "adaptive_lif") for r in rows)
+    from .spiking import SPIKING_KINDS
+    return any(r.get("convert_from") or str(r.get("population", "")).lower() in SPIKING_KINDS
+               for r in rows)
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:

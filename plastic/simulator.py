@@ -169,9 +169,10 @@ class TimeStepped(nn.Module):
                 if const:
                     seq, const = seq.expand(t, *seq.shape), False
                 if "voltages" in record:
-                    with torch.no_grad():
-                        rec.voltages[name] = self._voltages(m, seq)[::every].detach()
-                seq, _ = m(seq)
+                    seq, v = self._with_voltages(m, seq)
+                    rec.voltages[name] = v[::every].detach()
+                else:
+                    seq, _ = m(seq)
                 spiking_input = True
                 if "spikes" in record:
                     rec.spikes[name] = seq[::every].detach()
@@ -210,14 +211,17 @@ class TimeStepped(nn.Module):
         return y.reshape(t, b, *y.shape[1:])
 
     @staticmethod
-    def _voltages(pop: LIFPopulation, currents: torch.Tensor) -> torch.Tensor:
+    def _with_voltages(pop: LIFPopulation, currents: torch.Tensor):
+        """(spikes, post-reset voltages), both (T, ...), from one pass of the population."""
         if pop.kind in FUSED_KINDS:
-            return lif_sequence(currents, None, pop.p, pop.dt, pop.kind, record_voltage=True)[2]
-        state, vs = None, []
+            z, _, v = lif_sequence(currents, None, pop.p, pop.dt, pop.kind, record_voltage=True)
+            return z, v
+        state, zs, vs = None, [], []
         for k in range(currents.shape[0]):
-            _, state = pop.step(currents[k], state)
+            z, state = pop.step(currents[k], state)
+            zs.append(z)
             vs.append(state.v)
-        return torch.stack(vs)
+        return torch.stack(zs), torch.stack(vs)
 
     def extra_repr(self):
         d = f", delays={self.delays}" if self.delays else ""

@@ -18,7 +18,7 @@ from .errors import SpecError
 from .learned import sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
-from .simulator import TimeStepped, calibrate_conversion, inference_stats, spiking_version
+from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
 from .spiking import SPIKING_KINDS, LIFPopulation
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
@@ -73,17 +73,23 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
                 m.p = m.p._replace(**{k: torch.as_tensor(float(v)) for k, v in params.items()})
         t = time or {"steps": 25, "dt": 1e-3, "encoder": "constant"}
         delay = circuit.get("delay", 0)
-        names = [str(i) for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+        names = [str(i) for i, m in enumerate(model) if isinstance(m, SYNAPSES)]
         mean = std = None
         if ds is not None:
             mean, std = ds.mean, ds.std
-        opts = {"f_max": t.get("f_max", 100.0)}
-        if t.get("input_scale"):
-            opts["scale"] = t["input_scale"]
-        model = TimeStepped(model, t["steps"], t["dt"], t["encoder"], opts,
+        model = TimeStepped(model, t["steps"], t["dt"], t["encoder"], _encoder_options(t),
                             delays={n: delay for n in names[1:]} if delay else None,
                             input_mean=mean, input_std=std)
     return model
+
+
+def _encoder_options(t: dict) -> dict:
+    """TimeStepped's encoder options from a protocol's [time] table (input_scale 0: the
+    encoder's default)."""
+    opts = {"f_max": t.get("f_max", 100.0)}
+    if t.get("input_scale"):
+        opts["scale"] = t["input_scale"]
+    return opts
 
 
 def _constrain(model, circuit, seed):
@@ -368,10 +374,8 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     kind = (arm.get("population") or "lif").lower()
     t = spec["time"]
-    opts = {"f_max": t.get("f_max", 100.0)}
-    if t.get("input_scale"):
-        opts["scale"] = t["input_scale"]
-    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"], encoder_options=opts,
+    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"],
+                          encoder_options=_encoder_options(t),
                           input_mean=ds.mean, input_std=ds.std).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
