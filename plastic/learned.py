@@ -44,6 +44,10 @@ class LearnedFeedback(FeedbackSynapse):
         x̂ = x/||x||, ŷ = W x̂ = y/||x|| (Kunin et al.'s code, ``normalize_input``, without its
         centring), so the activity terms' stiffness is bounded by ||W||² whatever the layer's
         activity; off by default.
+    center: ``"batch"`` subtracts the batch mean of x before the rule reads it (then y = W x is
+        centred too): the rule sees the activity's covariance, not its second moment (Kunin et
+        al.'s code centres the Amp input, ``batch_center_backward_input``).  Behind batch norm
+        the mean of y is discarded by the forward pass anyway; off by default.
     normalize: route the error through B rescaled to its initial norm (a local, scalar gain),
         so that the rule sets only B's direction.  The rules fix B's scale only up to their
         coefficients and the layer's activity (e.g. Amp + Decay gives B ∝ W Σ_x), and in a deep
@@ -58,7 +62,7 @@ class LearnedFeedback(FeedbackSynapse):
     def __init__(self, forward_weight: torch.Tensor, rule, *, generator=None, name: str | None = None,
                  drive: str = "data", noise: float = 0.0, sigma: float = 1.0, every: int = 1,
                  subsample: float = 1.0, average: str = "batch", normalize: bool = False,
-                 normalize_input: bool = False):
+                 normalize_input: bool = False, center: str | None = None):
         super().__init__()
         self.rule = parse_rule(rule)
         if not self.rule:
@@ -79,6 +83,9 @@ class LearnedFeedback(FeedbackSynapse):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
         self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
+        if center not in (None, "batch"):
+            raise SpecError(f"feedback option center must be 'batch', got {center!r}")
+        self.center = center
         self.register_buffer("initial_norm", self.weight.detach().norm().clone())
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
 
@@ -105,6 +112,8 @@ class LearnedFeedback(FeedbackSynapse):
         return {k: c * a if k in _ACTIVITY else c for k, c in self.rule.items()}
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
+        if self.center == "batch":
+            x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
         if self.normalize_input:
             inv = x.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
             x = x * inv.view(-1, *([1] * (x.dim() - 1)))
@@ -138,6 +147,7 @@ class LearnedFeedback(FeedbackSynapse):
         avg = f", average={self.average!r}" if self.average != "batch" else ""
         avg += ", normalize=True" if self.normalize else ""
         avg += ", normalize_input=True" if self.normalize_input else ""
+        avg += f", center={self.center!r}" if self.center else ""
         return f"kind={self.kind!r}, rule={self.rule}, drive={self.drive!r}{avg}, local={self.local}"
 
 

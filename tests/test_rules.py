@@ -247,3 +247,21 @@ def test_normalize_input_and_normalized_routing(make):
     assert abs(float(B.norm()) - n0) < 1e-9 * n0
     assert plastic.metrics.angle(B, fb.weight.detach()) < 1e-5
     assert torch.allclose(yn, y / x.flatten(1).norm(dim=1).view(-1, *[1] * (y.dim() - 1)))
+
+
+@pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
+def test_batch_centred_activity(make):
+    """center="batch": the rule reads x - E_batch[x] and W (x - E_batch[x]), so a constant
+    offset added to every sample's activity does not change ΔB."""
+    syn, x = make()
+    rule = {"amp": 1.0, "null": 0.5, "decay": 0.1}
+    fb = LearnedFeedback(syn.weight, rule, center="batch")
+    op = syn.operator()
+    xc = x - x.mean(0, keepdim=True)
+    expected = rules.fused_grad(rule, _signals(syn, xc, fb.weight.detach()))
+    assert torch.allclose(fb.grad(syn, x, op.forward(x, syn.weight.detach())), expected, atol=1e-10)
+    shifted = x + 3.0
+    g = fb.grad(syn, shifted, op.forward(shifted, syn.weight.detach()))
+    assert torch.allclose(g, expected, atol=1e-9)
+    with pytest.raises(plastic.SpecError, match="center must be"):
+        LearnedFeedback(syn.weight, rule, center="sample")
