@@ -73,9 +73,10 @@ CANDIDATES: dict[str, Factory] = {
     "null": _converted({"null": 1e-3}),
     "sparse": _converted({"sparse": 1e-3}),
     "information": _converted({"amp": 1e-3, "null": 1e-3, "decay": 1e-3}),
-    # as in protocols/cifar10.toml: activity normalised per sample, error routed through B/||B||
+    # as in protocols/cifar10.toml: activity batch-centred and normalised per sample, error
+    # routed through B at its initial norm
     "information-normalized": _converted({"amp": 0.025, "null": 0.025, "decay": 0.0025},
-                                         normalize_input=True, normalize=True),
+                                         normalize_input=True, normalize=True, center="batch"),
     "symmetric": _converted("symmetric"),
     "activation": _converted({"amp": 1e-3, "sparse": 1e-3}),
     "kolen-pollack": _converted("kolen-pollack"),
