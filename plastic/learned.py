@@ -111,13 +111,20 @@ class LearnedFeedback(FeedbackSynapse):
             return self.rule
         return {k: c * a if k in _ACTIVITY else c for k, c in self.rule.items()}
 
-    def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
+    def prepare(self, x, y):
+        """The activity the rule reads: (x, y = W x) after the ``center`` and ``normalize_input``
+        options.  Both ``grad`` and ``values`` read it, so the recorded primitive values are those
+        of the objective being minimised."""
         if self.center == "batch":
             x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
         if self.normalize_input:
             inv = x.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
             x = x * inv.view(-1, *([1] * (x.dim() - 1)))
             y = y * inv.view(-1, *([1] * (y.dim() - 1)))
+        return x, y
+
+    def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
+        x, y = self.prepare(x, y)
         g = fused_grad(self.scaled_rule(y), self.signals(synapse, x, y, delta))
         if self.noise:
             g = g + self.noise * torch.randn_like(g)
@@ -138,7 +145,8 @@ class LearnedFeedback(FeedbackSynapse):
             self.accumulate(self.weight, self.grad(synapse, xn, yn))
 
     def values(self, synapse, x, y) -> dict[str, float]:
-        """Each primitive's R on (x, y), for the metrics."""
+        """Each primitive's R on the activity the rule reads (``prepare``), for the metrics."""
+        x, y = self.prepare(x, y)
         s = Signals(x, y, None, self.weight.detach(), synapse.weight.detach(), synapse.operator())
         a = self.activity_scale(y)
         return {k: primitive_value(k, s) * (a if k in _ACTIVITY else 1.0) for k in self.rule}

@@ -265,3 +265,24 @@ def test_batch_centred_activity(make):
     assert torch.allclose(g, expected, atol=1e-9)
     with pytest.raises(plastic.SpecError, match="center must be"):
         LearnedFeedback(syn.weight, rule, center="sample")
+
+
+@pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
+def test_recorded_values_are_the_minimised_objective(make):
+    """values() reads the same prepared activity as grad() (center, normalize_input, positions):
+    the directional derivative of Σ_k c_k R_k, from the recorded values, equals <ΔB, d>."""
+    syn, x = make()
+    x = x.abs() + 0.5  # a non-zero mean, so centring matters
+    rule = {"amp": 1.0, "null": 0.5, "decay": 0.1, "sparse": 0.3}
+    fb = LearnedFeedback(syn.weight, rule, center="batch", normalize_input=True, average="positions")
+    y = syn.operator().forward(x, syn.weight.detach())
+    g = fb.grad(syn, x, y)
+
+    def objective(B):
+        with torch.no_grad():
+            fb.weight.copy_(B)
+        return sum(rule[k] * v for k, v in fb.values(syn, x, y).items())
+
+    B0, d, eps = fb.weight.detach().clone(), torch.randn_like(g), 1e-3
+    slope = (objective(B0 + eps * d) - objective(B0 - eps * d)) / (2 * eps)
+    assert slope == pytest.approx(float((g * d).sum()), rel=1e-6)
