@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import SpecError
 from .populations import RatePopulation
 from .spiking import SPIKING_KINDS, LIFPopulation
 
@@ -89,12 +90,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet (He et al. 2016).  ``stem='imagenet'`` uses the 7x7/2 conv and max pool of the
-    ImageNet model; ``stem='cifar'`` a 3x3/1 conv for 32x32 inputs."""
+    """ResNet (He et al. 2016): ``blocks[i]`` basic blocks of ``widths[i]`` channels per stage.
+    ``stem='imagenet'`` uses the 7x7/2 conv and max pool of the ImageNet model; ``stem='cifar'``
+    a 3x3/1 conv for 32x32 inputs.  The logits are multiplied by ``output_scale`` when it is
+    not 1."""
 
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), outputs: int = 1000,
-                 in_channels: int = 3, stem: str = "imagenet", population: str = "relu"):
+                 in_channels: int = 3, stem: str = "imagenet", population: str = "relu",
+                 output_scale: float = 1.0):
         super().__init__()
+        if stem not in ("imagenet", "cifar"):
+            raise SpecError(f"unknown ResNet stem {stem!r}; known: imagenet, cifar")
         w0 = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False)
@@ -112,11 +118,12 @@ class ResNet(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, outputs)
+        self.scale = Scale(output_scale) if output_scale != 1.0 else nn.Identity()
 
     def forward(self, x):
         x = self.pool(self.pop1(self.bn1(self.conv1(x))))
         x = self.avgpool(self.layers(x)).flatten(1)
-        return self.fc(x)
+        return self.scale(self.fc(x))
 
 
 def resnet18(outputs: int = 1000, in_channels: int = 3, stem: str = "imagenet",

@@ -96,6 +96,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "population": (str, "relu"),
     "hidden": (list, [1000]),
     "channels": (list, [32, 64, 128]),
+    "blocks": (list, [1, 1, 1]),  # resnet: basic blocks per stage (channels gives the widths)
     "batch_norm": (bool, True),
     "output_scale": (NUM, 1.0),
     "stem": (str, "cifar"),
@@ -107,7 +108,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     # alpha (surrogate sharpness), tau_mem_inv, v_th); rate populations ignore it
     "population_params": (dict, {}),
 }
-CIRCUIT_KINDS = ("mlp", "convnet", "resnet18", "resnet20")
+CIRCUIT_KINDS = ("mlp", "convnet", "resnet", "resnet18", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
 
@@ -215,9 +216,12 @@ def resolve_circuit(circuit) -> dict:
     c = _fill(raw, CIRCUIT_SCHEMA, "circuit.")
     if c["kind"] not in CIRCUIT_KINDS:
         raise SpecError(f"unknown circuit kind {c['kind']!r}; known: {', '.join(CIRCUIT_KINDS)}")
-    for key in ("hidden", "channels"):
+    for key in ("hidden", "channels", "blocks"):
         if not all(isinstance(h, int) and h > 0 for h in c[key]):
             raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
+    if c["kind"] == "resnet" and len(c["blocks"]) != len(c["channels"]):
+        raise SpecError(f"circuit.blocks ({c['blocks']}) needs one entry per stage of "
+                        f"circuit.channels ({c['channels']})")
     return c
 
 

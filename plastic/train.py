@@ -53,6 +53,9 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
                             f"got {list(shape)}")
         model = models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
                                shape[1], circuit["output_scale"])
+    elif kind == "resnet":
+        model = models.ResNet(circuit["blocks"], circuit["channels"], outputs, shape[0],
+                              circuit["stem"], pop, circuit["output_scale"])
     elif kind == "resnet18":
         model = models.resnet18(outputs, shape[0], circuit["stem"], pop)
     elif kind == "resnet20":

@@ -94,3 +94,23 @@ def test_convnet_output_scale_from_a_circuit_spec():
     assert torch.allclose(net(x), 0.25 * net[:-1](x))
     assert not isinstance(build_circuit(resolve_circuit({"kind": "convnet", "channels": [4, 8]}),
                                         (3, 32, 32), 10)[-1], models.Scale)
+
+
+def test_resnet_circuit_from_blocks_and_channels():
+    """kind = "resnet": blocks[i] basic blocks of channels[i] channels per stage, convertible."""
+    from plastic.spec import resolve_circuit
+    from plastic.train import build_circuit
+    c = resolve_circuit({"kind": "resnet", "channels": [8, 16], "blocks": [1, 2],
+                         "output_scale": 0.5})
+    net = plastic.convert(build_circuit(c, (3, 32, 32), 10), "information")
+    convs = [m for _, m in plastic.synapses(net) if isinstance(m, Conv2d)]
+    assert len(convs) == 1 + 2 * 3 + 1  # stem, 3 blocks of 2, one projection shortcut
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x)
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    with pytest.raises(plastic.SpecError, match="one entry per stage"):
+        resolve_circuit({"kind": "resnet", "channels": [8, 16], "blocks": [1]})
+    with pytest.raises(plastic.SpecError, match="stem"):
+        build_circuit(resolve_circuit({"kind": "resnet", "stem": "tiny"}), (3, 32, 32), 10)
