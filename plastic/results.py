@@ -59,6 +59,30 @@ def results_path(d: str | Path) -> Path:
     return d if d.suffix == ".h5" else d / "results.h5"
 
 
+def _spec_differences(old: dict, new: dict) -> list[str]:
+    """The keys (dotted, arms excepted) where a recorded spec and a new one differ.  The recorded
+    spec is first resolved again, so keys added to the schema since it was written take their
+    defaults instead of counting as differences."""
+    from .errors import SpecError
+    from .spec import resolve_protocol
+
+    try:
+        old = json.loads(json.dumps(resolve_protocol(old)))
+    except SpecError:
+        pass
+    new = json.loads(json.dumps(new))
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if not prefix and k == "arms":
+                    continue
+                yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            yield prefix[:-1]
+    return list(walk(old, new, ""))
+
+
 class ResultsWriter:
     """Appends metric rows to ``DIR/results.h5``; every append is flushed to disk."""
 
@@ -73,11 +97,11 @@ class ResultsWriter:
             old = json.loads(self.h5.attrs["spec"])
             merged = dict(old)
             merged["arms"] = {**old.get("arms", {}), **spec["arms"]}
-            if {k: v for k, v in old.items() if k != "arms"} != \
-                    {k: v for k, v in spec.items() if k != "arms"}:
+            differ = _spec_differences(old, spec)
+            if differ:
                 self.h5.close()
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
-                                   "recorded there; use another --out")
+                                   f"recorded there ({', '.join(differ)}); use another --out")
             self.h5.attrs["spec"] = json.dumps(merged)
         else:
             self.h5 = h5py.File(self.path, "w")

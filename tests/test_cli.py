@@ -132,6 +132,18 @@ def test_existing_results_need_resume(tmp_path, capsys):
     assert main(["run", "--out", str(out), "--arms", "bp,fa", "--resume", "-q", "--set", *FAST,
                  "epochs=1"]) == 0
     assert set(results.read(out)["arms"]) == {"bp", "fa"}
+    # a different spec is refused, naming the keys that differ
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--arms", "bp", "--resume", "-q", "--set", *FAST,
+                 "epochs=1", "batch_size=32", "circuit.hidden=[16]"]) == 2
+    assert "(batch_size, circuit.hidden)" in _err_line(capsys)
+    # a spec recorded before a key joined the schema resumes: the key takes its default
+    with h5py.File(results.results_path(out), "a") as f:
+        spec = json.loads(f.attrs["spec"])
+        del spec["circuit"]["blocks"]
+        f.attrs["spec"] = json.dumps(spec)
+    assert main(["run", "--out", str(out), "--arms", "bp,fa", "--resume", "-q", "--set", *FAST,
+                 "epochs=1"]) == 0
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
