@@ -40,6 +40,9 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
     "probe_size": (int, 1000),
     "device": (str, "cpu"),
     "threads": (int, 0),
+    # "channels_last" stores conv weights (and so activity) as NHWC: faster convs on CPU (oneDNN)
+    # and on tensor-core GPUs; numerically the same rules, up to float rounding
+    "memory_format": (str, "contiguous"),
     "feedback": (ANY, "transpose"),
     "optimizer": {
         "name": (str, "sgd"),
@@ -110,6 +113,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
 }
 CIRCUIT_KINDS = ("mlp", "convnet", "resnet", "resnet18", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
@@ -241,6 +245,9 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     for key in ("epochs", "batch_size", "test_batch_size"):
         if spec[key] < 1:
             raise SpecError(f"{key} must be at least 1, got {spec[key]}")
+    if spec["memory_format"] not in MEMORY_FORMATS:
+        raise SpecError(f"unknown memory_format {spec['memory_format']!r}; known: "
+                        f"{', '.join(MEMORY_FORMATS)}")
     if spec["optimizer"]["name"] not in OPTIMIZERS:
         raise SpecError(f"unknown optimizer {spec['optimizer']['name']!r}; known: {', '.join(OPTIMIZERS)}")
     if spec["time"]["steps"] < 1 or spec["time"]["dt"] <= 0:

@@ -236,3 +236,41 @@ def test_learned_feedback_receives_grad_and_optimizer_updates_it():
     assert torch.allclose(x.grad, torch.zeros_like(x))  # B was zero: no error reaches x
     opt.step()
     assert plastic.angle(syn.feedback.weight, -syn.weight.grad) < 1e-3  # B = -lr * grad
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("transpose", {}), ("fa", {}), ("usf", {}), ("dfa", {}), ("kolen-pollack", {}),
+    ({"self": 2.5, "decay": 2.5}, {}),
+    ({"amp": 0.3, "sparse": 0.3}, {"normalize_input": True, "normalize": True}),
+    ({"amp": 0.025, "null": 0.025, "decay": 0.0025},
+     {"normalize_input": True, "normalize": True, "center": "batch"}),
+    ("mirror", {}),
+], ids=["bp", "fa", "usf", "dfa", "kp", "symmetric", "activation", "information", "mirror"])
+def test_channels_last_gives_the_same_training_steps(kind, options):
+    """memory_format = "channels_last" (NHWC weights, B and activity) changes only float rounding:
+    after three SGD steps (and sleep steps for the mirror) every W and B agrees with the
+    contiguous run."""
+    import copy
+    from plastic.learned import sleep_step
+    from plastic.models import convnet
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    a = plastic.convert(convnet(3, [4, 8], 10, "relu", True, 16), kind, options=options).double()
+    with torch.no_grad():
+        a(x[:2].double())  # materialise lazily-shaped feedback (dfa)
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in b.parameters())
+    for net in (a, b):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(net(x.double()), y).backward()
+            opt.step()
+            if kind == "mirror":
+                opt.zero_grad()
+                sleep_step(net, 8, generator=g)
+                opt.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), n

@@ -1,0 +1,68 @@
+"""channels_last against contiguous memory format: one training step (forward, backward with the
+feedback rule, SGD step) of the CIFAR-10 protocol's ConvNet at batch 128, per feedback kind.
+
+The two formats are timed interleaved (A B A B ...) and the medians compared; the candidate is the
+protocol option ``memory_format = "channels_last"``.  Prints one line per kind and, last, one JSON
+object with the milliseconds per step and the ratio channels_last / contiguous.
+
+    python benchmarks/memory_format.py [--rounds 12] [--kinds bp,information]
+"""
+import argparse
+import json
+import statistics
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import plastic
+from plastic import train
+from plastic.spec import resolve_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("bp", "fa", "usf", "information", "activation", "symmetric", "kolen-pollack")
+
+
+def _model(spec, kind, channels_last):
+    arm = spec["arms"][kind]
+    torch.manual_seed(0)
+    m = plastic.convert(train.build_circuit(spec["circuit"], (3, 32, 32), 10), arm["feedback"],
+                        options=arm.get("feedback_options") or {})
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per timed sample")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    args = ap.parse_args()
+    spec = resolve_protocol(tomllib.loads((ROOT / "protocols/cifar10.toml").read_text()))
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    out = {}
+    for kind in args.kinds.split(","):
+        nets = {fmt: _model(spec, kind, fmt == "channels_last") for fmt in ("contiguous", "channels_last")}
+        times = {fmt: [] for fmt in nets}
+        for r in range(args.rounds + 2):  # the first two rounds warm up
+            for fmt, (m, opt) in nets.items():
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    opt.zero_grad()
+                    F.cross_entropy(m(x), y).backward()
+                    opt.step()
+                if r >= 2:
+                    times[fmt].append((time.perf_counter() - t) / args.steps * 1e3)
+        med = {fmt: statistics.median(v) for fmt, v in times.items()}
+        out[kind] = {"contiguous_ms": round(med["contiguous"], 1),
+                     "channels_last_ms": round(med["channels_last"], 1),
+                     "ratio": round(med["channels_last"] / med["contiguous"], 3)}
+        print(kind, out[kind], flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
