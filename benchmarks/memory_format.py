@@ -15,9 +15,9 @@ import tomllib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import plastic
+from overhead import Runner  # benchmarks/overhead.py: one model's timed training steps
 from plastic import train
 from plastic.spec import resolve_protocol
 
@@ -30,9 +30,7 @@ def _model(spec, kind, channels_last):
     torch.manual_seed(0)
     m = plastic.convert(train.build_circuit(spec["circuit"], (3, 32, 32), 10), arm["feedback"],
                         options=arm.get("feedback_options") or {})
-    if channels_last:
-        m = m.to(memory_format=torch.channels_last)
-    return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
 def main():
@@ -45,17 +43,14 @@ def main():
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     out = {}
     for kind in args.kinds.split(","):
-        nets = {fmt: _model(spec, kind, fmt == "channels_last") for fmt in ("contiguous", "channels_last")}
-        times = {fmt: [] for fmt in nets}
+        runners = {fmt: Runner(fmt, _model(spec, kind, fmt == "channels_last"), x, y)
+                   for fmt in ("contiguous", "channels_last")}
+        times = {fmt: [] for fmt in runners}
         for r in range(args.rounds + 2):  # the first two rounds warm up
-            for fmt, (m, opt) in nets.items():
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    opt.zero_grad()
-                    F.cross_entropy(m(x), y).backward()
-                    opt.step()
+            for fmt, runner in runners.items():
+                t = runner.block(args.steps) / args.steps * 1e3
                 if r >= 2:
-                    times[fmt].append((time.perf_counter() - t) / args.steps * 1e3)
+                    times[fmt].append(t)
         med = {fmt: statistics.median(v) for fmt, v in times.items()}
         out[kind] = {"contiguous_ms": round(med["contiguous"], 1),
                      "channels_last_ms": round(med["channels_last"], 1),

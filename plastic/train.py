@@ -229,7 +229,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         model.eval()
         model(ds.normalize(ds.train_x[:2]).to(device))
         model.train()
-    if spec.get("memory_format") == "channels_last":
+    if spec["memory_format"] == "channels_last":
         model = model.to(memory_format=torch.channels_last)  # 4-D weights and B: NHWC
     opt = _optimizer(spec, arm, model)
     if getattr(model, "_constraints", None):
