@@ -26,6 +26,22 @@ AVERAGES = ("batch", "positions")
 _ACTIVITY = ("amp", "null", "sparse")  # primitives that read activity (sums over positions)
 
 
+def _storage_order(x: torch.Tensor) -> torch.Tensor:
+    """A view of x whose dimensions follow its memory order: NHWC for a channels_last tensor
+    (reductions over the batch of a channels_last tensor are ~10x slower on CPU when read as
+    NCHW), x itself otherwise."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+def _batch_centred(x: torch.Tensor) -> torch.Tensor:
+    """x minus its batch mean, in x's memory format."""
+    v = _storage_order(x)
+    c = v - v.mean(0, keepdim=True)
+    return c.permute(0, 3, 1, 2) if v is not x else c
+
+
 class LearnedFeedback(FeedbackSynapse):
     """B learned by the rule ΔB = -Σ_k c_k ∂R_k/∂B (Kunin et al. 2020, Table 1).
 
@@ -116,9 +132,9 @@ class LearnedFeedback(FeedbackSynapse):
         options.  Both ``grad`` and ``values`` read it, so the recorded primitive values are those
         of the objective being minimised."""
         if self.center == "batch":
-            x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+            x, y = _batch_centred(x), _batch_centred(y)
         if self.normalize_input:
-            inv = x.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
+            inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).reciprocal()
             x = x * inv.view(-1, *([1] * (x.dim() - 1)))
             y = y * inv.view(-1, *([1] * (y.dim() - 1)))
         return x, y

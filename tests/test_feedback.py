@@ -274,3 +274,20 @@ def test_channels_last_gives_the_same_training_steps(kind, options):
                 opt.step()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), n
+
+
+def test_rule_activity_keeps_the_channels_last_layout():
+    """``prepare`` (batch centring, per-sample normalisation) reads a channels_last activity in its
+    own memory order and returns it channels_last, with the same values as on NCHW."""
+    from plastic.learned import LearnedFeedback
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    y = F.conv2d(x, w)
+    fb = LearnedFeedback(w, "information", normalize_input=True, center="batch")
+    xa, ya = fb.prepare(x, y)
+    cl = torch.channels_last
+    xb, yb = fb.prepare(x.contiguous(memory_format=cl), y.contiguous(memory_format=cl))
+    assert xb.is_contiguous(memory_format=cl) and yb.is_contiguous(memory_format=cl)
+    assert torch.allclose(xa, xb, atol=1e-6) and torch.allclose(ya, yb, atol=1e-6)
+    xc = x - x.mean(0, keepdim=True)
+    assert torch.allclose(xa, xc / xc.flatten(1).norm(dim=1).view(-1, 1, 1, 1), atol=1e-6)
