@@ -3,7 +3,6 @@ event-driven propagation (equal to the dense product), plus the benchmark's smok
 import importlib.util
 import io
 import json
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from unittest import mock
@@ -214,13 +213,12 @@ def test_benchmark_quick_run_reports_identical_spikes():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
-    buf, t0 = io.StringIO(), time.perf_counter()
+    buf = io.StringIO()
     try:
         with redirect_stdout(buf):
             bench.main(["--quick", "--rounds", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert time.perf_counter() - t0 < 20
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     for key in ["identical_spikes", "a.speedup_vs_norse", "b.speedup_vs_norse",
                 "a.median_ms_ours", "a.median_ms_norse", "b.median_ms_ours", "b.median_ms_norse",
