@@ -12,6 +12,7 @@ reported in one line with exit status 2.  Ctrl-C keeps the finished epochs (exit
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ def _cmd_run(args):
     except KeyboardInterrupt:
         if rp.exists():
             _report([rp], False, figures=True)
+        again = ["plastic", "run", *([args.protocol] if args.protocol else []), "--out", str(out),
+                 *(["--arms", args.arms] if args.arms else []),
+                 *(["--set", *args.set] if args.set else []), "--resume"]
         print(f"\nplastic: interrupted; finished epochs are kept in {rp} "
-              f"(continue with: plastic run {args.protocol or ''} --out {out} --resume)",
-              file=sys.stderr)
+              f"(continue with: {shlex.join(again)})", file=sys.stderr)
         return 130
     _report([rp], args.markdown, figures=True)
     return 0

@@ -2,8 +2,11 @@
 optimizer and schedule) with its own feedback rule, and metrics go to the results file per epoch."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +216,24 @@ class _Progress:
             print(msg, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C (SIGINT) inside this block is held until the block ends, then raised: the
+    end-of-epoch writes (the results row, the recording, the checkpoint) happen all or not at
+    all, so an interrupted run's results file and checkpoint always agree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:  # a handler installed outside Python reads back as None
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _checkpoint_path(out_dir: Path, arm: str, seed: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"{arm}-seed{seed}.pt"
 
@@ -271,7 +292,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     else:
         writer.drop_rows(arm_name, seed, from_epoch=0)
 
-    def record(epoch, train_loss, wall_time):
+    def measure(epoch, train_loss, wall_time):
+        """The epoch's metrics row (and recording), computed but not yet written."""
         acc, test_loss, st = evaluate(model, ds, spec["test_batch_size"], device, stats=True)
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
@@ -279,16 +301,21 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
         row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
         row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
-        update, signal = hidden_angles(model, loss_fn, probe_x, probe_y)
+        update, signal_angles = hidden_angles(model, loss_fn, probe_x, probe_y)
         row.update({f"update_angle/{k}": v for k, v in update.items()})
-        row.update({f"signal_angle/{k}": v for k, v in signal.items()})
+        row.update({f"signal_angle/{k}": v for k, v in signal_angles.items()})
+        rec = recording(model, rec_x, spec["record"]) if spec["record"]["samples"] > 0 else None
+        return row, rec
+
+    def write(epoch, row, rec):
         writer.append(arm_name, row)
-        if spec["record"]["samples"] > 0:
-            writer.write_recording(arm_name, seed, epoch, recording(model, rec_x, spec["record"]))
-        return row
+        if rec is not None:
+            writer.write_recording(arm_name, seed, epoch, rec)
 
     if start_epoch == 1:
-        row = record(0, math.nan, 0.0)
+        row, rec = measure(0, math.nan, 0.0)
+        with _deferred_interrupt():
+            write(0, row, rec)
         progress.epoch(f"[{arm_name} seed {seed}] epoch 0: test acc {100 * row['test_accuracy']:.2f}%")
     for epoch in range(start_epoch, spec["epochs"] + 1):
         t0 = time.perf_counter()
@@ -321,13 +348,15 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             n += len(y)
             progress.update(lv)
         wall += time.perf_counter() - t0
-        row = record(epoch, total / n, wall)
+        row, rec = measure(epoch, total / n, wall)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "schedule": sched.state_dict(), "generator": gen.get_state(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall},
-                   str(ckpt) + ".tmp")
-        Path(str(ckpt) + ".tmp").replace(ckpt)
+        with _deferred_interrupt():  # the row and the checkpoint of this epoch, or neither
+            write(epoch, row, rec)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(), "generator": gen.get_state(),
+                        "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall},
+                       str(ckpt) + ".tmp")
+            Path(str(ckpt) + ".tmp").replace(ckpt)
         ua = [v for k, v in row.items() if k.startswith("update_angle/")]
         angle_txt = f", update angle {sum(ua) / len(ua):.1f}°" if ua else ""
         progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "

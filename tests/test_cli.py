@@ -1,6 +1,7 @@
 """The command line: runs, reports, and one-line errors with exit status 2 on bad input."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -170,6 +171,35 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
     assert f"resumed after epoch {kept}" in rc.stderr
     m = results.read(out)["arms"]["fa"]["metrics"]
     assert list(m["epoch"]) == list(range(41))
+
+
+def test_ctrl_c_during_the_epoch_writes_leaves_results_and_checkpoint_agreeing(tmp_path, capsys,
+                                                                              monkeypatch):
+    """SIGINT arriving in the middle of an epoch's results row is held until that row and the
+    epoch's checkpoint are both written; then the run stops with status 130."""
+    import torch
+    out = tmp_path / "w"
+    real_append = results.ResultsWriter.append
+
+    def append(self, arm, row):
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # lands between the datasets' resizes
+        real_append(self, arm, row)
+
+    monkeypatch.setattr(results.ResultsWriter, "append", append)
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST, "epochs=5"]) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    m = results.read(out)["arms"]["fa"]["metrics"]
+    assert list(m["epoch"]) == [0, 1, 2] and all(len(v) == 3 for v in m.values())
+    ckpt = torch.load(out / "checkpoints" / "fa-seed0.pt", weights_only=False)
+    assert ckpt["epoch"] == 2
+    monkeypatch.setattr(results.ResultsWriter, "append", real_append)
+    hint = capsys.readouterr().err.split("continue with: ")[1].rsplit(")", 1)[0]
+    again = shlex.split(hint)  # the command the message gives, run as given
+    assert again[:2] == ["plastic", "run"] and "--resume" in again
+    assert main(again[1:]) == 0
+    assert "resumed after epoch 2" in capsys.readouterr().err
+    assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1, 2, 3, 4, 5]
 
 
 def test_plastic_with_only_options_runs_the_quickstart(tmp_path, capsys):
