@@ -403,7 +403,7 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
                 axx.set_xlabel("epoch")
             if j == 0:
                 axx.set_ylabel("degrees")
-            if axx.lines:
+            if axx.get_legend_handles_labels()[1]:  # the 90° guide line has no label
                 axx.legend(fontsize=6, title="synapse", title_fontsize=6)
     fig.tight_layout()
     files.append(out_dir / "angles.png")
