@@ -220,16 +220,18 @@ class _Progress:
 def _deferred_interrupt():
     """Ctrl-C (SIGINT) inside this block is held until the block ends, then raised: the
     end-of-epoch writes (the results row, the recording, the checkpoint) happen all or not at
-    all, so an interrupted run's results file and checkpoint always agree."""
-    if threading.current_thread() is not threading.main_thread():
+    all, so an interrupted run's results file and checkpoint always agree.  A process that
+    ignores SIGINT (a background job) or handles it itself is left as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
-    finally:  # a handler installed outside Python reads back as None
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
 

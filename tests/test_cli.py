@@ -152,7 +152,9 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
     cmd = [sys.executable, "-m", "plastic.cli", "run", "--out", str(out), "--arms", "fa", "--set",
            *FAST, "epochs=40", "train_limit=2000"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    # a background job inherits SIGINT ignored; the child gets Python's default Ctrl-C handling
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     for line in p.stderr:
         if "epoch 3/40" in line or time.time() > deadline:
@@ -187,8 +189,13 @@ def test_ctrl_c_during_the_epoch_writes_leaves_results_and_checkpoint_agreeing(t
         real_append(self, arm, row)
 
     monkeypatch.setattr(results.ResultsWriter, "append", append)
-    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST, "epochs=5"]) == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST,
+                     "epochs=5"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     m = results.read(out)["arms"]["fa"]["metrics"]
     assert list(m["epoch"]) == [0, 1, 2] and all(len(v) == 3 for v in m.values())
     ckpt = torch.load(out / "checkpoints" / "fa-seed0.pt", weights_only=False)
@@ -200,6 +207,17 @@ def test_ctrl_c_during_the_epoch_writes_leaves_results_and_checkpoint_agreeing(t
     assert main(again[1:]) == 0
     assert "resumed after epoch 2" in capsys.readouterr().err
     assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_run_that_ignores_ctrl_c_keeps_ignoring_it_during_the_epoch_writes():
+    from plastic.train import _deferred_interrupt
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a background job
+    try:
+        with _deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_plastic_with_only_options_runs_the_quickstart(tmp_path, capsys):
