@@ -285,4 +285,4 @@ def test_recorded_values_are_the_minimised_objective(make):
 
     B0, d, eps = fb.weight.detach().clone(), torch.randn_like(g), 1e-3
     slope = (objective(B0 + eps * d) - objective(B0 - eps * d)) / (2 * eps)
-    assert slope == pytest.approx(float((g * d).sum()), rel=1e-6)
+    assert slope == pytest.approx(float((g * d).sum().detach()), rel=1e-6)
