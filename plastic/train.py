@@ -351,14 +351,11 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             progress.update(lv)
         wall += time.perf_counter() - t0
         row, rec = measure(epoch, total / n, wall)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
         with _deferred_interrupt():  # the row and the checkpoint of this epoch, or neither
             write(epoch, row, rec)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "schedule": sched.state_dict(), "generator": gen.get_state(),
-                        "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall},
-                       str(ckpt) + ".tmp")
-            Path(str(ckpt) + ".tmp").replace(ckpt)
+            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "schedule": sched.state_dict(), "generator": gen.get_state(),
+                          "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall}, ckpt)
         ua = [v for k, v in row.items() if k.startswith("update_angle/")]
         angle_txt = f", update angle {sum(ua) / len(ua):.1f}°" if ua else ""
         progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "
@@ -387,10 +384,14 @@ def _weights_path(out_dir: Path, arm: str, seed: int) -> Path:
 
 def _save_weights(model, out_dir, arm, seed):
     """The trained circuit's state (for conversion arms and later analysis), written atomically."""
-    p = _weights_path(out_dir, arm, seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), str(p) + ".tmp")
-    Path(str(p) + ".tmp").replace(p)
+    _save_atomic(model.state_dict(), _weights_path(out_dir, arm, seed))
+
+
+def _save_atomic(obj, path: Path):
+    """torch.save to a temporary file, then renamed over ``path``: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, str(path) + ".tmp")
+    Path(str(path) + ".tmp").replace(path)
 
 
 def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
