@@ -448,11 +448,8 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
-    for a in names:  # validate every arm before writing anything
-        plain = build_circuit(spec["circuit"], ds.input_shape, ds.n_classes,
-                              spec["arms"][a].get("population"), spec["time"], ds)
-        convert(plain, spec["arms"][a]["feedback"], output=spec["arms"][a]["output"] or None,
-                options=spec["arms"][a].get("feedback_options") or None, inplace=True)
+    for a in names:  # validate every arm, built as run_arm builds it, before writing anything
+        _model(spec, spec["arms"][a], spec["seeds"][0], ds)
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)

@@ -49,6 +49,6 @@ def test_every_arm_of_a_shipped_protocol_builds_and_steps(name):
             assert syn.weight.grad is not None and torch.isfinite(syn.weight.grad).all(), \
                 f"{name}.{arm_name}: synapse {syn_name} got no finite weight gradient"
             fb = syn.feedback
-            if isinstance(fb, LearnedFeedback) and getattr(fb, "drive", "data") != "sleep":
+            if isinstance(fb, LearnedFeedback) and fb.drive != "sleep":
                 assert fb.weight.grad is not None and torch.isfinite(fb.weight.grad).all(), \
                     f"{name}.{arm_name}: learned feedback of {syn_name} wrote no finite B.grad"
