@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -343,6 +344,11 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                      [fmt.format(*b) for b in body])
 
 
+def _natural(name: str) -> list:
+    """Sort key that orders numbered synapses by number: "2" < "13", "conv2" < "conv10"."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
 def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """learning_curves.png and angles.png from a results file."""
     import matplotlib
@@ -386,16 +392,22 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     plt.close(fig)
 
     n = len(arms)
+    prefixes = (("update_angle/", "update ∠ to BP"), ("angle/", "∠(B, Wᵀ)"))
+    # one colour per synapse in every panel, synapses in circuit order ("2" before "13")
+    names = sorted({k.split("/", 1)[1] for a in arms.values() for k in a["metrics"]
+                    if k.startswith(tuple(p for p, _ in prefixes))}, key=_natural)
+    colour = {s: f"C{i % 10}" for i, s in enumerate(names)}
     fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.5), squeeze=False, sharey="row")
     for j, (arm, a) in enumerate(arms.items()):
         m = a["metrics"]
-        for i, (prefix, title) in enumerate((("update_angle/", "update ∠ to BP"),
-                                             ("angle/", "∠(B, Wᵀ)"))):
+        for i, (prefix, title) in enumerate(prefixes):
             axx = axes[i][j]
-            for k in sorted(x for x in m if x.startswith(prefix)):
-                ep, v = mean_curve(m, k)
+            for s in names:
+                if prefix + s not in m:
+                    continue
+                ep, v = mean_curve(m, prefix + s)
                 if not np.all(np.isnan(v)):
-                    axx.plot(ep, v, marker=".", label=k[len(prefix):])
+                    axx.plot(ep, v, marker=".", color=colour[s], label=s)
             axx.set_ylim(0, 100)
             axx.axhline(90, color="gray", lw=0.5, ls="--")
             axx.set_title(f"{arm}: {title}", fontsize=9)

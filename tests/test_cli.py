@@ -51,6 +51,28 @@ def test_quickstart_protocol_runs_writes_results_and_reports(tmp_path, capsys):
     assert "fa" in capsys.readouterr().out
 
 
+def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, monkeypatch):
+    """Synapse "13" comes after "3", not before it, and has the same colour in every panel (the
+    readout has a B-W angle but no update angle, so the rows hold different sets)."""
+    import matplotlib.figure
+    saved = {}
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
+                                                 real(fig, path, **kw))[1])
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--arms", "bp,fa", "-q", "--set", *FAST[1:],
+                 "epochs=1", "circuit.hidden=[16,16,16,16,16,16]"]) == 0
+    colours, orders = {}, []
+    for ax in saved["angles.png"].axes:
+        lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        orders.append([ln.get_label() for ln in lines])
+        for ln in lines:
+            assert colours.setdefault(ln.get_label(), ln.get_color()) == ln.get_color()
+    assert max(orders, key=len) == ["1", "3", "5", "7", "9", "11", "13"]
+    assert len(set(colours.values())) == len(colours)
+
+
 def test_seeds_give_mean_and_std_and_same_seed_same_numbers(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     sets = [*FAST, "seeds=[0,1]", "epochs=1"]
