@@ -181,8 +181,11 @@ def _optimizer(spec, arm, model):
 def _schedule(spec, opt, steps_per_epoch, lr):
     s, total = spec["schedule"], spec["epochs"] * steps_per_epoch
     if s["name"] == "onecycle":
+        # torch divides by zero when the warm-up is exactly one step (pct_start * total == 1), as
+        # in a short smoke run; a warm-up of one step or less is no warm-up
+        pct = s["pct_start"] if s["pct_start"] * total > 1 else 0.0
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=total, pct_start=s["pct_start"],
+            opt, max_lr=lr, total_steps=total, pct_start=pct,
             div_factor=s["div_factor"], final_div_factor=s["final_div_factor"],
             cycle_momentum=False)
     if s["name"] == "cosine":

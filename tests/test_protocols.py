@@ -52,3 +52,23 @@ def test_every_arm_of_a_shipped_protocol_builds_and_steps(name):
             if isinstance(fb, LearnedFeedback) and fb.drive != "sleep":
                 assert fb.weight.grad is not None and torch.isfinite(fb.weight.grad).all(), \
                     f"{name}.{arm_name}: learned feedback of {syn_name} wrote no finite B.grad"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8, 100])
+def test_onecycle_schedule_runs_through_short_runs(steps):
+    """A smoke run of a few steps (4 steps at pct_start 0.25 made torch divide by zero) goes
+    through the whole schedule, peaks at the arm's lr and ends far below it."""
+    from plastic.train import _schedule
+    spec = load_protocol("cifar10")
+    spec["epochs"] = 1
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = _schedule(spec, opt, steps, 0.2)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(math.isfinite(v) for v in lrs)
+    assert max(lrs) <= 0.2 + 1e-12
+    if steps >= 4:
+        assert max(lrs) > 0.1 and lrs[-1] < 0.01
