@@ -117,6 +117,34 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
+# numeric settings outside their range: one-line errors here, not tracebacks from torch later
+_RANGES = [
+    ("train_limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("test_limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("probe_size", lambda v: v >= 0, ">= 0"),
+    ("threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
+    ("optimizer.lr", lambda v: v >= 0, ">= 0"),
+    ("optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("schedule.pct_start", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("schedule.div_factor", lambda v: v > 0, "> 0"),
+    ("schedule.final_div_factor", lambda v: v > 0, "> 0"),
+    ("loss.label_smoothing", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("sleep.every", lambda v: v >= 0, ">= 0 (0: no sleep phases)"),
+    ("sleep.batches", lambda v: v >= 1, ">= 1"),
+    ("sleep.batch_size", lambda v: v >= 1, ">= 1"),
+    ("augment.shift", lambda v: v >= 0, ">= 0"),
+    ("record.samples", lambda v: v >= 0, ">= 0"),
+    ("record.every", lambda v: v >= 1, ">= 1"),
+]
+
+
+def _get(spec: dict, dotted: str):
+    for key in dotted.split("."):
+        spec = spec[key]
+    return spec
+
+
 def _suggest(key, known):
     m = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {m[0]!r}?)" if m else ""
@@ -258,6 +286,10 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
                         f"circuit.delay >= 0; got {c['excitatory']}, {c['connectivity']}, {c['delay']}")
     if spec["schedule"]["name"] not in SCHEDULES:
         raise SpecError(f"unknown schedule {spec['schedule']['name']!r}; known: {', '.join(SCHEDULES)}")
+    for where, ok, what in _RANGES:
+        value = _get(spec, where)
+        if not ok(value):
+            raise SpecError(f"{where} must be {what}, got {value!r}")
     arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
     resolved = {}
     for name, arm in arms.items():
@@ -276,6 +308,9 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
              "population": arm.get("population", ""),
              "convert_from": arm.get("convert_from", ""),
              "learning": arm.get("learning", "backprop")}
+        for key in ("lr", "weight_decay"):
+            if a[key] < 0:
+                raise SpecError(f"arms.{name}.{key} must be >= 0, got {a[key]!r}")
         if a["learning"] not in LEARNING:
             raise SpecError(f"arms.{name}.learning must be one of {', '.join(LEARNING)}, "
                             f"got {a['learning']!r}")

@@ -106,6 +106,13 @@ def test_run_in_parts_and_combined_report(tmp_path, capsys):
     (["circuit=nonexistent"], "unknown circuit 'nonexistent'"),
     (["data=no-such-data"], "data set 'no-such-data' not found"),
     (["schedule.name=warp"], "unknown schedule 'warp'"),
+    (["schedule.pct_start=1"], "schedule.pct_start must be in [0, 1), got 1"),
+    (["schedule.div_factor=0"], "schedule.div_factor must be > 0"),
+    (["optimizer.momentum=-0.5"], "optimizer.momentum must be in [0, 1)"),
+    (["arms.bp.lr=-1"], "arms.bp.lr must be >= 0, got -1"),
+    (["loss.label_smoothing=2"], "loss.label_smoothing must be in [0, 1]"),
+    (["augment.shift=-1"], "augment.shift must be >= 0"),
+    (["train_limit=-5"], "train_limit must be >= 0"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
     rc = main(["run", "--out", str(tmp_path / "x"), "--set", *sets])
