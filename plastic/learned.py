@@ -94,6 +94,9 @@ class LearnedFeedback(FeedbackSynapse):
             raise SpecError(f"feedback option every must be a positive integer, got {every!r}")
         if not 0 < float(subsample) <= 1:
             raise SpecError(f"feedback option subsample must be in (0, 1], got {subsample!r}")
+        if not float(noise) >= 0 or not float(sigma) > 0:
+            raise SpecError(f"feedback options noise must be >= 0 and sigma > 0 (standard "
+                            f"deviations), got noise={noise!r}, sigma={sigma!r}")
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
         self.every, self.subsample = every, float(subsample)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen

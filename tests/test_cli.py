@@ -113,6 +113,11 @@ def test_run_in_parts_and_combined_report(tmp_path, capsys):
     (["loss.label_smoothing=2"], "loss.label_smoothing must be in [0, 1]"),
     (["augment.shift=-1"], "augment.shift must be >= 0"),
     (["train_limit=-5"], "train_limit must be >= 0"),
+    (['arms.fa.feedback={amp="a"}'], "arms.fa.feedback: coefficient of 'amp' must be a number"),
+    (["arms.fa.feedback={ampp=1}"], "arms.fa.feedback: unknown primitive 'ampp'"),
+    (["arms.fa.feedback={amp=1,nul=2}"], "arms.fa.feedback: unknown primitive 'nul'"),
+    (['arms.fa.feedback={"3"="fa","*"={amp=1,decay="x"}}'],
+     "arms.fa.feedback.*: coefficient of 'decay' must be a number, got 'x'"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
     rc = main(["run", "--out", str(tmp_path / "x"), "--set", *sets])

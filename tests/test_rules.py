@@ -222,6 +222,9 @@ def test_feedback_options_every_subsample_noise_and_errors():
         plastic.convert(plastic.models.mlp(7, [5], 3), "kolen-pollack", options={"noise": 1.0})
     with pytest.raises(plastic.SpecError, match="subsample"):
         LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0)
+    for bad in ({"noise": -0.1}, {"sigma": -1.0}, {"sigma": 0.0}):
+        with pytest.raises(plastic.SpecError, match="noise must be >= 0 and sigma > 0"):
+            LearnedFeedback(syn.weight, {"amp": 1.0}, **bad)
     with pytest.raises(plastic.SpecError, match="apply to learned feedback only"):
         plastic.Dense(3, 2).set_feedback("fa", options={"noise": 1.0})
     with pytest.raises(plastic.SpecError, match="apply to learned feedback only"):
