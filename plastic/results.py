@@ -60,6 +60,9 @@ def results_path(d: str | Path) -> Path:
     return d if d.suffix == ".h5" else d / "results.h5"
 
 
+EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
+
+
 def _spec_differences(old: dict, new: dict) -> list[str]:
     """The keys (dotted, arms excepted) where a recorded spec and a new one differ.  The recorded
     spec is first resolved again, so keys added to the schema since it was written take their
@@ -67,7 +70,8 @@ def _spec_differences(old: dict, new: dict) -> list[str]:
     from .errors import SpecError
     from .spec import resolve_protocol
 
-    try:
+    try:  # with this machine's device: a spec recorded on a GPU must resolve on a CPU too
+        old = {**old, **{k: new[k] for k in EXECUTION_KEYS if k in new}}
         old = json.loads(json.dumps(resolve_protocol(old)))
     except SpecError:
         pass
@@ -76,7 +80,7 @@ def _spec_differences(old: dict, new: dict) -> list[str]:
     def walk(a, b, prefix):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if not prefix and k == "arms":
+                if not prefix and (k == "arms" or k in EXECUTION_KEYS):
                     continue
                 yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
         elif a != b:
@@ -98,6 +102,9 @@ class ResultsWriter:
             old = json.loads(self.h5.attrs["spec"])
             merged = dict(old)
             merged["arms"] = {**old.get("arms", {}), **spec["arms"]}
+            # where the run executes is not part of the experiment: a run started on a GPU can
+            # be resumed on a CPU, or with other threads; the spec records the latest
+            merged.update({k: spec[k] for k in EXECUTION_KEYS if k in spec})
             differ = _spec_differences(old, spec)
             if differ:
                 self.h5.close()

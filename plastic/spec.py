@@ -139,6 +139,24 @@ _RANGES = [
 ]
 
 
+def _check_device(name: str) -> None:
+    """The device must exist here: a one-line error before anything is written, not torch's
+    assertion at the first .to(device)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") \
+            from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise SpecError(f"device {name!r} is not available on this machine ({n} CUDA "
+                            f"device(s) visible to torch {torch.__version__}); use device=\"cpu\"")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SpecError(f"device {name!r} is not available on this machine; use device=\"cpu\"")
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -294,6 +312,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     if spec["memory_format"] not in MEMORY_FORMATS:
         raise SpecError(f"unknown memory_format {spec['memory_format']!r}; known: "
                         f"{', '.join(MEMORY_FORMATS)}")
+    _check_device(spec["device"])
     if spec["optimizer"]["name"] not in OPTIMIZERS:
         raise SpecError(f"unknown optimizer {spec['optimizer']['name']!r}; known: {', '.join(OPTIMIZERS)}")
     if spec["time"]["steps"] < 1 or spec["time"]["dt"] <= 0:

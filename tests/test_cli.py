@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from plastic import results
 from plastic.cli import main
@@ -113,6 +114,8 @@ def test_run_in_parts_and_combined_report(tmp_path, capsys):
     (["loss.label_smoothing=2"], "loss.label_smoothing must be in [0, 1]"),
     (["augment.shift=-1"], "augment.shift must be >= 0"),
     (["train_limit=-5"], "train_limit must be >= 0"),
+    (["device=gpu"], "device 'gpu' is not a torch device"),
+    (["device=cuda:99"], "device 'cuda:99' is not available on this machine"),
     (['arms.fa.feedback={amp="a"}'], "arms.fa.feedback: coefficient of 'amp' must be a number"),
     (["arms.fa.feedback={ampp=1}"], "arms.fa.feedback: unknown primitive 'ampp'"),
     (["arms.fa.feedback={amp=1,nul=2}"], "arms.fa.feedback: unknown primitive 'nul'"),
@@ -179,6 +182,21 @@ def test_existing_results_need_resume(tmp_path, capsys):
         f.attrs["spec"] = json.dumps(spec)
     assert main(["run", "--out", str(out), "--arms", "bp,fa", "--resume", "-q", "--set", *FAST,
                  "epochs=1"]) == 0
+    # where a run executes is not part of it: a run recorded on a GPU resumes here, with other
+    # threads, and the spec then records this machine's settings
+    with h5py.File(results.results_path(out), "a") as f:
+        spec = json.loads(f.attrs["spec"])
+        spec["device"] = "cuda:0"
+        f.attrs["spec"] = json.dumps(spec)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "--out", str(out), "--arms", "bp,fa,usf", "--resume", "-q", "--set",
+                     *FAST[:-1], "threads=2", "epochs=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = results.read(out)
+    assert set(r["arms"]) == {"bp", "fa", "usf"}
+    assert r["spec"]["device"] == "cpu" and r["spec"]["threads"] == 2
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
