@@ -272,10 +272,22 @@ def cifar10_from_python_tarball(blob: bytes) -> dict:
             "test": batches["test_batch"]}
 
 
+def _writable(out: Path) -> Path:
+    """``out``, once its directory exists and is writable: checked before a download, not after."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}; set PLASTIC_DATA to a writable "
+                        f"directory") from None
+    return out
+
+
 def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
                   canonical: bool = True, verify: bool = True) -> Path:
     spec = CIFAR10
-    out = Path(out) if out else dataset_path("cifar10")
+    out = _writable(Path(out) if out else dataset_path("cifar10"))
     if source_dir is not None:
         split, src = cifar10_from_sprites(Path(source_dir)), f"local:{source_dir}"
     else:
@@ -310,7 +322,7 @@ def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(FETCHABLE)}")
     spec = DATASETS[name]
-    out = Path(out) if out else dataset_path(name)
+    out = _writable(Path(out) if out else dataset_path(name))
     sha = spec["sha256"] if verify else None
     if source_dir is not None:
         files = {f: _read_maybe_gz(p) for f, p in find_idx_files(Path(source_dir)).items()}

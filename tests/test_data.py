@@ -103,3 +103,18 @@ def test_cifar10_sprites_decode_to_chw_images(tmp_path, capsys):
     (tmp_path / "test_batch.png").unlink()
     assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 2
     assert "missing CIFAR-10 sprite files ['test_batch.png']" in capsys.readouterr().err
+
+
+def test_an_unwritable_data_directory_is_reported_before_any_download(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A PLASTIC_DATA under a regular file cannot hold the HDF5 file: one line, exit 2, and no
+    download is attempted (the canonical source would fail the test by touching the network)."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("PLASTIC_DATA", str(tmp_path / "afile" / "sub"))
+    monkeypatch.setattr(data, "_from_canonical", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(DataError, match="cannot write .*set PLASTIC_DATA to a writable"):
+            data.fetch(name)
+        assert main(["data", "fetch", name]) == 2
+        assert "cannot write" in capsys.readouterr().err
