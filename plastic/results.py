@@ -63,29 +63,39 @@ def results_path(d: str | Path) -> Path:
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
 
 
-def _spec_differences(old: dict, new: dict) -> list[str]:
-    """The keys (dotted, arms excepted) where a recorded spec and a new one differ.  The recorded
-    spec is first resolved again, so keys added to the schema since it was written take their
-    defaults instead of counting as differences."""
+def _resolved(spec: dict, like: dict | None = None) -> dict:
+    """``spec`` resolved again, so keys added to the schema since it was written take their
+    defaults; where it executes is taken from ``like`` (or the CPU), so a spec recorded on a GPU
+    resolves here too."""
     from .errors import SpecError
     from .spec import resolve_protocol
 
-    try:  # with this machine's device: a spec recorded on a GPU must resolve on a CPU too
-        old = {**old, **{k: new[k] for k in EXECUTION_KEYS if k in new}}
-        old = json.loads(json.dumps(resolve_protocol(old)))
+    try:
+        spec = {**spec, **({k: like[k] for k in EXECUTION_KEYS if k in like} if like
+                           else {"device": "cpu"})}
+        return json.loads(json.dumps(resolve_protocol(spec)))
     except SpecError:
-        pass
-    new = json.loads(json.dumps(new))
+        return json.loads(json.dumps(spec))
 
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if not prefix and (k == "arms" or k in EXECUTION_KEYS):
-                    continue
-                yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
-        elif a != b:
+
+def _differences(a: dict, b: dict, ignore=()) -> list[str]:
+    """The dotted keys where two specs differ, arms, where they execute and ``ignore`` (dotted
+    keys) aside."""
+    skip = {"arms", *EXECUTION_KEYS, *ignore}
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                if f"{prefix}{k}" not in skip:
+                    yield from walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
             yield prefix[:-1]
-    return list(walk(old, new, ""))
+    return list(walk(a, b, ""))
+
+
+def _spec_differences(old: dict, new: dict) -> list[str]:
+    """The keys (dotted, arms excepted) where a recorded spec and a new, resolved one differ."""
+    return _differences(_resolved(old, like=new), json.loads(json.dumps(new)))
 
 
 class ResultsWriter:
@@ -277,33 +287,76 @@ def _ordered_arms(r: dict) -> list[tuple[str, dict]]:
                   key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
 
+#: what two results files may differ in and still pool an arm's seeds
+_NOT_THE_EXPERIMENT = ("seeds", "name", "description", "circuit.name", "circuit.description")
+
+
 def summary(results: list[dict]) -> list[dict]:
-    """One row per arm (later files override earlier ones for the same arm)."""
-    rows = {}
+    """One row per arm.  Files that ran an arm under the same spec (a protocol run in parts, or
+    one seed per file) pool its seeds, a later file's seed replacing an earlier one's.  An arm run
+    under different specs (another data set, other epochs, another rule under the same name)
+    gets one row per spec, named ``arm [directory]``, with the keys that differ in
+    ``row["differs"]``: a table never shows one experiment's figures under another's name."""
+    groups: dict[str, list[dict]] = {}
     for r in results:
+        spec = _resolved(r["spec"])
         for arm, a in _ordered_arms(r):
             fin = final_rows(a["metrics"])
             if not fin:
                 continue
-            per_seed = list(fin.values())
-            ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")])
-                  for f in per_seed]
-            wa = [_nanmean([v for k, v in f.items() if k.startswith("angle/")]) for f in per_seed]
-            fb = a["attrs"].get("feedback", "")
-            rows[arm] = {
-                "arm": arm, "feedback": fb if isinstance(fb, str) else json.dumps(fb),
-                "lr": a["attrs"].get("lr", float("nan")),
-                "seeds": len(per_seed), "epochs": int(max(f["epoch"] for f in per_seed)),
-                "test_accuracy": [f["test_accuracy"] for f in per_seed],
-                "update_angle": ua, "weight_angle": wa,
-                "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
-                "population": a["attrs"].get("population", ""),
-                "convert_from": a["attrs"].get("convert_from", ""),
-                "learning": a["attrs"].get("learning", "backprop"),
-                **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
-                "done": len(a["attrs"].get("done_seeds", [])),
-            }
-    return list(rows.values())
+            arm_spec = spec.get("arms", {}).get(arm, a["attrs"].get("feedback"))
+            for g in groups.setdefault(arm, []):
+                differs = _differences(g["spec"], spec, _NOT_THE_EXPERIMENT)
+                if g["arm_spec"] != arm_spec:
+                    differs.append(f"arms.{arm}")
+                if not differs:
+                    break
+            else:
+                first = groups[arm][0] if groups[arm] else None
+                differs = [] if first is None else (
+                    _differences(first["spec"], spec, _NOT_THE_EXPERIMENT)
+                    + ([f"arms.{arm}"] if first["arm_spec"] != arm_spec else []))
+                g = {"spec": spec, "arm_spec": arm_spec, "fin": {}, "done": set(), "paths": [],
+                     "differs": differs}
+                groups[arm].append(g)
+            g["fin"].update(fin)
+            g["done"] |= set(a["attrs"].get("done_seeds", []))
+            g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
+    rows = []
+    for arm, gs in groups.items():
+        labels = _labels([g["paths"] for g in gs])
+        for g, label in zip(gs, labels):
+            rows.append(_row(arm if len(gs) == 1 else f"{arm} [{label}]", g))
+    return rows
+
+
+def _labels(groups: list[list[str]]) -> list[str]:
+    """Short names for groups of results files: their directories, or whole paths where those
+    clash."""
+    names = [", ".join(Path(p).parent.name or str(p) for p in ps) for ps in groups]
+    return names if len(set(names)) == len(names) else [", ".join(ps) for ps in groups]
+
+
+def _row(name: str, g: dict) -> dict:
+    per_seed = [g["fin"][s] for s in sorted(g["fin"])]
+    a = g["attrs"]
+    ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")]) for f in per_seed]
+    wa = [_nanmean([v for k, v in f.items() if k.startswith("angle/")]) for f in per_seed]
+    fb = a.get("feedback", "")
+    return {
+        "arm": name, "feedback": fb if isinstance(fb, str) else json.dumps(fb),
+        "lr": a.get("lr", float("nan")),
+        "seeds": len(per_seed), "epochs": int(max(f["epoch"] for f in per_seed)),
+        "test_accuracy": [f["test_accuracy"] for f in per_seed],
+        "update_angle": ua, "weight_angle": wa,
+        "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
+        "population": a.get("population", ""),
+        "convert_from": a.get("convert_from", ""),
+        "learning": a.get("learning", "backprop"),
+        **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
+        "done": len(g["done"] & set(g["fin"])),
+        "differs": g["differs"],
+    }
 
 
 def _has_stats(rows) -> bool:

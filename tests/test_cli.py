@@ -97,6 +97,26 @@ def test_run_in_parts_and_combined_report(tmp_path, capsys):
     assert any(l.startswith("bp ") for l in lines) and any(l.startswith("usf ") for l in lines)
 
 
+def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, capsys):
+    """One seed per file pools into one row with mean ± std; the same arm under another spec
+    gets its own row, named by its directory, and a note says which keys differ."""
+    s0, s1, other = tmp_path / "s0", tmp_path / "s1", tmp_path / "other"
+    for out, sets in ((s0, ["seeds=[0]"]), (s1, ["seeds=[1]"]), (other, ["circuit.hidden=[16]"])):
+        assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST, "epochs=1",
+                     *sets]) == 0
+    capsys.readouterr()
+    rows = results.summary([results.read(p) for p in (s0, s1, other)])
+    assert [r["arm"] for r in rows] == ["fa [s0, s1]", "fa [other]"]
+    assert rows[0]["seeds"] == rows[0]["done"] == 2 and rows[1]["seeds"] == 1
+    accs = [results.read(p)["arms"]["fa"]["metrics"]["test_accuracy"][-1] for p in (s0, s1)]
+    assert np.allclose(rows[0]["test_accuracy"], accs)
+    assert rows[1]["differs"] == ["circuit.hidden"]
+    assert main(["report", str(s0), str(s1), str(other)]) == 0
+    out, err = capsys.readouterr()
+    assert "±" in out.splitlines()[2] and "fa [other]" in out
+    assert "fa [other] and fa [s0, s1] ran under different specs (circuit.hidden)" in err
+
+
 @pytest.mark.parametrize("sets, message", [
     (["arms.fa.feedback=foo"], "unknown rule 'foo'"),
     (["epochz=3"], "unknown key 'epochz' (did you mean 'epochs'?)"),
