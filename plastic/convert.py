@@ -84,6 +84,11 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
     kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
     names = [n for n, _ in targets]
+    if isinstance(feedback, Mapping) and not is_rule(feedback):
+        unused = [k for k in feedback
+                  if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)]
+        if unused:  # a misspelt synapse name would otherwise leave that synapse on '*'
+            raise SpecError(f"feedback entries {unused} match no synapse; synapses: {names}")
     if options and not any(is_learned(k) for k in kinds.values()):
         raise SpecError(f"feedback options {sorted(options)} apply to learned feedback only; "
                         "no synapse here learns its feedback")

@@ -189,6 +189,9 @@ class DirectRandom(FeedbackSynapse):
             self.weight = _kaiming_uniform_like(shape, d, g, device, dtype)
 
     def project(self, error: torch.Tensor, pre_shape) -> torch.Tensor:
+        if error.dim() != 2:
+            raise SpecError(f"dfa feedback: the output error has shape {tuple(error.shape)}; "
+                            "direct feedback takes a (batch, outputs) error, one per sample")
         b = self.weight
         return (error.reshape(error.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
 

@@ -120,8 +120,11 @@ class LearnedFeedback(FeedbackSynapse):
 
     def activity_scale(self, y) -> float:
         """The factor on this layer's activity terms: 1/#output positions if averaged over
-        positions, else 1."""
-        return 1.0 / y[0, 0].numel() if self.average == "positions" and y.dim() > 2 else 1.0
+        positions, else 1.  Positions are a conv layer's output pixels, or the middle dimensions
+        of a dense layer's (batch, ..., features) input."""
+        if self.average != "positions" or y.dim() <= 2:
+            return 1.0
+        return self.weight.shape[0] / y[0].numel()
 
     def scaled_rule(self, y) -> dict[str, float]:
         """The rule's coefficients for this layer (activity terms times ``activity_scale``)."""

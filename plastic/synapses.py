@@ -131,6 +131,10 @@ class Dense(Synapse):
     def _forward_op(self, x, w, b):
         return F.linear(x, w, b)
 
+    def without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """W x from W x + b; features are the last dimension (inputs may be (batch, ..., in))."""
+        return y if self.bias is None else y - self.bias.detach()
+
     def operator(self):
         """Forward, backward and weight-gradient operators with any weight K (rules.Operator)."""
         from .rules import Operator

@@ -46,6 +46,8 @@ def test_pattern_mapping_and_errors():
         plastic.convert(net, "nope")
     with pytest.raises(plastic.SpecError, match="no feedback kind given"):
         plastic.convert(net, {"0": "fa"})
+    with pytest.raises(plastic.SpecError, match=r"entries \['5', 'fc\*'\] match no synapse"):
+        plastic.convert(net, {"5": "bp", "fc*": "bp", "*": "fa"})  # "4" misspelt: not ignored
     with pytest.raises(plastic.SpecError, match="output synapse"):
         plastic.convert(net, "dfa", output="missing")
     with pytest.raises(plastic.SpecError, match="no Linear or Conv2d"):

@@ -23,10 +23,23 @@ def _dense():
     return syn, x
 
 
-def _conv(stride=1):
-    syn = plastic.Conv2d(3, 4, 3, stride=stride, padding=1, feedback="fa").double()
-    x = torch.randn(6, 3, 8, 8)
+def _dense_seq():
+    """A dense synapse read position by position: x is (batch, positions, features), as a
+    torch.nn.Linear takes it; activity terms sum over positions, as a conv layer's do."""
+    syn = plastic.Dense(7, 5, feedback="fa").double()
+    x = torch.randn(11, 4, 7)
     return syn, x
+
+
+def _conv(stride=1, groups=1, dilation=1):
+    syn = plastic.Conv2d(3 * groups, 4 * groups, 3, stride=stride, padding=1, dilation=dilation,
+                         groups=groups, feedback="fa").double()
+    x = torch.randn(6, 3 * groups, 8, 8)
+    return syn, x
+
+
+CONVS = [_conv, lambda: _conv(2), lambda: _conv(groups=2, dilation=2)]
+CONV_IDS = ["conv", "conv-s2", "conv-grouped-dilated"]
 
 
 def _reference_R(name, syn, x, B):
@@ -34,10 +47,11 @@ def _reference_R(name, syn, x, B):
     W = syn.weight.detach()
     n = x.shape[0]
     if isinstance(syn, plastic.Conv2d):
-        fwd = lambda inp, k: F.conv2d(inp, k, None, syn.stride, syn.padding)
+        st, pad, dil, gr = syn.stride, syn.padding, syn.dilation, syn.groups
+        fwd = lambda inp, k: F.conv2d(inp, k, None, st, pad, dil, gr)
         y = fwd(x, W)
-        out_pad = x.shape[-1] - ((y.shape[-1] - 1) * syn.stride[0] - 2 * syn.padding[0] + 3)
-        back = lambda g, k: F.conv_transpose2d(g, k, None, syn.stride, syn.padding, out_pad)
+        out_pad = x.shape[-1] - ((y.shape[-1] - 1) * st[0] - 2 * pad[0] + dil[0] * 2 + 1)
+        back = lambda g, k: F.conv_transpose2d(g, k, None, st, pad, out_pad, gr, dil)
     else:
         fwd = lambda inp, k: inp @ k.t()
         y = fwd(x, W)
@@ -56,7 +70,7 @@ def _signals(syn, x, B, with_w=True):
     return rules.Signals(x, y, None, B, syn.weight.detach() if with_w else None, syn.operator())
 
 
-@pytest.mark.parametrize("make", [_dense, _conv, lambda: _conv(2)], ids=["dense", "conv", "conv-s2"])
+@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=["dense", "dense-seq", *CONV_IDS])
 @pytest.mark.parametrize("name", list(rules.PRIMITIVES))
 def test_primitive_grad_equals_autograd(make, name):
     syn, x = make()
@@ -82,7 +96,7 @@ def test_fused_grad_is_the_weighted_sum(make, rule):
     assert torch.allclose(rules.fused_grad(r, s), expected, atol=1e-10)
 
 
-@pytest.mark.parametrize("make", [_dense, _conv, lambda: _conv(2)], ids=["dense", "conv", "conv-s2"])
+@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=["dense", "dense-seq", *CONV_IDS])
 def test_average_over_positions_is_the_gradient_of_the_position_mean(make):
     """average="positions": activity terms averaged over batch and output positions."""
     syn, x = make()
@@ -90,7 +104,7 @@ def test_average_over_positions_is_the_gradient_of_the_position_mean(make):
     fb = LearnedFeedback(syn.weight, rule, average="positions")
     B = fb.weight.detach().clone().requires_grad_()
     y = syn.operator().forward(x, syn.weight.detach())
-    p = y[0, 0].numel() if y.dim() > 2 else 1
+    p = y[0].numel() // syn.weight.shape[0]  # output positions per sample
     R = sum(c * _reference_R(k, syn, x, B) / (p if k in ("amp", "null", "sparse") else 1)
             for k, c in rule.items())
     (ref,) = torch.autograd.grad(R, B)
@@ -289,3 +303,19 @@ def test_recorded_values_are_the_minimised_objective(make):
     B0, d, eps = fb.weight.detach().clone(), torch.randn_like(g), 1e-3
     slope = (objective(B0 + eps * d) - objective(B0 - eps * d)) / (2 * eps)
     assert slope == pytest.approx(float((g * d).sum().detach()), rel=1e-6)
+
+
+def test_a_dense_synapse_learns_from_a_sequence_of_positions():
+    """A converted Linear fed (batch, positions, features), bias and all: B.grad is the rule's
+    gradient on W x (the bias taken off along the feature dimension).  Direct feedback, which
+    needs one error per sample, says so."""
+    syn = plastic.Dense(7, 5, feedback={"amp": 1.0, "null": 0.5, "decay": 0.1})
+    x = torch.randn(11, 4, 7, requires_grad=True)
+    syn(x).pow(2).sum().backward()
+    fb = syn.feedback
+    y = syn.operator().forward(x.detach(), syn.weight.detach())
+    assert torch.allclose(fb.weight.grad, fb.grad(syn, x.detach(), y), atol=1e-10)
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(),
+                                              torch.nn.Linear(5, 3)), "dfa")
+    with pytest.raises(plastic.SpecError, match="one per sample"):
+        net(torch.randn(2, 4, 7)).sum().backward()
