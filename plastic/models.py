@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import SpecError
-from .populations import RatePopulation
+from .populations import ACTIVATIONS, RatePopulation
 from .spiking import SPIKING_KINDS, LIFPopulation
 
 __all__ = ["make_population", "mlp", "convnet", "Scale", "BasicBlock", "ResNet", "resnet18", "resnet20"]
@@ -17,6 +17,9 @@ def make_population(name: str) -> nn.Module:
     time (``plastic.simulator.TimeStepped``); the rest of its definition is the same."""
     if isinstance(name, str) and name.lower() in SPIKING_KINDS:
         return LIFPopulation(kind=name.lower())
+    if isinstance(name, str) and name.lower() not in ACTIVATIONS:
+        raise SpecError(f"unknown population {name!r}; spiking: {', '.join(SPIKING_KINDS)}; "
+                        f"rate (activations): {', '.join(sorted(ACTIVATIONS))}")
     return RatePopulation(name)
 
 

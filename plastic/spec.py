@@ -136,6 +136,8 @@ _RANGES = [
     ("augment.shift", lambda v: v >= 0, ">= 0"),
     ("record.samples", lambda v: v >= 0, ">= 0"),
     ("record.every", lambda v: v >= 1, ">= 1"),
+    ("time.f_max", lambda v: v > 0, "> 0 (Hz)"),
+    ("time.input_scale", lambda v: v >= 0, ">= 0 (0: the encoder's default)"),
 ]
 
 

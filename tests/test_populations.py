@@ -27,3 +27,10 @@ def test_rate_step_is_euler_and_pure():
 def test_unknown_activation_is_spec_error():
     with pytest.raises(plastic.SpecError, match="unknown activation"):
         RatePopulation("swishy")
+
+
+def test_unknown_population_names_spiking_and_rate_kinds():
+    from plastic.models import make_population
+    with pytest.raises(plastic.SpecError, match=r"unknown population 'lifx'; spiking: lif, "
+                                                r"lif_box, adaptive_lif; rate \(activations\): elu"):
+        make_population("lifx")
