@@ -30,7 +30,11 @@ def _cmd_run(args):
     if rp.exists() and not args.resume:
         raise SpecError(f"{rp} already exists; pass --resume to continue or add arms to it, "
                         "or choose another --out")
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    arms = None
+    if args.arms is not None:
+        arms = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))
+        if not arms:
+            raise SpecError(f"--arms names no arm; arms of this protocol: {', '.join(spec['arms'])}")
     try:
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:

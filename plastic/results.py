@@ -105,7 +105,14 @@ class ResultsWriter:
         import h5py
 
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ResultsError(f"cannot write results to {self.dir}: it is a file, and --out "
+                               "takes a directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResultsError(f"cannot write results to {self.dir}: "
+                               f"{e.strerror or e} ({e.filename})") from None
         self.path = results_path(self.dir)
         if resume and self.path.exists():
             self.h5 = _open(self.path, "a")

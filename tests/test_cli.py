@@ -151,6 +151,14 @@ def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
 def test_unknown_arm_and_bad_protocol_file(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "x"), "--arms", "nope"]) == 2
     assert "unknown arm(s) ['nope']" in _err_line(capsys)
+    assert main(["run", "--out", str(tmp_path / "x"), "--arms", " , "]) == 2
+    assert "--arms names no arm; arms of this protocol: bp, fa" in _err_line(capsys)
+    (tmp_path / "afile").write_text("")
+    assert main(["run", "--out", str(tmp_path / "afile"), "--arms", "bp", "--set", *FAST]) == 2
+    assert "it is a file, and --out takes a directory" in _err_line(capsys)
+    assert main(["run", "--out", str(tmp_path / "afile" / "sub"), "--arms", "bp", "--set",
+                 *FAST]) == 2
+    assert "cannot write results to" in _err_line(capsys)
     bad = tmp_path / "bad.toml"
     bad.write_text("epochs = [unclosed")
     assert main(["run", str(bad)]) == 2
