@@ -10,6 +10,7 @@ normalisation; ``batch_center_backward_input``, Amp reads batch-centred activity
 batch-centred activity on both terms.  Last line: one JSON object.
 Needs ``plastic data fetch cifar10``.  About a minute on 2 cores.
 """
+import argparse
 import json
 import sys
 
@@ -20,7 +21,6 @@ from plastic import data, metrics, models
 
 
 VARIANTS = ("plain", "sample_center", "sample+batch_center", "batch_center_both")
-CENTERING = "--centering" in sys.argv
 
 
 def _equilibrium(xi, W, op, variant):
@@ -45,8 +45,15 @@ def _equilibrium(xi, W, op, variant):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--centering", action="store_true",
+                    help="also Kunin et al.'s centring options and batch centring on both terms")
+    args = ap.parse_args()
     torch.manual_seed(0)
-    ds = data.load("cifar10", train_limit=128 * 300, test_limit=10)
+    try:
+        ds = data.load("cifar10", train_limit=128 * 300, test_limit=10)
+    except plastic.PlasticError as e:
+        sys.exit(f"information_equilibrium.py: error: {e}")
     m = plastic.convert(models.convnet(3, [32, 64, 128], 10, "relu", True, 32, 0.25), feedback="bp")
     opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.2, total_steps=300, pct_start=0.25)
@@ -63,7 +70,7 @@ def main():
     for n, s in plastic.synapses(m):
         xi, W, op = acts[n], s.weight.detach(), s.operator()
         out[n] = {}
-        for variant in VARIANTS if CENTERING else ("plain",):
+        for variant in VARIANTS if args.centering else ("plain",):
             d = _equilibrium(xi, W, op, variant)
             out[n][variant] = d
             print(n, variant, d, flush=True)
