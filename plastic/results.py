@@ -312,20 +312,16 @@ def summary(results: list[dict]) -> list[dict]:
             if not fin:
                 continue
             arm_spec = spec.get("arms", {}).get(arm, a["attrs"].get("feedback"))
-            for g in groups.setdefault(arm, []):
-                differs = _differences(g["spec"], spec, _NOT_THE_EXPERIMENT)
-                if g["arm_spec"] != arm_spec:
-                    differs.append(f"arms.{arm}")
-                if not differs:
-                    break
-            else:
-                first = groups[arm][0] if groups[arm] else None
-                differs = [] if first is None else (
-                    _differences(first["spec"], spec, _NOT_THE_EXPERIMENT)
-                    + ([f"arms.{arm}"] if first["arm_spec"] != arm_spec else []))
+
+            def differs(g):
+                return (_differences(g["spec"], spec, _NOT_THE_EXPERIMENT)
+                        + ([f"arms.{arm}"] if g["arm_spec"] != arm_spec else []))
+            gs = groups.setdefault(arm, [])
+            g = next((g for g in gs if not differs(g)), None)
+            if g is None:
                 g = {"spec": spec, "arm_spec": arm_spec, "fin": {}, "done": set(), "paths": [],
-                     "differs": differs}
-                groups[arm].append(g)
+                     "differs": differs(gs[0]) if gs else []}
+                gs.append(g)
             g["fin"].update(fin)
             g["done"] |= set(a["attrs"].get("done_seeds", []))
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
