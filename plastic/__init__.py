@@ -6,7 +6,7 @@ from .errors import DataError, PlasticError, ResultsError, SpecError
 from .feedback import FEEDBACK_KINDS, DirectFeedbackHub, FeedbackSynapse, make_feedback
 from .metrics import angle, backprop, hidden_angles, update_angles, weight_angles
 from .populations import RateParameters, RatePopulation, RateState, rate_step
-from .synapses import Conv2d, Dense, Synapse
+from .synapses import Conv2d, Dense, Synapse, plasticity_paused
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .convert import synapses
 from .feedback import Transpose
+from .synapses import plasticity_paused
 
 __all__ = ["angle", "weight_angles", "norm_ratios", "rule_values", "update_angles", "hidden_angles", "backprop", "preserved_buffers"]
 
@@ -112,8 +113,8 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     * signal: between the error signals delta arriving at the synapse's post population, over
       the whole batch (Lillicrap et al. 2016's angle between Δh_FA and Δh_BP).
 
-    Uses ``torch.autograd.grad``, so the parameters' ``.grad`` are untouched; buffers
-    (batch-norm statistics) are restored.  The output synapse (always 0 degrees for layer-wise
+    Uses ``torch.autograd.grad`` with plasticity paused, so the parameters' ``.grad`` (B's too)
+    are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always 0 degrees for layer-wise
     rules) is left out unless ``include_output``."""
     named = [(n, s) for n, s in synapses(model) if include_output or not s.is_output]
     if not named:
@@ -137,7 +138,7 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     # random stream is left untouched
     with torch.random.fork_rng(devices=[]):
         seed = int(torch.randint(0, 2**62, (1,)))
-    with preserved_buffers(model), torch.enable_grad():
+    with preserved_buffers(model), plasticity_paused(), torch.enable_grad():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             w_rule, s_rule = grads()

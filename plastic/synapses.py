@@ -8,6 +8,7 @@ The cost is exactly that of backprop: the same two weight-sized products, one wi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,7 +18,22 @@ from torch import nn
 from .errors import SpecError
 from .feedback import DirectFeedbackHub, FeedbackSynapse, make_feedback
 
-__all__ = ["Synapse", "Dense", "Conv2d"]
+__all__ = ["Synapse", "Dense", "Conv2d", "plasticity_paused"]
+
+_paused = 0  # > 0 inside plasticity_paused()
+
+
+@contextlib.contextmanager
+def plasticity_paused():
+    """Backward passes inside route errors through the feedback synapses as usual, but no
+    feedback synapse learns: nothing is written into B.grad.  The metrics use it, so measuring
+    a circuit never trains its feedback."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 class _Route(torch.autograd.Function):
@@ -54,7 +70,7 @@ class _Route(torch.autograd.Function):
             _, dw, db = syn._backward_op(dy, x, weight, False, need_w, need_b)
         else:
             dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
-        if fb.plastic:
+        if fb.plastic and not _paused:
             fb.plasticity(syn, x, syn.without_bias(ctx.saved_tensors[2]), dy, dw)
         return dx, dw, db, None
 

@@ -1,4 +1,5 @@
 """Alignment on real MNIST data (the embedded sample of real digits)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,3 +48,24 @@ def test_update_angles_leave_grads_and_batchnorm_stats_untouched():
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("kind", ["information", "symmetric", "kolen-pollack", "activation"])
+def test_measuring_a_circuit_never_trains_its_feedback(kind):
+    """update_angles between backward() and step() leaves every .grad as backward left it:
+    the probe batch must not reach B.grad through the rule's plasticity."""
+    net = plastic.convert(models.convnet(1, (4, 8), 10, "relu", True, 28), kind)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    F.cross_entropy(net(x), y).backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert any("feedback" in n for n in before)
+    plastic.update_angles(net, F.cross_entropy, torch.randn(16, 1, 28, 28),
+                          torch.randint(0, 10, (16,)))
+    after = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    with plastic.plasticity_paused():
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+    assert all(p.grad is None for n, p in net.named_parameters() if "feedback" in n)
+    assert all(p.grad is not None for n, p in net.named_parameters() if "feedback" not in n)
