@@ -51,19 +51,28 @@ class FeedbackSynapse(nn.Module):
     #: whether this feedback synapse only reads signals available at the synapse (DESIGN.md)
     local = True
     #: whether it learns: then the synapse's backward pass calls ``plasticity`` with its local
-    #: signals, which writes the change of B into ``B.grad`` (so any optimizer applies it)
+    #: signals, and the change of B it returns becomes ``B.grad`` (so any optimizer applies it)
     plastic = False
 
     def matrix(self, forward_weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def learned_weight(self) -> torch.Tensor | None:
+        """The parameter that ``plasticity`` updates in the backward pass (``self.weight`` for a
+        learned kind), or None.  The forward synapse hands it to autograd, which accumulates the
+        returned change into its ``.grad`` (and DDP all-reduces it)."""
+        w = getattr(self, "weight", None)
+        return w if self.plastic and isinstance(w, nn.Parameter) else None
+
     def plasticity(self, synapse, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                   dw: torch.Tensor | None) -> None:
-        """Learned feedback: accumulate the change of B into the feedback weight's ``.grad``
-        from the local signals of the same backward pass (no extra forward pass): the pre
-        activity ``x``, the post pre-activation ``y = W x`` (bias removed), the error ``delta``
-        arriving at the post population, and the forward weight's own update ``dw``.  Fixed and
-        derived kinds do nothing."""
+                   dw: torch.Tensor | None) -> torch.Tensor | None:
+        """Learned feedback: the change of B (a gradient, shaped like B: the optimizer steps
+        against it) from the local signals of the same backward pass, with no extra forward
+        pass: the pre activity ``x``, the post pre-activation ``y = W x`` (bias removed), the
+        error ``delta`` arriving at the post population, and the forward weight's own update
+        ``dw``.  It must be a new tensor.  None: no change this step.  Fixed and derived kinds
+        do nothing."""
+        return None
 
     @staticmethod
     def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:

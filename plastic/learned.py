@@ -152,19 +152,23 @@ class LearnedFeedback(FeedbackSynapse):
             g = g + self.noise * torch.randn_like(g)
         return g
 
+    def learned_weight(self):
+        """B learns in the backward pass unless it learns only in sleep phases."""
+        return None if self.drive == "sleep" else self.weight
+
     def plasticity(self, synapse, x, y, delta, dw):
+        if self.drive == "sleep":
+            return None
         self.updates += 1
         if self.every > 1 and int(self.updates) % self.every:
-            return
+            return None
         if self.subsample < 1:
             k = max(1, math.ceil(self.subsample * x.shape[0]))
             x, y, delta = x[:k], y[:k], delta[:k]
-        if self.drive == "data":
-            self.accumulate(self.weight, self.grad(synapse, x, y, delta))
-        elif self.drive == "noise":
-            xn = torch.randn_like(x).mul_(self.sigma)
-            yn = synapse.operator().forward(xn, synapse.weight.detach())
-            self.accumulate(self.weight, self.grad(synapse, xn, yn))
+        if self.drive == "noise":
+            x = torch.randn_like(x).mul_(self.sigma)
+            y, delta = synapse.operator().forward(x, synapse.weight.detach()), None
+        return self.grad(synapse, x, y, delta)
 
     def values(self, synapse, x, y) -> dict[str, float]:
         """Each primitive's R on the activity the rule reads (``prepare``), for the metrics."""
@@ -196,17 +200,18 @@ class KolenPollack(FeedbackSynapse):
         return self.weight.detach()
 
     def plasticity(self, synapse, x, y, delta, dw):
-        if dw is None:
-            dw = synapse.operator().weight_grad(x, delta)
-        self.accumulate(self.weight, dw)
+        # a copy: dw is also W's gradient, and the two .grad must not share storage
+        return synapse.operator().weight_grad(x, delta) if dw is None else dw.clone()
 
 
 @torch.no_grad()
 def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     """One sleep step: every learned feedback synapse with ``drive="sleep"`` applies its
     rule to white noise at its pre population, x ~ N(0, sigma²), y = W x (the weight mirror of
-    Akrout et al. 2019).  Writes into ``B.grad``; call ``optimizer.step()`` after.  Returns the
-    number of synapses updated."""
+    Akrout et al. 2019).  Writes into ``B.grad``; call ``optimizer.step()`` after.  Under
+    torch.distributed, every process draws its own noise and the updates are averaged over
+    processes, so replicas stay identical (B takes no part in the wake pass: wrap the model in
+    DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
     from .convert import synapses
 
     n = 0
@@ -219,9 +224,18 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
             x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
                             dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
             y = syn.operator().forward(x, syn.weight.detach())
-            fb.accumulate(fb.weight, fb.grad(syn, x, y))
+            g = fb.grad(syn, x, y)
+            if _distributed():  # each process dreams its own noise; replicas take the mean
+                torch.distributed.all_reduce(g)
+                g /= torch.distributed.get_world_size()
+            fb.accumulate(fb.weight, g)
             n += 1
     return n
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
 
 
 def make_learned(kind, forward_weight, generator=None, **options):

@@ -37,10 +37,13 @@ def plasticity_paused():
 
 
 class _Route(torch.autograd.Function):
-    """y = op(x, W, b) forward; backward sends delta through the synapse's feedback synapse."""
+    """y = op(x, W, b) forward; backward sends delta through the synapse's feedback synapse.
+    A learned feedback synapse's weight B is an input too (unused forward): its plasticity, the
+    change of B computed from the same backward pass, is returned as B's gradient, so autograd
+    accumulates it into ``B.grad`` and DDP all-reduces it like any other gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, synapse):
+    def forward(ctx, x, weight, bias, learned, synapse):
         ctx.synapse = synapse
         y = synapse._forward_op(x, weight, bias)
         if synapse.feedback.plastic:  # learned feedback reuses the forward pre-activation
@@ -70,9 +73,12 @@ class _Route(torch.autograd.Function):
             _, dw, db = syn._backward_op(dy, x, weight, False, need_w, need_b)
         else:
             dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
+        d_learned = None
         if fb.plastic and not _paused:
-            fb.plasticity(syn, x, syn.without_bias(ctx.saved_tensors[2]), dy, dw)
-        return dx, dw, db, None
+            d_learned = fb.plasticity(syn, x, syn.without_bias(ctx.saved_tensors[2]), dy, dw)
+            if d_learned is not None and not ctx.needs_input_grad[3]:
+                d_learned = None  # B frozen (requires_grad False), or not learned in backward
+        return dx, dw, db, d_learned, None
 
 
 class Synapse(nn.Module):
@@ -109,9 +115,11 @@ class Synapse(nn.Module):
             fb.materialize(x.shape[1:], x.device, x.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        learned = fb.learned_weight() if fb.plastic else None
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                              or (learned is not None and learned.requires_grad))):
             return self._forward_op(x, self.weight, self.bias)
-        return _Route.apply(x, self.weight, self.bias, self)
+        return _Route.apply(x, self.weight, self.bias, learned, self)
 
 
 class Dense(Synapse):

@@ -1,5 +1,6 @@
 """DistributedDataParallel works unchanged: the feedback pathway lives inside autograd, so DDP's
-all-reduce sees ordinary W.grad, and replicas stay identical to single-process training."""
+all-reduce sees ordinary W.grad (and, for learned feedback, the plasticity of B as B.grad), and
+replicas stay identical to single-process training."""
 import os
 import socket
 import sys
@@ -20,12 +21,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train(model, batches):
+def _train(model, batches, sleep=False):
+    from plastic.learned import sleep_step
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        if sleep:  # a weight-mirror sleep phase after every wake step
+            opt.zero_grad()
+            assert sleep_step(model, 16) == 3
+            opt.step()
     return model
 
 
@@ -51,9 +57,12 @@ def _worker(rank, world, port, kind, out):
     try:
         torch.manual_seed(0)
         net = _net(kind)
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        # the mirror's B takes no part in the wake pass
+        ddp = torch.nn.parallel.DistributedDataParallel(net,
+                                                        find_unused_parameters=kind == "mirror")
         shard = [(x[rank::world], y[rank::world]) for x, y in _data()]
-        _train(ddp, shard)
+        torch.manual_seed(rank)  # each process dreams its own noise
+        _train(ddp, shard, sleep=kind == "mirror")
         torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.pt")
         del ddp
         dist.barrier()  # both ranks are done with the group before either tears it down
@@ -67,13 +76,23 @@ def _worker(rank, world, port, kind, out):
     os._exit(0)
 
 
-@pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif"])
+@pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif", "information", "kolen-pollack",
+                                  "symmetric", "mirror"])
 def test_ddp_matches_single_process(tmp_path, kind):
+    """Learned feedback included: B.grad (the rule's plasticity) is all-reduced like W.grad, so
+    the replicas' B equal single-process training on the whole batch.  The weight mirror's
+    sleep phases average the processes' noise-driven updates, so its replicas stay identical;
+    their noise differs from a single process's, so only its W is compared with one."""
     mp.spawn(_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     torch.manual_seed(0)
-    single = _train(_net(kind), _data())
+    single = _train(_net(kind), _data(), sleep=kind == "mirror")
     for k, v in single.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k  # replicas identical, feedback weights included
+        if kind == "mirror" and "feedback" in k:
+            continue
+        if kind == "mirror":  # W follows B through the error only: close, not equal
+            assert plastic.angle(r0[k], v) < 5, k
+            continue
         assert torch.allclose(r0[k], v, atol=1e-5), k  # = training on the whole batch
