@@ -61,21 +61,34 @@ class _Route(torch.autograd.Function):
         hub = syn.hub
         if hub is not None and syn.is_output:
             hub.error = dy.detach()
+        # under autocast the forward ran in a lower precision (dy's dtype): so does the backward,
+        # and each gradient goes back in its own input's dtype, as autocast's casts would give
+        cdt, x_dtype, w_dtype = dy.dtype, x.dtype, weight.dtype
+        mixed = cdt != w_dtype or cdt != x_dtype
+        xc, wc = (x.to(cdt), weight.to(cdt)) if mixed else (x, weight)
         if fb.direct:
             if need_x:
                 if hub is None or hub.error is None or hub.error.shape[0] != dy.shape[0]:
                     raise RuntimeError(
                         f"direct feedback at {syn.name or type(syn).__name__}: no output error "
                         "for this batch; the loss must be computed from the circuit's output synapse")
-                dx = fb.project(hub.error, x.shape)
+                dx = fb.project(hub.error.to(fb.weight.dtype), x.shape)
             else:
                 dx = None
-            _, dw, db = syn._backward_op(dy, x, weight, False, need_w, need_b)
+            _, dw, db = syn._backward_op(dy, xc, wc, False, need_w, need_b)
         else:
-            dx, dw, db = syn._backward_op(dy, x, fb.matrix(weight), need_x, need_w, need_b)
+            b = fb.matrix(weight)
+            dx, dw, db = syn._backward_op(dy, xc, b.to(cdt) if mixed else b, need_x, need_w, need_b)
+        if mixed:
+            dx = dx.to(x_dtype) if dx is not None else None
+            dw = dw.to(w_dtype) if dw is not None else None
+            db = db.to(syn.bias.dtype) if db is not None else None
         d_learned = None
         if fb.plastic and not _paused:
-            d_learned = fb.plasticity(syn, x, syn.without_bias(ctx.saved_tensors[2]), dy, dw)
+            y = syn.without_bias(ctx.saved_tensors[2])
+            if mixed:  # the rule reads the activity at the precision of its weights
+                x, y, dy = x.to(w_dtype), y.to(w_dtype), dy.to(w_dtype)
+            d_learned = fb.plasticity(syn, x, y, dy, dw)
             if d_learned is not None and not ctx.needs_input_grad[3]:
                 d_learned = None  # B frozen (requires_grad False), or not learned in backward
         return dx, dw, db, d_learned, None
@@ -111,8 +124,8 @@ class Synapse(nn.Module):
 
     def forward(self, x):
         fb = self.feedback
-        if fb.direct:
-            fb.materialize(x.shape[1:], x.device, x.dtype)
+        if fb.direct:  # B in the weights' dtype, also when autocast hands x in a lower one
+            fb.materialize(x.shape[1:], x.device, self.weight.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
         learned = fb.learned_weight() if fb.plastic else None

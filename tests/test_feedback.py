@@ -291,3 +291,31 @@ def test_rule_activity_keeps_the_channels_last_layout():
     assert torch.allclose(xa, xb, atol=1e-6) and torch.allclose(ya, yb, atol=1e-6)
     xc = x - x.mean(0, keepdim=True)
     assert torch.allclose(xa, xc / xc.flatten(1).norm(dim=1).view(-1, 1, 1, 1), atol=1e-6)
+
+
+def test_autocast_backprop_equals_torch_and_every_kind_trains():
+    """Mixed precision (torch.autocast, bf16 on the CPU): the plastic circuit's backprop gives
+    exactly torch's own autocast gradients, and every kind, learned ones included, gives finite
+    gradients in each parameter's own dtype."""
+    from plastic import models
+    torch.manual_seed(0)
+    base = models.convnet(3, [8, 16], 10, "relu", True, 16)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+
+    def grads(net):
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    ref = grads(copy.deepcopy(base))
+    bp = grads(plastic.convert(base, "transpose"))
+    assert ref.keys() == bp.keys() and all(torch.equal(ref[n], bp[n]) for n in ref)
+    for kind in ("fa", "usf", "dfa", "information", "symmetric", "kolen-pollack", "activation"):
+        net = plastic.convert(base, kind)
+        g = grads(net)
+        params = dict(net.named_parameters())
+        assert all(g[n].dtype == params[n].dtype and torch.isfinite(g[n]).all() for n in g), kind
+        if kind in ("information", "symmetric", "kolen-pollack", "activation"):
+            assert sum("feedback" in n for n in g) == 3, kind  # every synapse's B learned
