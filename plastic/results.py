@@ -122,12 +122,14 @@ class ResultsWriter:
             # where the run executes is not part of the experiment: a run started on a GPU can
             # be resumed on a CPU, or with other threads; the spec records the latest
             merged.update({k: spec[k] for k in EXECUTION_KEYS if k in spec})
-            differ = _spec_differences(old, spec)
+            # more seeds of the same experiment join the same file
+            merged["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *spec["seeds"]]))
+            differ = [k for k in _spec_differences(old, spec) if k != "seeds"]
             if differ:
                 self.h5.close()
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
                                    f"recorded there ({', '.join(differ)}); use another --out")
-            self.h5.attrs["spec"] = json.dumps(merged)
+            self.h5.attrs.update(spec=json.dumps(merged), seeds=json.dumps(merged["seeds"]))
         else:
             self.h5 = h5py.File(self.path, "w")
             self.h5.attrs.update(spec=json.dumps(spec), seeds=json.dumps(spec["seeds"]),

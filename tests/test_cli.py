@@ -227,6 +227,23 @@ def test_existing_results_need_resume(tmp_path, capsys):
     assert r["spec"]["device"] == "cpu" and r["spec"]["threads"] == 2
 
 
+def test_resume_adds_seeds_to_the_same_file(tmp_path, capsys):
+    """--resume with more seeds runs only the new ones; their rows equal a fresh run's."""
+    out, fresh = tmp_path / "r", tmp_path / "fresh"
+    sets = [*FAST, "epochs=1"]
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *sets]) == 0
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *sets,
+                 "seeds=[0,1]"]) == 0
+    assert main(["run", "--out", str(fresh), "--arms", "fa", "-q", "--set", *sets,
+                 "seeds=[1]"]) == 0
+    r, f = results.read(out), results.read(fresh)
+    assert r["spec"]["seeds"] == [0, 1] and r["arms"]["fa"]["attrs"]["done_seeds"] == [0, 1]
+    m, mf = r["arms"]["fa"]["metrics"], f["arms"]["fa"]["metrics"]
+    one = m["seed"] == 1
+    assert np.array_equal(m["test_accuracy"][one], mf["test_accuracy"])
+    assert results.summary([r])[0]["seeds"] == 2
+
+
 def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "plastic.cli", "run", "--out", str(out), "--arms", "fa", "--set",
