@@ -378,6 +378,11 @@ def _model(spec, arm, seed, ds) -> nn.Module:
     model = convert(model, arm["feedback"], seed=seed, output=arm["output"] or None,
                     options=arm.get("feedback_options") or None)
     model._constraints = _constrain(model, spec["circuit"], seed)
+    sleepers = [n for n, s in synapses(model) if getattr(s.feedback, "drive", None) == "sleep"]
+    if sleepers and spec["sleep"]["every"] <= 0:
+        raise SpecError(f"the feedback of synapse(s) {sleepers} learns only in sleep phases, but "
+                        "sleep.every = 0 gives none, so it would never learn; set sleep.every "
+                        "(wake batches between sleep phases, e.g. 1)")
     return model
 
 
@@ -452,7 +457,10 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
     for a in names:  # validate every arm, built as run_arm builds it, before writing anything
-        _model(spec, spec["arms"][a], spec["seeds"][0], ds)
+        try:
+            _model(spec, spec["arms"][a], spec["seeds"][0], ds)
+        except SpecError as e:
+            raise SpecError(f"arm {a!r}: {e}") from None
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)

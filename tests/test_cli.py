@@ -148,6 +148,16 @@ def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
     assert message in _err_line(capsys)
 
 
+def test_a_sleep_driven_arm_without_sleep_phases_is_refused(tmp_path, capsys):
+    """The weight mirror learns only in sleep phases: with sleep.every = 0 it would silently
+    stay a random B (feedback alignment under another name)."""
+    assert main(["run", "--out", str(tmp_path / "x"), "--arms", "bp", "--set", *FAST,
+                 'arms.bp.feedback="mirror"']) == 2
+    err = _err_line(capsys)
+    assert "arm 'bp': the feedback of synapse(s) ['1', '3'] learns only in sleep phases" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_unknown_arm_and_bad_protocol_file(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "x"), "--arms", "nope"]) == 2
     assert "unknown arm(s) ['nope']" in _err_line(capsys)
