@@ -64,14 +64,16 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     hooks = [s.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
              for n, s in named]
     try:
-        with preserved_buffers(model):
+        # with grad enabled, as in training: without it a time-stepped circuit propagates spikes
+        # event by event around the synapse modules, and their hooks would see nothing
+        with preserved_buffers(model), torch.enable_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
     out = {}
     for n, s in named:
-        xin, y = seen[n]
+        xin, y = (t.detach() for t in seen[n])
         for k, v in s.feedback.values(s, xin, s.without_bias(y)).items():
             out[f"{k}/{n}"] = v
     return out

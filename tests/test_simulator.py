@@ -307,6 +307,26 @@ def test_every_feedback_kind_trains_a_spiking_circuit_unchanged(kind):
     assert losses[-1] < 0.7 * losses[0], (kind, losses[0], losses[-1])
 
 
+def test_rule_values_are_recorded_for_a_spiking_circuit():
+    """A learned rule in a spiking circuit: the protocol records each primitive's value on the
+    probe (its synapses must be seen although, without grad, spikes bypass the modules)."""
+    from plastic.results import read
+    from plastic.train import run_protocol
+    import tempfile
+    spec = resolve_protocol({
+        "data": "mnist-sample", "train_limit": 256, "test_limit": 100, "epochs": 1,
+        "batch_size": 64, "probe_size": 32, "time": {"steps": 5},
+        "circuit": {"kind": "mlp", "hidden": [32], "population": "lif"},
+        "arms": {"info": {"feedback": "information"}}})
+    with tempfile.TemporaryDirectory() as d:
+        run_protocol(spec, d, progress=False)
+        m = read(d)["arms"]["info"]["metrics"]
+    keys = [k for k in m if k.startswith("rule/")]
+    assert sorted(keys) == [f"rule/{p}/circuit.{i}" for p in ("amp", "decay", "null")
+                            for i in (1, 3)]
+    assert all(np.isfinite(m[k]).all() for k in keys)
+
+
 def test_poisson_input_carries_the_intensity_and_bp_angles_stay_zero():
     """Poisson spikes of amplitude 1/(f_max dt) carry the intensity as their mean current; the
     update angle of bp against itself is 0 although every pass draws new input spikes."""
