@@ -211,6 +211,8 @@ def parse_value(text: str):
 def apply_sets(spec: dict, sets: list[str]) -> dict:
     """Apply ``key=value`` overrides; dotted keys reach into tables (``optimizer.lr=0.1``)."""
     spec = copy.deepcopy(spec)
+    existing = set(spec.get("arms") or {}) if isinstance(spec.get("arms"), dict) else set()
+    new_arms: dict[str, list[str]] = {}
     for item in sets or []:
         if "=" not in item:
             raise SpecError(f"--set expects key=value, got {item!r}")
@@ -218,12 +220,20 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")
+        if len(parts) >= 3 and parts[0] == "arms" and parts[1] not in existing:
+            new_arms.setdefault(parts[1], []).append(parts[2])
         d = spec
         for p in parts[:-1]:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
                 raise SpecError(f"--set {key}: {p!r} is not a table")
         d[parts[-1]] = parse_value(value.strip())
+    for name, keys in new_arms.items():
+        # a misspelt arm name would otherwise add an arm, and leave the intended one unchanged
+        if "feedback" not in keys:
+            raise SpecError(f"--set arms.{name}.{keys[0]}: the protocol has no arm {name!r}"
+                            f"{_suggest(name, existing) if existing else ''}; a new arm needs "
+                            f"its feedback too (--set arms.{name}.feedback=...)")
     return spec
 
 

@@ -134,6 +134,7 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     (["loss.label_smoothing=2"], "loss.label_smoothing must be in [0, 1]"),
     (["augment.shift=-1"], "augment.shift must be >= 0"),
     (["train_limit=-5"], "train_limit must be >= 0"),
+    (['arms.usff.lr=0.1'], "no arm 'usff' (did you mean 'usf'?); a new arm needs its feedback"),
     (["device=gpu"], "device 'gpu' is not a torch device"),
     (["device=cuda:99"], "device 'cuda:99' is not available on this machine"),
     (['arms.fa.feedback={amp="a"}'], "arms.fa.feedback: coefficient of 'amp' must be a number"),
