@@ -84,13 +84,15 @@ class _Route(torch.autograd.Function):
             dw = dw.to(w_dtype) if dw is not None else None
             db = db.to(syn.bias.dtype) if db is not None else None
         d_learned = None
-        if fb.plastic and not _paused:
+        # a learned B with requires_grad False is frozen; a kind without a learned weight
+        # (sleep-driven, or a custom one writing .grad itself) still gets its call
+        if fb.plastic and not _paused and (ctx.needs_input_grad[3] or fb.learned_weight() is None):
             y = syn.without_bias(ctx.saved_tensors[2])
             if mixed:  # the rule reads the activity at the precision of its weights
                 x, y, dy = x.to(w_dtype), y.to(w_dtype), dy.to(w_dtype)
             d_learned = fb.plasticity(syn, x, y, dy, dw)
-            if d_learned is not None and not ctx.needs_input_grad[3]:
-                d_learned = None  # B frozen (requires_grad False), or not learned in backward
+            if not ctx.needs_input_grad[3]:
+                d_learned = None
         return dx, dw, db, d_learned, None
 
 

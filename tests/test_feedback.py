@@ -319,3 +319,14 @@ def test_autocast_backprop_equals_torch_and_every_kind_trains():
         assert all(g[n].dtype == params[n].dtype and torch.isfinite(g[n]).all() for n in g), kind
         if kind in ("information", "symmetric", "kolen-pollack", "activation"):
             assert sum("feedback" in n for n in g) == 3, kind  # every synapse's B learned
+
+
+def test_a_frozen_learned_feedback_synapse_does_not_learn():
+    """B.requires_grad_(False) freezes a learned B, as it would any torch parameter."""
+    syn = plastic.Dense(6, 4, feedback="information")
+    syn.feedback.weight.requires_grad_(False)
+    syn(torch.randn(5, 6, requires_grad=True)).sum().backward()
+    assert syn.feedback.weight.grad is None and syn.weight.grad is not None
+    syn.feedback.weight.requires_grad_(True)
+    syn(torch.randn(5, 6, requires_grad=True)).sum().backward()
+    assert syn.feedback.weight.grad is not None
