@@ -1,6 +1,6 @@
-"""Learned feedback synapses: B is an ``nn.Parameter`` whose change is written into ``B.grad``
-in the synapse's own backward pass, from local signals, so any optimizer, LR schedule and DDP
-update it like W.
+"""Learned feedback synapses: B is an ``nn.Parameter`` whose change is computed in the synapse's
+own backward pass, from local signals, and returned to autograd as B's gradient (``plasticity``),
+so it lands in ``B.grad`` and any optimizer, LR schedule and DDP update it like W.
 
 * ``LearnedFeedback``: any weighted sum of Kunin et al.'s primitives (``plastic.rules``), e.g.
   Information Alignment ``{amp, null, decay}``, Symmetric ``{self, decay}``, Activation

@@ -3,8 +3,8 @@
 Kunin, Nayebi, Sagastuy-Brena, Ganguli, Bloom & Yamins, "Two Routes to Scalable Credit Assignment
 without Weight Symmetry", ICML 2020 (Table 1; reference code neuroailab/Neural-Alignment,
 ``Alignments/primitives.py``).  Each primitive is a regulariser R(B); learning is ΔB ∝ -∂R/∂B,
-and ``grad`` returns ∂R/∂B, which the feedback synapse adds to ``B.grad`` so that any optimizer
-applies it.  Notation (column convention of the paper, B maps post to pre): x is the
+and ``grad`` returns ∂R/∂B, which reaches ``B.grad`` through the synapse's backward pass so that
+any optimizer applies it.  Notation (column convention of the paper, B maps post to pre): x is the
 synapse's pre activity (its input), y = W x its post pre-activation (no bias), both from the same
 forward pass (reused, never recomputed).  In plastic, B is stored in the forward layout (the
 shape of W, i.e. B^T of the paper), so B^T x is ``op(x, B)`` (the forward operator with B) and
