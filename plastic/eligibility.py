@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError
-from .learned import KolenPollack, LearnedFeedback
+from .learned import KolenPollack, LearnedFeedback, _distributed
 from .simulator import TimeStepped
 from .spiking import LIFPopulation
 from .synapses import Dense, Synapse
@@ -94,7 +94,8 @@ def _layers(model: TimeStepped):
 @torch.no_grad()
 def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Simulate one batch step by step and add the eligibility-trace updates of every synapse
-    to its ``.grad`` (call ``optimizer.step()`` after).  Returns the readout averaged over the
+    to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
+    are averaged over processes here, since no autograd pass runs for DDP to all-reduce.  Returns the readout averaged over the
     steps (the same readout as ``model(x)``).  No history is stored: memory is that of one step."""
     if model.delays:
         raise SpecError("online learning does not support synaptic delays yet")
@@ -157,6 +158,11 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> to
             else:
                 signal = delta @ fb.matrix(syn.weight)
             delta = signal * psi[k - 1]
+    if _distributed():  # no autograd pass for DDP to hook: average over processes here
+        world = torch.distributed.get_world_size()
+        for g in [*gw, *(g for g in gb if g is not None)]:
+            torch.distributed.all_reduce(g)
+            g /= world
     for k, (syn, _) in enumerate(layers):
         _accumulate(syn.weight, gw[k])
         if syn.bias is not None:

@@ -21,12 +21,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train(model, batches, sleep=False):
+def _train(model, batches, sleep=False, online=False):
+    from plastic.eligibility import online_step
     from plastic.learned import sleep_step
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches:
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        if online:  # e-prop: eligibility traces, no autograd pass
+            online_step(getattr(model, "module", model), x.flatten(1), y)
+        else:
+            F.cross_entropy(model(x), y).backward()
         opt.step()
         if sleep:  # a weight-mirror sleep phase after every wake step
             opt.zero_grad()
@@ -42,7 +46,12 @@ def _data():
 
 
 def _net(kind):
-    """The MLP, or for "<kind>-lif" its spiking version simulated for 8 steps."""
+    """The MLP, or for "<kind>-lif" and "<kind>-eprop" its spiking version simulated for 8
+    steps."""
+    if kind.endswith("-eprop"):
+        from plastic.simulator import TimeStepped
+        return plastic.convert(TimeStepped(models.mlp(64, [32, 32], 10, "lif"), 8),
+                               kind[:-6], seed=0)
     if kind.endswith("-lif"):
         from plastic.simulator import TimeStepped
         return plastic.convert(TimeStepped(models.mlp(64, [32, 32], 10, "lif"), 8),
@@ -62,7 +71,7 @@ def _worker(rank, world, port, kind, out):
                                                         find_unused_parameters=kind == "mirror")
         shard = [(x[rank::world], y[rank::world]) for x, y in _data()]
         torch.manual_seed(rank)  # each process dreams its own noise
-        _train(ddp, shard, sleep=kind == "mirror")
+        _train(ddp, shard, sleep=kind == "mirror", online=kind.endswith("-eprop"))
         torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.pt")
         del ddp
         dist.barrier()  # both ranks are done with the group before either tears it down
@@ -77,7 +86,7 @@ def _worker(rank, world, port, kind, out):
 
 
 @pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif", "information", "kolen-pollack",
-                                  "symmetric", "mirror"])
+                                  "symmetric", "mirror", "fa-eprop", "kolen-pollack-eprop"])
 def test_ddp_matches_single_process(tmp_path, kind):
     """Learned feedback included: B.grad (the rule's plasticity) is all-reduced like W.grad, so
     the replicas' B equal single-process training on the whole batch.  The weight mirror's
@@ -87,7 +96,7 @@ def test_ddp_matches_single_process(tmp_path, kind):
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     torch.manual_seed(0)
-    single = _train(_net(kind), _data(), sleep=kind == "mirror")
+    single = _train(_net(kind), _data(), sleep=kind == "mirror", online=kind.endswith("-eprop"))
     for k, v in single.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k  # replicas identical, feedback weights included
         if kind == "mirror" and "feedback" in k:
