@@ -95,8 +95,9 @@ def _layers(model: TimeStepped):
 def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Simulate one batch step by step and add the eligibility-trace updates of every synapse
     to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
-    are averaged over processes here, since no autograd pass runs for DDP to all-reduce.  Returns the readout averaged over the
-    steps (the same readout as ``model(x)``).  No history is stored: memory is that of one step."""
+    are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
+    Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
+    is stored: memory is that of one step."""
     if model.delays:
         raise SpecError("online learning does not support synaptic delays yet")
     layers = _layers(model)
