@@ -34,7 +34,8 @@ def _cmd_run(args):
     if args.arms is not None:
         arms = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))
         if not arms:
-            raise SpecError(f"--arms names no arm; arms of this protocol: {', '.join(spec['arms'])}")
+            raise SpecError("--arms names no arm; arms of this protocol: "
+                            + ", ".join(spec["arms"]))
     try:
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:

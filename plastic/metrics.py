@@ -116,8 +116,8 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
       the whole batch (Lillicrap et al. 2016's angle between Δh_FA and Δh_BP).
 
     Uses ``torch.autograd.grad`` with plasticity paused, so the parameters' ``.grad`` (B's too)
-    are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always 0 degrees for layer-wise
-    rules) is left out unless ``include_output``."""
+    are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always
+    0 degrees for layer-wise rules) is left out unless ``include_output``."""
     named = [(n, s) for n, s in synapses(model) if include_output or not s.is_output]
     if not named:
         return {}, {}

@@ -40,6 +40,7 @@ def _conv(stride=1, groups=1, dilation=1):
 
 CONVS = [_conv, lambda: _conv(2), lambda: _conv(groups=2, dilation=2)]
 CONV_IDS = ["conv", "conv-s2", "conv-grouped-dilated"]
+IDS = ["dense", "dense-seq", *CONV_IDS]
 
 
 def _reference_R(name, syn, x, B):
@@ -70,7 +71,7 @@ def _signals(syn, x, B, with_w=True):
     return rules.Signals(x, y, None, B, syn.weight.detach() if with_w else None, syn.operator())
 
 
-@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=["dense", "dense-seq", *CONV_IDS])
+@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=IDS)
 @pytest.mark.parametrize("name", list(rules.PRIMITIVES))
 def test_primitive_grad_equals_autograd(make, name):
     syn, x = make()
@@ -96,7 +97,7 @@ def test_fused_grad_is_the_weighted_sum(make, rule):
     assert torch.allclose(rules.fused_grad(r, s), expected, atol=1e-10)
 
 
-@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=["dense", "dense-seq", *CONV_IDS])
+@pytest.mark.parametrize("make", [_dense, _dense_seq, *CONVS], ids=IDS)
 def test_average_over_positions_is_the_gradient_of_the_position_mean(make):
     """average="positions": activity terms averaged over batch and output positions."""
     syn, x = make()
