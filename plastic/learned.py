@@ -11,6 +11,7 @@ so it lands in ``B.grad`` and any optimizer, LR schedule and DDP update it like 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -40,6 +41,10 @@ def _batch_centred(x: torch.Tensor) -> torch.Tensor:
     v = _storage_order(x)
     c = v - v.mean(0, keepdim=True)
     return c.permute(0, 3, 1, 2) if v is not x else c
+
+
+#: training passes of a sleep-driven feedback synapse with no sleep step before it warns
+SLEEPLESS_WARNING = 1000
 
 
 class LearnedFeedback(FeedbackSynapse):
@@ -107,6 +112,7 @@ class LearnedFeedback(FeedbackSynapse):
         self.center = center
         self.register_buffer("initial_norm", self.weight.detach().norm().clone())
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
+        self._wake_without_sleep = 0  # a diagnostic: sleep-driven B that never sleeps stays random
 
     def matrix(self, forward_weight):
         b = self.weight.detach()
@@ -158,6 +164,13 @@ class LearnedFeedback(FeedbackSynapse):
 
     def plasticity(self, synapse, x, y, delta, dw):
         if self.drive == "sleep":
+            self._wake_without_sleep += 1
+            if self._wake_without_sleep == SLEEPLESS_WARNING:
+                warnings.warn(f"{self.kind} feedback learns only in sleep phases, and "
+                              f"{SLEEPLESS_WARNING} training passes have gone by without one: "
+                              "B is still random. Call plastic.learned.sleep_step(model) "
+                              "between steps (or set [sleep] every in a protocol).",
+                              stacklevel=2)
             return None
         self.updates += 1
         if self.every > 1 and int(self.updates) % self.every:
@@ -224,6 +237,7 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
             x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
                             dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
             y = syn.operator().forward(x, syn.weight.detach())
+            fb._wake_without_sleep = 0
             g = fb.grad(syn, x, y)
             if _distributed():  # each process dreams its own noise; replicas take the mean
                 torch.distributed.all_reduce(g)

@@ -320,3 +320,26 @@ def test_a_dense_synapse_learns_from_a_sequence_of_positions():
                                               torch.nn.Linear(5, 3)), "dfa")
     with pytest.raises(plastic.SpecError, match="one per sample"):
         net(torch.randn(2, 4, 7)).sum().backward()
+
+
+def test_a_weight_mirror_that_never_sleeps_warns(monkeypatch):
+    """Sleep-driven feedback that sees training passes but no sleep step stays random: after
+    SLEEPLESS_WARNING passes it says so, once; a sleep step resets the count."""
+    import warnings
+    from plastic import learned
+    monkeypatch.setattr(learned, "SLEEPLESS_WARNING", 20)
+    SLEEPLESS_WARNING = 20
+    net = plastic.convert(plastic.models.mlp(7, [5], 3), "mirror")
+    x = torch.randn(4, 7)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(SLEEPLESS_WARNING - 1):
+            net(x).sum().backward()
+        sleep_step(net, 8)
+        for _ in range(SLEEPLESS_WARNING - 1):
+            net(x).sum().backward()
+        assert not w
+        for _ in range(2):
+            net(x).sum().backward()
+    assert len(w) == 2  # one per synapse, once
+    assert "learns only in sleep phases" in str(w[0].message)
