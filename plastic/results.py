@@ -222,7 +222,18 @@ def _open(path: Path, mode="r"):
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        raise ResultsError(f"{path}: not a readable HDF5 results file ({str(e).split(';')[0]})") from None
+        if "lock" not in str(e):
+            raise ResultsError(f"{path}: not a readable HDF5 results file "
+                               f"({str(e).split(';')[0]})") from None
+        if mode != "r":
+            raise ResultsError(f"{path} is open in another process (is a run still writing "
+                               "it?); wait for it to finish, or choose another --out") from None
+    # a run is writing it: read without the lock, as of its last flushed epoch
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise ResultsError(f"{path}: a run is writing it and it could not be read just now "
+                           f"({str(e).split(';')[0]}); try again") from None
 
 
 def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict:

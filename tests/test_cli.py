@@ -255,6 +255,29 @@ def test_resume_adds_seeds_to_the_same_file(tmp_path, capsys):
     assert results.summary([r])[0]["seeds"] == 2
 
 
+def test_a_results_file_being_written_can_be_reported_but_not_resumed(tmp_path, capsys):
+    """While another process holds results.h5 open for writing (a run in progress), `plastic
+    report` reads it as of its last flushed epoch, and `--resume` into it is refused in one
+    line (it used to be "not a readable HDF5 results file" for both)."""
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    capsys.readouterr()
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; "
+                               f"f = h5py.File({str(out / 'results.h5')!r}, 'a'); "
+                               "print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert main(["report", str(out)]) == 0
+        assert capsys.readouterr().out.splitlines()[2].startswith("bp ")
+        assert main(["run", "--out", str(out), "--arms", "bp", "--resume", "--set", *FAST,
+                     "epochs=1"]) == 2
+        assert "is open in another process (is a run still writing it?)" in _err_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_ctrl_c_keeps_finished_epochs_and_resume_completes(tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "plastic.cli", "run", "--out", str(out), "--arms", "fa", "--set",
