@@ -57,12 +57,9 @@ def _report(paths, markdown, figures=False):
     rs = [results.read(results.results_path(p)) for p in paths]
     rows = results.summary(rs)
     print(results.format_table(rows, markdown=markdown))
-    first = {}
     for r in rows:
-        arm = r["arm"].split(" [")[0]
-        first.setdefault(arm, r["arm"])
         if r["differs"]:
-            print(f"plastic: note: {r['arm']} and {first[arm]} ran under different specs "
+            print(f"plastic: note: {r['arm']} and {r['differs_from']} ran under different specs "
                   f"({', '.join(r['differs'][:6])}{', ...' if len(r['differs']) > 6 else ''}); "
                   f"their seeds are not pooled", file=sys.stderr)
     if figures:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError
-from .learned import KolenPollack, LearnedFeedback, _distributed
+from .feedback import FeedbackSynapse
+from .learned import KolenPollack, LearnedFeedback, mean_over_processes
 from .simulator import TimeStepped
 from .spiking import LIFPopulation
 from .synapses import Dense, Synapse
@@ -159,22 +160,12 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> to
             else:
                 signal = delta @ fb.matrix(syn.weight)
             delta = signal * psi[k - 1]
-    if _distributed():  # no autograd pass for DDP to hook: average over processes here
-        world = torch.distributed.get_world_size()
-        for g in [*gw, *(g for g in gb if g is not None)]:
-            torch.distributed.all_reduce(g)
-            g /= world
+    # no autograd pass for DDP to hook: average over processes here
+    mean_over_processes([*gw, *(g for g in gb if g is not None)])
     for k, (syn, _) in enumerate(layers):
-        _accumulate(syn.weight, gw[k])
+        FeedbackSynapse.accumulate(syn.weight, gw[k])
         if syn.bias is not None:
-            _accumulate(syn.bias, gb[k])
+            FeedbackSynapse.accumulate(syn.bias, gb[k])
         if isinstance(syn.feedback, KolenPollack):
-            _accumulate(syn.feedback.weight, gw[k])
+            FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
     return out_sum / t_steps
-
-
-def _accumulate(param: torch.Tensor, g: torch.Tensor):
-    if param.grad is None:
-        param.grad = g.clone()
-    else:
-        param.grad.add_(g)

@@ -225,31 +225,40 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     torch.distributed, every process draws its own noise and the updates are averaged over
     processes, so replicas stay identical (B takes no part in the wake pass: wrap the model in
     DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
-    from .convert import synapses
-
-    n = 0
-    for _, syn in synapses(model):
+    sleepers = sleep_driven(model)
+    for _, syn in sleepers:
         fb = syn.feedback
-        if isinstance(fb, LearnedFeedback) and fb.drive == "sleep":
-            if fb.pre_shape is None:
-                raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
-                                "run one forward pass first")
-            x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
-                            dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
-            y = syn.operator().forward(x, syn.weight.detach())
-            fb._wake_without_sleep = 0
-            g = fb.grad(syn, x, y)
-            if _distributed():  # each process dreams its own noise; replicas take the mean
-                torch.distributed.all_reduce(g)
-                g /= torch.distributed.get_world_size()
-            fb.accumulate(fb.weight, g)
-            n += 1
-    return n
+        if fb.pre_shape is None:
+            raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
+                            "run one forward pass first")
+        x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
+                        dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
+        y = syn.operator().forward(x, syn.weight.detach())
+        fb._wake_without_sleep = 0
+        g = fb.grad(syn, x, y)
+        mean_over_processes([g])  # each process dreams its own noise; replicas take the mean
+        fb.accumulate(fb.weight, g)
+    return len(sleepers)
 
 
-def _distributed() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+def sleep_driven(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, synapse) of every synapse whose feedback learns only in sleep phases."""
+    from .convert import synapses
+    return [(n, s) for n, s in synapses(model)
+            if isinstance(s.feedback, LearnedFeedback) and s.feedback.drive == "sleep"]
+
+
+def mean_over_processes(tensors) -> None:
+    """Under torch.distributed (more than one process), replace each tensor in place by its
+    mean over the processes; otherwise leave them.  For updates that no autograd pass carries
+    to DDP's all-reduce (sleep phases, online learning)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return
+    world = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t /= world
 
 
 def make_learned(kind, forward_weight, generator=None, **options):

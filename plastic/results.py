@@ -93,9 +93,9 @@ def _differences(a: dict, b: dict, ignore=()) -> list[str]:
     return list(walk(a, b, ""))
 
 
-def _spec_differences(old: dict, new: dict) -> list[str]:
+def _spec_differences(old: dict, new: dict, ignore=()) -> list[str]:
     """The keys (dotted, arms excepted) where a recorded spec and a new, resolved one differ."""
-    return _differences(_resolved(old, like=new), json.loads(json.dumps(new)))
+    return _differences(_resolved(old, like=new), json.loads(json.dumps(new)), ignore)
 
 
 class ResultsWriter:
@@ -124,7 +124,7 @@ class ResultsWriter:
             merged.update({k: spec[k] for k in EXECUTION_KEYS if k in spec})
             # more seeds of the same experiment join the same file
             merged["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *spec["seeds"]]))
-            differ = [k for k in _spec_differences(old, spec) if k != "seeds"]
+            differ = _spec_differences(old, spec, ignore=("seeds",))
             if differ:
                 self.h5.close()
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
@@ -315,8 +315,9 @@ def summary(results: list[dict]) -> list[dict]:
     """One row per arm.  Files that ran an arm under the same spec (a protocol run in parts, or
     one seed per file) pool its seeds, a later file's seed replacing an earlier one's.  An arm run
     under different specs (another data set, other epochs, another rule under the same name)
-    gets one row per spec, named ``arm [directory]``, with the keys that differ in
-    ``row["differs"]``: a table never shows one experiment's figures under another's name."""
+    gets one row per spec, named ``arm [directory]``, with the keys that differ from the first
+    such row in ``row["differs"]`` and that row's name in ``row["differs_from"]``: a table never
+    shows one experiment's figures under another's name."""
     groups: dict[str, list[dict]] = {}
     for r in results:
         spec = _resolved(r["spec"])
@@ -341,8 +342,9 @@ def summary(results: list[dict]) -> list[dict]:
     rows = []
     for arm, gs in groups.items():
         labels = _labels([g["paths"] for g in gs])
-        for g, label in zip(gs, labels):
-            rows.append(_row(arm if len(gs) == 1 else f"{arm} [{label}]", g))
+        names = [arm if len(gs) == 1 else f"{arm} [{label}]" for label in labels]
+        for g, name in zip(gs, names):
+            rows.append({**_row(name, g), "differs_from": names[0] if g["differs"] else ""})
     return rows
 
 

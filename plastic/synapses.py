@@ -130,7 +130,7 @@ class Synapse(nn.Module):
             fb.materialize(x.shape[1:], x.device, self.weight.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
-        learned = fb.learned_weight() if fb.plastic else None
+        learned = fb.learned_weight()
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                               or (learned is not None and learned.requires_grad))):
             return self._forward_op(x, self.weight, self.bias)

@@ -18,7 +18,7 @@ from . import data as data_mod
 from . import models
 from .convert import convert, synapses
 from .errors import SpecError
-from .learned import sleep_step
+from .learned import sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
 from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
@@ -280,8 +280,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                                 "synapses": [n for n, _ in synapses(model)]})
     gen = torch.Generator().manual_seed(seed)
     sleep, step = spec["sleep"], 0
-    sleepers = sleep["every"] > 0 and any(
-        getattr(s.feedback, "drive", None) == "sleep" for _, s in synapses(model))
+    sleepers = sleep["every"] > 0 and bool(sleep_driven(model))
     start_epoch, wall = 1, 0.0
     ckpt = _checkpoint_path(out_dir, arm_name, seed)
     if resume and ckpt.exists():
@@ -378,7 +377,7 @@ def _model(spec, arm, seed, ds) -> nn.Module:
     model = convert(model, arm["feedback"], seed=seed, output=arm["output"] or None,
                     options=arm.get("feedback_options") or None)
     model._constraints = _constrain(model, spec["circuit"], seed)
-    sleepers = [n for n, s in synapses(model) if getattr(s.feedback, "drive", None) == "sleep"]
+    sleepers = [n for n, _ in sleep_driven(model)]
     if sleepers and spec["sleep"]["every"] <= 0:
         raise SpecError(f"the feedback of synapse(s) {sleepers} learns only in sleep phases, but "
                         "sleep.every = 0 gives none, so it would never learn; set sleep.every "
