@@ -8,7 +8,8 @@ from .errors import SpecError
 from .populations import ACTIVATIONS, RatePopulation
 from .spiking import SPIKING_KINDS, LIFPopulation
 
-__all__ = ["make_population", "mlp", "convnet", "Scale", "BasicBlock", "ResNet", "resnet18", "resnet20"]
+__all__ = ["make_population", "mlp", "convnet", "Scale", "PopulationCode", "BasicBlock", "ResNet",
+           "resnet18", "resnet20"]
 
 
 def make_population(name: str) -> nn.Module:
@@ -23,14 +24,25 @@ def make_population(name: str) -> nn.Module:
     return RatePopulation(name)
 
 
-def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh") -> nn.Sequential:
+def _readout(n: int, outputs: int, output_scale: float, units_per_class: int) -> list[nn.Module]:
+    """The dense readout synapse, with its population code and logit scale when they are set."""
+    layers: list[nn.Module] = [nn.Linear(n, outputs * units_per_class)]
+    if units_per_class > 1:
+        layers.append(PopulationCode(units_per_class))
+    if output_scale != 1.0:
+        layers.append(Scale(output_scale))
+    return layers
+
+
+def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh",
+        output_scale: float = 1.0, units_per_class: int = 1) -> nn.Sequential:
     """in -> hidden[0] -> ... -> outputs, a rate population after every hidden synapse."""
     layers: list[nn.Module] = [nn.Flatten()]
     n = in_features
     for i, h in enumerate(hidden):
         layers += [nn.Linear(n, h), make_population(population)]
         n = h
-    layers.append(nn.Linear(n, outputs))
+    layers += _readout(n, outputs, output_scale, units_per_class)
     return nn.Sequential(*layers)
 
 
@@ -53,9 +65,10 @@ class Scale(nn.Module):
 
 def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
             population: str = "relu", batch_norm: bool = True, image_size: int = 32,
-            output_scale: float = 1.0) -> nn.Sequential:
+            output_scale: float = 1.0, units_per_class: int = 1) -> nn.Sequential:
     """A small ConvNet: [conv3x3 - (BN) - population - maxpool2] per stage, then one dense synapse
-    (its output multiplied by ``output_scale`` when that is not 1)."""
+    (its output multiplied by ``output_scale`` when that is not 1; ``units_per_class`` as in
+    ``PopulationCode``)."""
     layers: list[nn.Module] = []
     c, size = in_channels, image_size
     for ch in channels:
@@ -64,10 +77,29 @@ def convnet(in_channels: int = 3, channels=(32, 64, 128), outputs: int = 10,
             layers.append(nn.BatchNorm2d(ch))
         layers += [make_population(population), nn.MaxPool2d(2)]
         c, size = ch, size // 2
-    layers += [nn.Flatten(), nn.Linear(c * size * size, outputs)]
-    if output_scale != 1.0:
-        layers.append(Scale(output_scale))
+    layers += [nn.Flatten(), *_readout(c * size * size, outputs, output_scale, units_per_class)]
     return nn.Sequential(*layers)
+
+
+class PopulationCode(nn.Module):
+    """Each output read from a population of k units: y_c = Σ_{j<k} u_{c·k+j} / √k.
+
+    The readout synapse then has k·outputs units.  With 1/√k (not the mean) a backprop step
+    moves the outputs as much as a single readout unit's would, at the same learning rate.  With
+    k·outputs at least the readout's inputs, the readout expands, as a 1000-class ImageNet
+    readout (512 -> 1000) does and a 10-class one cannot; ``protocols/information_variants.toml``
+    measures Information Alignment on such a readout."""
+
+    def __init__(self, units_per_class: int):
+        super().__init__()
+        self.units_per_class = int(units_per_class)
+
+    def forward(self, x):
+        k = self.units_per_class
+        return x.unflatten(-1, (-1, k)).sum(-1) * k ** -0.5
+
+    def extra_repr(self):
+        return f"units_per_class={self.units_per_class}"
 
 
 class BasicBlock(nn.Module):
@@ -100,7 +132,7 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), outputs: int = 1000,
                  in_channels: int = 3, stem: str = "imagenet", population: str = "relu",
-                 output_scale: float = 1.0):
+                 output_scale: float = 1.0, units_per_class: int = 1):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise SpecError(f"unknown ResNet stem {stem!r}; known: imagenet, cifar")
@@ -120,23 +152,27 @@ class ResNet(nn.Module):
                 cin = w
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, outputs)
+        self.fc = nn.Linear(cin, outputs * units_per_class)
+        self.code = PopulationCode(units_per_class) if units_per_class > 1 else nn.Identity()
         self.scale = Scale(output_scale) if output_scale != 1.0 else nn.Identity()
 
     def forward(self, x):
         x = self.pool(self.pop1(self.bn1(self.conv1(x))))
         x = self.avgpool(self.layers(x)).flatten(1)
-        return self.scale(self.fc(x))
+        return self.scale(self.code(self.fc(x)))
 
 
 def resnet18(outputs: int = 1000, in_channels: int = 3, stem: str = "imagenet",
-             population: str = "relu") -> ResNet:
+             population: str = "relu", output_scale: float = 1.0, units_per_class: int = 1) -> ResNet:
     """ResNet-18: 4 stages of 2 basic blocks (20 convs incl. 3 shortcut convs, and 1 dense)."""
-    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), outputs, in_channels, stem, population)
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), outputs, in_channels, stem, population,
+                  output_scale, units_per_class)
 
 
-def resnet20(outputs: int = 10, in_channels: int = 3, population: str = "relu") -> ResNet:
+def resnet20(outputs: int = 10, in_channels: int = 3, population: str = "relu",
+             output_scale: float = 1.0, units_per_class: int = 1) -> ResNet:
     """ResNet-20 for CIFAR (He et al. 2016, Sec. 4.2): a 3x3 conv, 3 stages of 3 basic blocks
     with 16, 32, 64 channels, global average pooling and one dense synapse (1x1-conv
     projection shortcuts where the shape changes)."""
-    return ResNet((3, 3, 3), (16, 32, 64), outputs, in_channels, "cifar", population)
+    return ResNet((3, 3, 3), (16, 32, 64), outputs, in_channels, "cifar", population,
+                  output_scale, units_per_class)

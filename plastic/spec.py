@@ -103,6 +103,7 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "batch_norm": (bool, True),
     "output_scale": (NUM, 1.0),
     "stem": (str, "cifar"),
+    "units_per_class": (int, 1),  # population-coded readout: each output read from k units
     # biological constraints (plastic.constraints); time-stepped circuits only for delay
     "excitatory": (NUM, 0.0),     # Dale's law: fraction of excitatory neurons (0: unconstrained)
     "connectivity": (NUM, 1.0),   # density of a fixed random sparse connectivity mask
@@ -112,6 +113,14 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "population_params": (dict, {}),
 }
 CIRCUIT_KINDS = ("mlp", "convnet", "resnet", "resnet18", "resnet20")
+# the keys each kind reads beyond the ones every kind reads; a key that the kind would ignore,
+# given with a value other than its default, is an error rather than a silently different circuit
+_EVERY_KIND = {"name", "description", "kind", "input_shape", "outputs", "population",
+               "output_scale", "units_per_class", "excitatory", "connectivity", "delay",
+               "population_params"}
+CIRCUIT_KIND_KEYS = {"mlp": {"hidden"}, "convnet": {"channels", "batch_norm"},
+                     "resnet": {"channels", "blocks", "stem"}, "resnet18": {"stem"},
+                     "resnet20": set()}
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 SCHEDULES = ("constant", "onecycle", "cosine")
@@ -298,9 +307,17 @@ def resolve_circuit(circuit) -> dict:
     c = _fill(raw, CIRCUIT_SCHEMA, "circuit.")
     if c["kind"] not in CIRCUIT_KINDS:
         raise SpecError(f"unknown circuit kind {c['kind']!r}; known: {', '.join(CIRCUIT_KINDS)}")
+    reads = _EVERY_KIND | CIRCUIT_KIND_KEYS[c["kind"]]
+    ignored = [k for k in CIRCUIT_SCHEMA if k not in reads and c[k] != CIRCUIT_SCHEMA[k][1]]
+    if ignored:
+        reads = sorted(CIRCUIT_KIND_KEYS[c["kind"]] | {"output_scale", "units_per_class"})
+        raise SpecError(f"circuit kind {c['kind']!r} has no setting {', '.join(ignored)}; it reads "
+                        f"{', '.join(reads)} and the population and constraint settings")
     for key in ("hidden", "channels", "blocks"):
         if not all(isinstance(h, int) and h > 0 for h in c[key]):
             raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
+    if c["units_per_class"] < 1:
+        raise SpecError(f"circuit.units_per_class must be at least 1, got {c['units_per_class']}")
     if c["kind"] == "resnet" and len(c["blocks"]) != len(c["channels"]):
         raise SpecError(f"circuit.blocks ({c['blocks']}) needs one entry per stage of "
                         f"circuit.channels ({c['channels']})")

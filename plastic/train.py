@@ -49,20 +49,23 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     if circuit.get("delay", 0) and not spiking:
         raise SpecError("circuit.delay needs a time-stepped (spiking) population")
     if kind == "mlp":
-        model = models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop)
+        model = models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop,
+                           circuit["output_scale"], circuit["units_per_class"])
     elif kind == "convnet":
         if shape[1] != shape[2] or shape[1] % (2 ** len(circuit["channels"])):
             raise SpecError(f"convnet needs square inputs divisible by 2^{len(circuit['channels'])}, "
                             f"got {list(shape)}")
         model = models.convnet(shape[0], circuit["channels"], outputs, pop, circuit["batch_norm"],
-                               shape[1], circuit["output_scale"])
+                               shape[1], circuit["output_scale"], circuit["units_per_class"])
     elif kind == "resnet":
         model = models.ResNet(circuit["blocks"], circuit["channels"], outputs, shape[0],
-                              circuit["stem"], pop, circuit["output_scale"])
+                              circuit["stem"], pop, circuit["output_scale"], circuit["units_per_class"])
     elif kind == "resnet18":
-        model = models.resnet18(outputs, shape[0], circuit["stem"], pop)
+        model = models.resnet18(outputs, shape[0], circuit["stem"], pop, circuit["output_scale"],
+                                circuit["units_per_class"])
     elif kind == "resnet20":
-        model = models.resnet20(outputs, shape[0], pop)
+        model = models.resnet20(outputs, shape[0], pop, circuit["output_scale"],
+                                circuit["units_per_class"])
     else:
         raise SpecError(f"unknown circuit kind {kind!r}")
     if spiking:

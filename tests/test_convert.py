@@ -98,6 +98,45 @@ def test_convnet_output_scale_from_a_circuit_spec():
                                         (3, 32, 32), 10)[-1], models.Scale)
 
 
+def test_population_coded_readout():
+    """units_per_class = k: the readout synapse has k units per output, y_c = Σ_j u_cj / √k, so
+    a backprop step moves the outputs as much as a one-unit readout's; every kind takes it."""
+    from plastic.spec import resolve_circuit
+    from plastic.train import build_circuit
+    torch.manual_seed(0)
+    net = build_circuit(resolve_circuit({"kind": "convnet", "channels": [4, 8], "output_scale": 0.25,
+                                         "units_per_class": 6}), (3, 32, 32), 10)
+    readout, code, scale = net[-3:]
+    assert readout.out_features == 60 and code.units_per_class == 6 and scale.scale == 0.25
+    x = torch.randn(5, 3, 32, 32)
+    u = net[:-2](x)
+    assert torch.allclose(net(x), 0.25 * u.view(5, 10, 6).sum(-1) / 6 ** 0.5)
+    for kind in ("mlp", "resnet", "resnet20"):
+        c = resolve_circuit({"kind": kind, "channels": [4, 8], "blocks": [1, 1], "units_per_class": 3}
+                            if kind == "resnet" else {"kind": kind, "units_per_class": 3})
+        net = plastic.convert(build_circuit(c, (3, 32, 32), 10), "information")
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert [m for _, m in plastic.synapses(net)][-1].out_features == 30
+    with pytest.raises(plastic.SpecError, match="units_per_class must be at least 1"):
+        resolve_circuit({"kind": "mlp", "units_per_class": 0})
+
+
+def test_a_setting_the_circuit_kind_does_not_read_is_an_error():
+    """Not a silently different circuit: resnet20 has fixed widths, an mlp no batch norm."""
+    from plastic.spec import resolve_circuit
+    for table, key in [({"kind": "resnet20", "channels": [8, 16]}, "channels"),
+                       ({"kind": "resnet20", "stem": "imagenet"}, "stem"),
+                       ({"kind": "mlp", "batch_norm": False}, "batch_norm"),
+                       ({"kind": "convnet", "hidden": [10]}, "hidden"),
+                       ({"kind": "resnet", "batch_norm": False}, "batch_norm")]:
+        with pytest.raises(plastic.SpecError, match=f"kind '{table['kind']}' has no setting {key}"):
+            resolve_circuit(table)
+    # every kind reads the logit scale
+    from plastic.train import build_circuit
+    net = build_circuit(resolve_circuit({"kind": "resnet20", "output_scale": 0.5}), (3, 32, 32), 10)
+    assert isinstance(net.scale, models.Scale) and net.scale.scale == 0.5
+
+
 def test_resnet_circuit_from_blocks_and_channels():
     """kind = "resnet": blocks[i] basic blocks of channels[i] channels per stage, convertible."""
     from plastic.spec import resolve_circuit
