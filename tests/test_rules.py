@@ -182,6 +182,29 @@ def test_symmetric_alignment_makes_B_proportional_to_W():
     assert all(a < 5 for a in angles.values()), angles
 
 
+def test_information_alignment_settles_at_the_ridge_decoder_of_its_input():
+    """Amp + Null + Decay on data: B -> (W Σ_x Wᵀ + c_decay I)⁻¹ W Σ_x (B stored W-shaped), the
+    fixed point derived in the README.  Behind anisotropic activity it stays far from W, which
+    is why the local rule cannot reach B ∝ W on data (protocols/information_variants.toml)."""
+    torch.manual_seed(0)
+    n_in, n_out, decay = 24, 6, 0.05
+    syn = plastic.Dense(n_in, n_out, bias=False, feedback="fa").double()
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0, "null": 1.0, "decay": decay})
+    syn.set_feedback(fb)
+    q, _ = torch.linalg.qr(torch.randn(n_in, n_in, dtype=torch.float64))
+    x = torch.randn(512, n_in, dtype=torch.float64) * torch.logspace(-1, 0.5, n_in,
+                                                                     dtype=torch.float64) @ q.T
+    opt = torch.optim.SGD([fb.weight], lr=0.5)
+    for _ in range(400):
+        opt.zero_grad()
+        syn(x).sum().backward()
+        opt.step()
+    W, cov = syn.weight.detach(), x.T @ x / len(x)
+    ridge = torch.linalg.solve(W @ cov @ W.T + decay * torch.eye(n_out, dtype=torch.float64), W @ cov)
+    assert plastic.metrics.angle(fb.weight.detach(), ridge) < 0.1
+    assert plastic.metrics.angle(ridge, W) > 45
+
+
 def test_kolen_pollack_B_converges_to_W():
     torch.manual_seed(0)
     syn = plastic.Dense(20, 10, feedback="fa")
