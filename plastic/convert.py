@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 import zlib
 from typing import Iterator, Mapping
 
@@ -54,6 +55,12 @@ def resolve_kind(name: str, feedback):
     return kind
 
 
+# layers whose backward pass multiplies the error by their weights, but which plastic has no
+# synapse for: converted circuits would pass their error by exact backprop (weight transport)
+_UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                nn.Bilinear, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
+
+
 def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
@@ -82,6 +89,12 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         targets.insert(0, ("", root))
     if not targets:
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
+    exact = [f"{n or '(root)'} ({type(m).__name__})" for n, m in root.named_modules()
+             if isinstance(m, _UNCONVERTED)]
+    if exact:
+        warnings.warn(f"convert: {', '.join(exact)} carry weights that plastic has no feedback "
+                      "synapse for (it converts Linear and Conv2d); their error still passes by "
+                      "exact backprop, whatever the feedback kind", stacklevel=2)
     kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
     names = [n for n, _ in targets]
     if isinstance(feedback, Mapping) and not is_rule(feedback):

@@ -155,3 +155,16 @@ def test_resnet_circuit_from_blocks_and_channels():
         resolve_circuit({"kind": "resnet", "channels": [8, 16], "blocks": [1]})
     with pytest.raises(plastic.SpecError, match="stem"):
         build_circuit(resolve_circuit({"kind": "resnet", "stem": "tiny"}), (3, 32, 32), 10)
+
+
+def test_layers_convert_cannot_make_plastic_are_named_in_a_warning():
+    """A Conv1d (or an attention or recurrent layer) would silently keep exact backprop under
+    every rule; convert says so, naming the layer."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 14, 4))
+    with pytest.warns(UserWarning, match=r"0 \(Conv1d\) carry weights .* exact backprop"):
+        plastic.convert(net, "fa")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plastic.convert(models.convnet(3, [4, 8], 10), "fa")  # nothing unconverted: no warning
