@@ -307,12 +307,13 @@ def resolve_circuit(circuit) -> dict:
     c = _fill(raw, CIRCUIT_SCHEMA, "circuit.")
     if c["kind"] not in CIRCUIT_KINDS:
         raise SpecError(f"unknown circuit kind {c['kind']!r}; known: {', '.join(CIRCUIT_KINDS)}")
-    reads = _EVERY_KIND | CIRCUIT_KIND_KEYS[c["kind"]]
-    ignored = [k for k in CIRCUIT_SCHEMA if k not in reads and c[k] != CIRCUIT_SCHEMA[k][1]]
+    own = CIRCUIT_KIND_KEYS[c["kind"]]
+    ignored = [k for k in CIRCUIT_SCHEMA
+               if k not in _EVERY_KIND | own and c[k] != CIRCUIT_SCHEMA[k][1]]
     if ignored:
-        reads = sorted(CIRCUIT_KIND_KEYS[c["kind"]] | {"output_scale", "units_per_class"})
+        shown = sorted(own | {"output_scale", "units_per_class"})
         raise SpecError(f"circuit kind {c['kind']!r} has no setting {', '.join(ignored)}; it reads "
-                        f"{', '.join(reads)} and the population and constraint settings")
+                        f"{', '.join(shown)} and the population and constraint settings")
     for key in ("hidden", "channels", "blocks"):
         if not all(isinstance(h, int) and h > 0 for h in c[key]):
             raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
