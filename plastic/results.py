@@ -427,6 +427,51 @@ def _natural(name: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
+def _angle_figure(arms: dict, mean_curve, path: Path, plt) -> bool:
+    """angles.png: per arm, one row per angle recorded (update, delivered error, B to Wᵀ)
+    over epochs, one colour per synapse.  False when no arm recorded an angle."""
+    n = len(arms)
+    # one row per angle the arms recorded: the update's, the delivered error's (signal_angle,
+    # the one that ranks the CIFAR-10 rules by cost) and B's to Wᵀ
+    prefixes = [(p, t) for p, t in (("update_angle/", "update ∠ to BP"),
+                                    ("signal_angle/", "error δ ∠ to BP's"),
+                                    ("angle/", "∠(B, Wᵀ)"))
+                if any(k.startswith(p) for a in arms.values() for k in a["metrics"])]
+    if not prefixes:
+        return False
+    # one colour per synapse in every panel, synapses in circuit order ("2" before "13")
+    names = sorted({k.split("/", 1)[1] for a in arms.values() for k in a["metrics"]
+                    if k.startswith(tuple(p for p, _ in prefixes))}, key=_natural)
+    colour = {s: f"C{i % 10}" for i, s in enumerate(names)}
+    fig, axes = plt.subplots(len(prefixes), n, figsize=(3.2 * n, 2.75 * len(prefixes)),
+                             squeeze=False, sharey="row")
+    for i, (prefix, title) in enumerate(prefixes):
+        top = 100.0  # angles run to 180°: an update or error against backprop's is not clipped
+        for j, (arm, a) in enumerate(arms.items()):
+            m = a["metrics"]
+            axx = axes[i][j]
+            for s in names:
+                if prefix + s not in m:
+                    continue
+                ep, v = mean_curve(m, prefix + s)
+                if not np.all(np.isnan(v)):
+                    axx.plot(ep, v, marker=".", color=colour[s], label=s)
+                    top = max(top, min(180.0, float(np.nanmax(v)) + 5))
+            axx.axhline(90, color="gray", lw=0.5, ls="--")
+            axx.set_title(f"{arm}: {title}", fontsize=9)
+            if i == len(prefixes) - 1:
+                axx.set_xlabel("epoch")
+            if j == 0:
+                axx.set_ylabel("degrees")
+            if axx.get_legend_handles_labels()[1]:  # the 90° guide line has no label
+                axx.legend(fontsize=6, title="synapse", title_fontsize=6)
+        axes[i][0].set_ylim(0, top)  # sharey: the whole row
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """learning_curves.png and angles.png from a results file."""
     import matplotlib
@@ -469,36 +514,8 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    n = len(arms)
-    prefixes = (("update_angle/", "update ∠ to BP"), ("angle/", "∠(B, Wᵀ)"))
-    # one colour per synapse in every panel, synapses in circuit order ("2" before "13")
-    names = sorted({k.split("/", 1)[1] for a in arms.values() for k in a["metrics"]
-                    if k.startswith(tuple(p for p, _ in prefixes))}, key=_natural)
-    colour = {s: f"C{i % 10}" for i, s in enumerate(names)}
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.5), squeeze=False, sharey="row")
-    for j, (arm, a) in enumerate(arms.items()):
-        m = a["metrics"]
-        for i, (prefix, title) in enumerate(prefixes):
-            axx = axes[i][j]
-            for s in names:
-                if prefix + s not in m:
-                    continue
-                ep, v = mean_curve(m, prefix + s)
-                if not np.all(np.isnan(v)):
-                    axx.plot(ep, v, marker=".", color=colour[s], label=s)
-            axx.set_ylim(0, 100)
-            axx.axhline(90, color="gray", lw=0.5, ls="--")
-            axx.set_title(f"{arm}: {title}", fontsize=9)
-            if i == 1:
-                axx.set_xlabel("epoch")
-            if j == 0:
-                axx.set_ylabel("degrees")
-            if axx.get_legend_handles_labels()[1]:  # the 90° guide line has no label
-                axx.legend(fontsize=6, title="synapse", title_fontsize=6)
-    fig.tight_layout()
-    files.append(out_dir / "angles.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    if _angle_figure(arms, mean_curve, out_dir / "angles.png", plt):
+        files.append(out_dir / "angles.png")
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})
     for arm in arms:

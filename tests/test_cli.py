@@ -74,6 +74,29 @@ def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, mo
     assert len(set(colours.values())) == len(colours)
 
 
+def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_path, monkeypatch):
+    """angles.png has a row for each angle recorded, signal_angle included, and a row whose
+    angles exceed 100° (an update against backprop's, up to 180°) is not clipped at 100."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+    from plastic.results import _angle_figure
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    ep = np.array([0.0, 1.0])
+    arms = {"fa": {"metrics": {"epoch": ep, "update_angle/1": np.array([150.0, 80.0]),
+                               "signal_angle/1": np.array([91.0, 70.0]),
+                               "angle/1": np.array([90.0, 85.0])}},
+            "bp": {"metrics": {"epoch": ep, "update_angle/1": np.zeros(2),
+                               "signal_angle/1": np.zeros(2), "angle/1": np.zeros(2)}}}
+    assert _angle_figure(arms, lambda m, k: (m["epoch"], m[k]), tmp_path / "a.png", plt)
+    axes = np.array(saved[0].axes).reshape(3, 2)
+    assert [ax.get_title() for ax in axes[:, 0]] == [
+        "fa: update ∠ to BP", "fa: error δ ∠ to BP's", "fa: ∠(B, Wᵀ)"]
+    assert axes[0, 0].get_ylim()[1] >= 150 and axes[0, 1].get_ylim()[1] >= 150  # shared row
+    assert axes[1, 0].get_ylim() == (0, 100) and axes[2, 0].get_ylim() == (0, 100)
+    assert not _angle_figure({"x": {"metrics": {"epoch": ep}}}, None, tmp_path / "b.png", plt)
+
+
 def test_seeds_give_mean_and_std_and_same_seed_same_numbers(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     sets = [*FAST, "seeds=[0,1]", "epochs=1"]
