@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .feedback import FEEDBACK_KINDS, DirectFeedbackHub, is_learned, is_rule
+from .feedback import (FEEDBACK_KINDS, DirectFeedbackHub, check_meant_as_rule, is_learned,
+                       is_rule)
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["convert", "synapses", "resolve_kind"]
@@ -31,8 +32,12 @@ def resolve_kind(name: str, feedback):
     of primitives, e.g. ``{"amp": 1, "decay": 1}``) for every synapse, or a mapping from module
     names or fnmatch patterns to kinds: an exact name wins, then the first pattern that matches,
     in the order given (use ``"*"`` for the rest)."""
+    check_meant_as_rule("feedback", feedback)
     if isinstance(feedback, str) or is_rule(feedback):
         kind = feedback
+    elif not isinstance(feedback, Mapping):
+        raise SpecError(f"feedback must be a kind, a rule or a mapping of synapses to kinds, "
+                        f"got {type(feedback).__name__}")
     else:
         if name in feedback:
             kind = feedback[name]
@@ -44,6 +49,7 @@ def resolve_kind(name: str, feedback):
             else:
                 raise SpecError(f"no feedback kind given for synapse {name!r} "
                                 f"(patterns: {list(feedback)}); add a '*' entry")
+    check_meant_as_rule(f"feedback for synapse {name!r}", kind)
     if is_rule(kind):
         from .rules import parse_rule
         parse_rule(kind)  # validates

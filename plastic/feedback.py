@@ -244,6 +244,22 @@ def is_rule(spec) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.values()))
 
 
+def check_meant_as_rule(where: str, fb) -> None:
+    """A mapping that names a primitive, or maps names to numbers, was meant as a rule
+    ({amp = "a"}, {ampp = 1}): say what is wrong with it as a rule, rather than read it as a
+    table of synapses."""
+    from .rules import PRIMITIVES, parse_rule
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(fb, dict) and fb and not is_rule(fb) and (
+            any(k in PRIMITIVES for k in fb) or all(number(v) for v in fb.values())):
+        try:
+            parse_rule(fb)
+        except SpecError as e:
+            hint = ("" if any(k in PRIMITIVES for k in fb) else
+                    " (a table of synapses maps each to a kind or a rule, not to a number)")
+            raise SpecError(f"{where}: {e}{hint}") from None
+
+
 def is_learned(kind) -> bool:
     """Whether ``kind`` (a name or a rule) makes a learned feedback synapse."""
     return is_rule(kind) or (isinstance(kind, str) and kind.lower() in LEARNED_KINDS)

@@ -10,6 +10,8 @@ so it lands in ``B.grad`` and any optimizer, LR schedule and DDP update it like 
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import warnings
 
@@ -95,7 +97,13 @@ class LearnedFeedback(FeedbackSynapse):
         self.average = average
         self.kind = name or (rule if isinstance(rule, str) else "learned")
         self.local = is_local(self.rule)
-        if not (isinstance(every, int) and every >= 1):
+        for option, value in (("normalize", normalize), ("normalize_input", normalize_input)):
+            if not isinstance(value, bool):
+                raise SpecError(f"feedback option {option} must be true or false, got {value!r}")
+        for option, value in (("noise", noise), ("sigma", sigma), ("subsample", subsample)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(f"feedback option {option} must be a number, got {value!r}")
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise SpecError(f"feedback option every must be a positive integer, got {every!r}")
         if not 0 < float(subsample) <= 1:
             raise SpecError(f"feedback option subsample must be in (0, 1], got {subsample!r}")
@@ -263,6 +271,16 @@ def mean_over_processes(tensors) -> None:
 
 def make_learned(kind, forward_weight, generator=None, **options):
     """A learned feedback synapse from a kind name or a rule mapping."""
+    known = [p for p in inspect.signature(LearnedFeedback.__init__).parameters
+             if p not in ("self", "forward_weight", "rule", "generator", "name")]
+    for k in options:
+        if k not in known and not (k == "rule" and kind in ("mirror", "weight-mirror")):
+            m = difflib.get_close_matches(k, known, n=1)
+            raise SpecError(f"unknown feedback option {k!r}" + (f" (did you mean {m[0]!r}?)" if m
+                            else "") + f"; known: {', '.join(known)}")
+    if kind in ("kolen-pollack", "kp") and options:
+        raise SpecError(f"kolen-pollack takes no feedback options (B receives W's update and "
+                        f"decay), got {', '.join(sorted(options))}")
     try:
         return _make_learned(kind, forward_weight, generator, **options)
     except TypeError as e:

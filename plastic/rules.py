@@ -28,6 +28,8 @@ Information Alignment (Amp + Null + Decay) and Activation Alignment (Amp + Spars
 """
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple
 
@@ -99,9 +101,11 @@ def parse_rule(rule: Mapping[str, float] | str) -> dict[str, float]:
     out = {}
     for k, v in dict(rule).items():
         if k not in PRIMITIVES:
-            raise SpecError(f"unknown primitive {k!r}; known: {', '.join(PRIMITIVES)}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SpecError(f"coefficient of {k!r} must be a number, got {v!r}")
+            m = difflib.get_close_matches(str(k), list(PRIMITIVES), n=1)
+            raise SpecError(f"unknown primitive {k!r}" + (f" (did you mean {m[0]!r}?)" if m else "")
+                            + f"; known: {', '.join(PRIMITIVES)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpecError(f"coefficient of {k!r} must be a finite number, got {v!r}")
         if v:
             out[k] = float(v)
     return out

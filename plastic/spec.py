@@ -168,26 +168,6 @@ def _check_device(name: str) -> None:
         raise SpecError(f"device {name!r} is not available on this machine; use device=\"cpu\"")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_meant_as_rule(where, fb):
-    """A table that names a primitive, or maps names to numbers, was meant as a rule
-    ({amp = "a"}, {ampp = 1}): say what is wrong with it as a rule, rather than read it as a
-    table of synapses."""
-    from .feedback import is_rule
-    from .rules import PRIMITIVES, parse_rule
-    if isinstance(fb, dict) and fb and not is_rule(fb) and (
-            any(k in PRIMITIVES for k in fb) or all(_is_number(v) for v in fb.values())):
-        try:
-            parse_rule(fb)
-        except SpecError as e:
-            hint = ("" if any(k in PRIMITIVES for k in fb) else
-                    " (a table of synapses maps each to a kind or a rule, not to a number)")
-            raise SpecError(f"{where}: {e}{hint}") from None
-
-
 def _get(spec: dict, dotted: str):
     for key in dotted.split("."):
         spec = spec[key]
@@ -327,7 +307,7 @@ def resolve_circuit(circuit) -> dict:
 
 def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     """Defaults, overrides and validation: the fully resolved spec recorded with the results."""
-    from .feedback import FEEDBACK_KINDS, is_rule
+    from .feedback import FEEDBACK_KINDS, check_meant_as_rule, is_rule
     from .rules import parse_rule
 
     raw = dict(raw)
@@ -389,11 +369,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
             if list(arms).index(a["convert_from"]) > list(arms).index(name):
                 raise SpecError(f"arms.{name}.convert_from must name an earlier arm")
         fb = a["feedback"]
-        _check_meant_as_rule(f"arms.{name}.feedback", fb)
+        check_meant_as_rule(f"arms.{name}.feedback", fb)
         kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \
             if isinstance(fb, dict) else None
         for synapse, k in (fb.items() if isinstance(fb, dict) and not is_rule(fb) else ()):
-            _check_meant_as_rule(f"arms.{name}.feedback.{synapse}", k)
+            check_meant_as_rule(f"arms.{name}.feedback.{synapse}", k)
         if kinds is None:
             raise SpecError(f"arms.{name}.feedback must be a kind, a rule or a table of kinds")
         for k in kinds:

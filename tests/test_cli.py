@@ -160,11 +160,15 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     (['arms.usff.lr=0.1'], "no arm 'usff' (did you mean 'usf'?); a new arm needs its feedback"),
     (["device=gpu"], "device 'gpu' is not a torch device"),
     (["device=cuda:99"], "device 'cuda:99' is not available on this machine"),
-    (['arms.fa.feedback={amp="a"}'], "arms.fa.feedback: coefficient of 'amp' must be a number"),
+    (['arms.fa.feedback={amp="a"}'], "arms.fa.feedback: coefficient of 'amp' must be a finite number"),
     (["arms.fa.feedback={ampp=1}"], "arms.fa.feedback: unknown primitive 'ampp'"),
-    (["arms.fa.feedback={amp=1,nul=2}"], "arms.fa.feedback: unknown primitive 'nul'"),
+    (["arms.fa.feedback={amp=1,nul=2}"],
+     "arms.fa.feedback: unknown primitive 'nul' (did you mean 'null'?)"),
+    (["arms.fa.feedback={amp=nan,null=1}"], "coefficient of 'amp' must be a finite number, got nan"),
+    (["arms.fa.feedback=information", "arms.fa.feedback_options={normalise=true}"],
+     "unknown feedback option 'normalise' (did you mean 'normalize'?)"),
     (['arms.fa.feedback={"3"="fa","*"={amp=1,decay="x"}}'],
-     "arms.fa.feedback.*: coefficient of 'decay' must be a number, got 'x'"),
+     "arms.fa.feedback.*: coefficient of 'decay' must be a finite number, got 'x'"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
     rc = main(["run", "--out", str(tmp_path / "x"), "--set", *sets])

@@ -240,6 +240,27 @@ def test_convert_and_protocol_accept_learned_kinds_and_rule_tables():
         resolve_protocol({"arms": {"x": {"feedback": {"amp": 1.0, "ampp": 1.0}}}})
 
 
+@pytest.mark.parametrize("feedback, options, message", [
+    ({"ampp": 1.0}, None, "feedback: unknown primitive 'ampp' (did you mean 'amp'?)"),
+    ({"amp": "x"}, None, "feedback: coefficient of 'amp' must be a finite number, got 'x'"),
+    ({"amp": float("nan"), "decay": 1.0}, None, "coefficient of 'amp' must be a finite number"),
+    ({"1": {"nul": 1.0}, "*": "fa"}, None, "feedback for synapse '1': unknown primitive 'nul'"),
+    (["fa"], None, "feedback must be a kind, a rule or a mapping of synapses to kinds, got list"),
+    ("information", {"normalise": True}, "unknown feedback option 'normalise' (did you mean "
+                                         "'normalize'?); known: drive, noise"),
+    ("information", {"normalize_input": "false"}, "normalize_input must be true or false"),
+    ("information", {"noise": "0.1"}, "feedback option noise must be a number, got '0.1'"),
+    ("information", {"every": True}, "every must be a positive integer, got True"),
+])
+def test_convert_says_what_is_wrong_with_a_rule_or_its_options(feedback, options, message):
+    """The Python API gives the same one-line errors as a protocol: a misspelt primitive is not
+    read as a table of synapses, a NaN coefficient (which would fill B with NaN) and a string
+    where a switch belongs ("false" is truthy) are refused."""
+    with pytest.raises(plastic.SpecError) as e:
+        plastic.convert(plastic.models.mlp(7, [5], 3), feedback, options=options)
+    assert message in str(e.value)
+
+
 def test_feedback_options_every_subsample_noise_and_errors():
     syn, x = _dense()
     fb = LearnedFeedback(syn.weight, {"amp": 1.0}, every=2)
@@ -256,7 +277,7 @@ def test_feedback_options_every_subsample_noise_and_errors():
     assert torch.allclose(fb2.weight.grad, rules.primitive_grad("amp", half))
     net = plastic.convert(plastic.models.mlp(7, [5], 3), "information", options={"noise": 0.5})
     assert all(s.feedback.noise == 0.5 for _, s in plastic.synapses(net))
-    with pytest.raises(plastic.SpecError, match="bad feedback option"):
+    with pytest.raises(plastic.SpecError, match="kolen-pollack takes no feedback options"):
         plastic.convert(plastic.models.mlp(7, [5], 3), "kolen-pollack", options={"noise": 1.0})
     with pytest.raises(plastic.SpecError, match="subsample"):
         LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0)
