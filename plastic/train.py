@@ -18,7 +18,7 @@ from . import data as data_mod
 from . import models
 from .convert import convert, synapses
 from .errors import SpecError
-from .learned import sleep_driven, sleep_step
+from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter
 from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
@@ -349,8 +349,11 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             sched.step()
             lv = loss.item()
             if not math.isfinite(lv):
-                raise FloatingPointError(f"arm {arm_name!r}: training loss became {lv} in epoch "
-                                         f"{epoch}; lower its lr (now {arm['lr']})")
+                learned = any(isinstance(s.feedback, LearnedFeedback) for _, s in synapses(model))
+                raise FloatingPointError(
+                    f"arm {arm_name!r}: training loss became {lv} in epoch {epoch}; lower its lr "
+                    f"(now {arm['lr']})" + (" or its feedback rule's coefficients, which the lr "
+                                            "multiplies" if learned else ""))
             total += lv * len(y)
             n += len(y)
             progress.update(lv)

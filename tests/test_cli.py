@@ -97,6 +97,17 @@ def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_
     assert not _angle_figure({"x": {"metrics": {"epoch": ep}}}, None, tmp_path / "b.png", plt)
 
 
+def test_a_diverging_rule_is_stopped_with_a_hint_at_its_coefficients(tmp_path, capsys):
+    out = tmp_path / "nan"
+    rc = main(["run", "--out", str(out), "--arms", "information", "-q", "--set", *FAST,
+               "epochs=1", "arms.information.feedback={amp=1e8,null=1e8,decay=1}"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "training loss became nan in epoch 1; lower its lr (now 0.05) or its feedback " \
+           "rule's coefficients" in err
+    assert "Traceback" not in err
+
+
 def test_seeds_give_mean_and_std_and_same_seed_same_numbers(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     sets = [*FAST, "seeds=[0,1]", "epochs=1"]
