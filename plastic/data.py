@@ -130,8 +130,6 @@ def find_idx_files(folder: Path) -> dict[str, Path]:
 def idx_to_h5(files: dict[str, bytes], out: Path, name: str, source: str,
               sha256: dict[str, str] | None = None, classes=None) -> Path:
     """Verify (if ``sha256``), parse and write the four IDX files as one HDF5 file."""
-    import h5py
-
     if sha256:
         for f, blob in files.items():
             got = hashlib.sha256(blob).hexdigest()

@@ -1,4 +1,5 @@
 """Errors that the command line reports as one line with exit status 2."""
+import difflib
 
 
 class PlasticError(Exception):
@@ -15,3 +16,9 @@ class DataError(PlasticError):
 
 class ResultsError(PlasticError):
     """A results file that is missing or cannot be read."""
+
+
+def suggest(key, known) -> str:
+    """" (did you mean 'x'?)" for the closest of ``known`` to a misspelt ``key``, else ""."""
+    m = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""

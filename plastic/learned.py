@@ -10,7 +10,6 @@ so it lands in ``B.grad`` and any optimizer, LR schedule and DDP update it like 
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import warnings
@@ -18,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import SpecError, suggest
 from .feedback import FeedbackSynapse, random_like
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
@@ -275,9 +274,8 @@ def make_learned(kind, forward_weight, generator=None, **options):
              if p not in ("self", "forward_weight", "rule", "generator", "name")]
     for k in options:
         if k not in known and not (k == "rule" and kind in ("mirror", "weight-mirror")):
-            m = difflib.get_close_matches(k, known, n=1)
-            raise SpecError(f"unknown feedback option {k!r}" + (f" (did you mean {m[0]!r}?)" if m
-                            else "") + f"; known: {', '.join(known)}")
+            raise SpecError(f"unknown feedback option {k!r}{suggest(k, known)}; "
+                            f"known: {', '.join(known)}")
     if kind in ("kolen-pollack", "kp") and options:
         raise SpecError(f"kolen-pollack takes no feedback options (B receives W's update and "
                         f"decay), got {', '.join(sorted(options))}")

@@ -28,14 +28,13 @@ Information Alignment (Amp + Null + Decay) and Activation Alignment (Amp + Spars
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from .errors import SpecError
+from .errors import SpecError, suggest
 
 __all__ = ["Signals", "Operator", "PRIMITIVES", "COMPOSITES", "parse_rule", "primitive_grad",
            "fused_grad", "primitive_value"]
@@ -101,9 +100,8 @@ def parse_rule(rule: Mapping[str, float] | str) -> dict[str, float]:
     out = {}
     for k, v in dict(rule).items():
         if k not in PRIMITIVES:
-            m = difflib.get_close_matches(str(k), list(PRIMITIVES), n=1)
-            raise SpecError(f"unknown primitive {k!r}" + (f" (did you mean {m[0]!r}?)" if m else "")
-                            + f"; known: {', '.join(PRIMITIVES)}")
+            raise SpecError(f"unknown primitive {k!r}{suggest(k, PRIMITIVES)}; "
+                            f"known: {', '.join(PRIMITIVES)}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise SpecError(f"coefficient of {k!r} must be a finite number, got {v!r}")
         if v:

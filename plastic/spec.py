@@ -7,7 +7,6 @@ is checked against the schema below, so a typo is an error, never a silently ign
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import SpecError
+from .errors import SpecError, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 CIRCUITS_DIR = ROOT / "circuits"
@@ -174,11 +173,6 @@ def _get(spec: dict, dotted: str):
     return spec
 
 
-def _suggest(key, known):
-    m = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
-
 def read_toml(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.exists():
@@ -223,7 +217,7 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
         # a misspelt arm name would otherwise add an arm, and leave the intended one unchanged
         if "feedback" not in keys:
             raise SpecError(f"--set arms.{name}.{keys[0]}: the protocol has no arm {name!r}"
-                            f"{_suggest(name, existing) if existing else ''}; a new arm needs "
+                            f"{suggest(name, existing) if existing else ''}; a new arm needs "
                             f"its feedback too (--set arms.{name}.feedback=...)")
     return spec
 
@@ -247,7 +241,7 @@ def _fill(spec: dict, schema: dict, where: str) -> dict:
     out = {}
     for key in spec:
         if key not in schema:
-            raise SpecError(f"unknown key {where}{key!r}{_suggest(key, schema)}")
+            raise SpecError(f"unknown key {where}{key!r}{suggest(key, schema)}")
     for key, sub in schema.items():
         if isinstance(sub, dict):
             v = spec.get(key, {})
@@ -346,7 +340,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
             raise SpecError(f"arms.{name} must be a table")
         for key in arm:
             if key not in ARM_KEYS:
-                raise SpecError(f"unknown key arms.{name}.{key!r}{_suggest(key, ARM_KEYS)}")
+                raise SpecError(f"unknown key arms.{name}.{key!r}{suggest(key, ARM_KEYS)}")
             _check_type(f"arms.{name}.{key}", arm[key], ARM_KEYS[key])
         a = {"feedback": arm.get("feedback", spec["feedback"]),
              "lr": arm.get("lr", spec["optimizer"]["lr"]),
