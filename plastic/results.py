@@ -426,7 +426,16 @@ def _natural(name: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
-def _angle_figure(arms: dict, mean_curve, path: Path, plt) -> bool:
+def _mean_curve(m: dict, key: str):
+    """Epochs and the metric ``key`` averaged over seeds at each (NaN-aware)."""
+    ep = np.unique(m["epoch"])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
+    return ep, vals
+
+
+def _angle_figure(arms: dict, path: Path, plt) -> bool:
     """angles.png: per arm, one row per angle recorded (update, delivered error, B to Wᵀ)
     over epochs, one colour per synapse.  False when no arm recorded an angle."""
     n = len(arms)
@@ -452,7 +461,7 @@ def _angle_figure(arms: dict, mean_curve, path: Path, plt) -> bool:
             for s in names:
                 if prefix + s not in m:
                     continue
-                ep, v = mean_curve(m, prefix + s)
+                ep, v = _mean_curve(m, prefix + s)
                 if not np.all(np.isnan(v)):
                     axx.plot(ep, v, marker=".", color=colour[s], label=s)
                     top = max(top, min(180.0, float(np.nanmax(v)) + 5))
@@ -483,23 +492,16 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     if not arms:
         return []
 
-    def mean_curve(m, key):
-        ep = np.unique(m["epoch"])
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
-        return ep, vals
-
     files = []
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for arm, a in arms.items():
         m = a["metrics"]
         if "epoch" not in m or not len(m["epoch"]):
             continue
-        ep, acc = mean_curve(m, "test_accuracy")
+        ep, acc = _mean_curve(m, "test_accuracy")
         sel = ep > 0
         ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=f"{arm} ({100 * acc[-1]:.2f}%)")
-        ep2, loss = mean_curve(m, "train_loss")
+        ep2, loss = _mean_curve(m, "train_loss")
         ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
@@ -513,7 +515,7 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    if _angle_figure(arms, mean_curve, out_dir / "angles.png", plt):
+    if _angle_figure(arms, out_dir / "angles.png", plt):
         files.append(out_dir / "angles.png")
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})

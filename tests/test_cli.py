@@ -88,13 +88,13 @@ def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_
                                "angle/1": np.array([90.0, 85.0])}},
             "bp": {"metrics": {"epoch": ep, "update_angle/1": np.zeros(2),
                                "signal_angle/1": np.zeros(2), "angle/1": np.zeros(2)}}}
-    assert _angle_figure(arms, lambda m, k: (m["epoch"], m[k]), tmp_path / "a.png", plt)
+    assert _angle_figure(arms, tmp_path / "a.png", plt)
     axes = np.array(saved[0].axes).reshape(3, 2)
     assert [ax.get_title() for ax in axes[:, 0]] == [
         "fa: update ∠ to BP", "fa: error δ ∠ to BP's", "fa: ∠(B, Wᵀ)"]
     assert axes[0, 0].get_ylim()[1] >= 150 and axes[0, 1].get_ylim()[1] >= 150  # shared row
     assert axes[1, 0].get_ylim() == (0, 100) and axes[2, 0].get_ylim() == (0, 100)
-    assert not _angle_figure({"x": {"metrics": {"epoch": ep}}}, None, tmp_path / "b.png", plt)
+    assert not _angle_figure({"x": {"metrics": {"epoch": ep}}}, tmp_path / "b.png", plt)
 
 
 def test_a_diverging_rule_is_stopped_with_a_hint_at_its_coefficients(tmp_path, capsys):
