@@ -1,7 +1,7 @@
 """The ``plastic`` command line.
 
     plastic run [PROTOCOL.toml] [--out DIR] [--set key=value ...] [--arms a,b] [--resume]
-    plastic report DIR [DIR ...] [--markdown]
+    plastic report DIR [DIR ...] [--markdown] [--figures] [--layers]
     plastic data fetch mnist|fashion-mnist|cifar10 [--from DIR] [--out FILE]
     plastic data list
 
@@ -51,12 +51,15 @@ def _cmd_run(args):
     return 0
 
 
-def _report(paths, markdown, figures=False):
+def _report(paths, markdown, figures=False, layers=False):
     from . import results
 
     rs = [results.read(results.results_path(p)) for p in paths]
     rows = results.summary(rs)
     print(results.format_table(rows, markdown=markdown))
+    if layers:
+        print()
+        print(results.format_layers(rows, markdown=markdown))
     for r in rows:
         if r["differs"]:
             print(f"plastic: note: {r['arm']} and {r['differs_from']} ran under different specs "
@@ -69,7 +72,7 @@ def _report(paths, markdown, figures=False):
 
 
 def _cmd_report(args):
-    _report(args.dirs, args.markdown, figures=args.figures)
+    _report(args.dirs, args.markdown, figures=args.figures, layers=args.layers)
     return 0
 
 
@@ -108,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("dirs", nargs="+", help="results directories or .h5 files")
     rep.add_argument("--markdown", action="store_true")
     rep.add_argument("--figures", action="store_true", help="also redraw the figures")
+    rep.add_argument("--layers", action="store_true",
+                     help="also each synapse's angles and norm ratio, and the delivered error's "
+                          "angle averaged over training")
     rep.set_defaults(func=_cmd_report)
     d = sub.add_parser("data", help="fetch or list data sets")
     d.add_argument("action", choices=["fetch", "list"])

@@ -278,6 +278,18 @@ def final_rows(metrics: dict) -> dict[int, dict]:
     return out
 
 
+def training_means(metrics: dict) -> dict[int, dict]:
+    """{seed: {key: mean over that seed's trained epochs (1, 2, ...), NaN ignored}}: epoch 0 is
+    the untrained circuit."""
+    if "seed" not in metrics or not len(metrics["seed"]):
+        return {}
+    out = {}
+    for s in np.unique(metrics["seed"]):
+        idx = np.where((metrics["seed"] == s) & (metrics["epoch"] >= 1))[0]
+        out[int(s)] = {k: _nanmean(np.asarray(v)[idx]) for k, v in metrics.items()}
+    return out
+
+
 #: inference statistics recorded per epoch (train.evaluate): spikes per neuron per step (a rate
 #: population's mean activity), synaptic operations per inference, steps to decision
 INFERENCE_STATS = ("firing_rate", "synaptic_ops", "decision_steps")
@@ -332,10 +344,11 @@ def summary(results: list[dict]) -> list[dict]:
             gs = groups.setdefault(arm, [])
             g = next((g for g in gs if not differs(g)), None)
             if g is None:
-                g = {"spec": spec, "arm_spec": arm_spec, "fin": {}, "done": set(), "paths": [],
-                     "differs": differs(gs[0]) if gs else []}
+                g = {"spec": spec, "arm_spec": arm_spec, "fin": {}, "over": {}, "done": set(),
+                     "paths": [], "differs": differs(gs[0]) if gs else []}
                 gs.append(g)
             g["fin"].update(fin)
+            g["over"].update(training_means(a["metrics"]))
             g["done"] |= set(a["attrs"].get("done_seeds", []))
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
@@ -373,6 +386,7 @@ def _row(name: str, g: dict) -> dict:
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
         "done": len(g["done"] & set(g["fin"])),
         "differs": g["differs"],
+        "final": per_seed, "over_training": [g["over"][s] for s in sorted(g["fin"])],
     }
 
 
@@ -419,6 +433,43 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] +
                      [fmt.format(*b) for b in body])
+
+
+#: the per-synapse columns of ``format_layers``: (title, metric prefix, final or over training)
+LAYER_COLUMNS = (("B–Wᵀ angle (°), final", "angle/", "final"),
+                 ("‖B‖/‖W‖, final", "norm_ratio/", "final"),
+                 ("update angle (°), final", "update_angle/", "final"),
+                 ("error δ angle (°), final", "signal_angle/", "final"),
+                 ("error δ angle (°), mean over training", "signal_angle/", "over_training"))
+
+
+def format_layers(rows: list[dict], markdown: bool = False) -> str:
+    """Per synapse, in circuit order: each arm's angles and norm ratio at the end (mean over
+    seeds), and the delivered error's angle to backprop's averaged over the trained epochs, the
+    figure that groups the CIFAR-10 rules by cost.  Cells read "a / b / c" over the synapses
+    named in the heading ("-" where an arm has no such value)."""
+    def cell(r, prefix, when, names, digits):
+        vals = [_nanmean([f.get(prefix + n, np.nan) for f in r[when]]) for n in names]
+        return " / ".join("-" if math.isnan(v) else f"{v:.{digits}f}" for v in vals)
+    head, cols = ["arm", "test acc (%)"], []
+    for title, prefix, when in LAYER_COLUMNS:
+        names = sorted({k[len(prefix):] for r in rows for f in r[when] for k in f
+                        if k.startswith(prefix)}, key=_natural)
+        if names:
+            head.append(f"{title}: {' / '.join(names)}")
+            cols.append((prefix, when, names, 2 if prefix == "norm_ratio/" else 1))
+    body = [[r["arm"], _pm(r["test_accuracy"], 100)] +
+            [cell(r, *c) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    # one block per column: the headings are too long for one line of text
+    out = []
+    for j in range(2, len(head)):
+        w = max(len(b[0]) for b in body) if body else 3
+        out.append(head[j])
+        out += [f"  {b[0]:<{w}}  {b[1]:>7}  {b[j]}" for b in body]
+    return "\n".join(out)
 
 
 def _natural(name: str) -> list:

@@ -50,6 +50,19 @@ def test_quickstart_protocol_runs_writes_results_and_reports(tmp_path, capsys):
     assert (out / "angles.png").stat().st_size > 1000
     assert main(["report", str(out)]) == 0
     assert "fa" in capsys.readouterr().out
+    # --layers: per synapse, final values and the delivered error's angle over training
+    assert main(["report", str(out), "--layers", "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| arm | test acc (%) | B–Wᵀ"))
+    assert "B–Wᵀ angle (°), final: 1 / 3 |" in head  # the hidden synapse and the readout
+    assert "error δ angle (°), mean over training: 1 |" in head
+    fa = next(ln for ln in lines[lines.index(head):] if ln.startswith("| fa |")).split(" | ")
+    with h5py.File(out / "results.h5") as h:
+        m = h["arms/fa/metrics"]
+        want = [np.mean(m["signal_angle/1"][1:])]  # epochs 1 and 2, not the untrained 0
+        final = [m[f"angle/{n}"][-1] for n in ("1", "3")]
+    assert fa[-1].rstrip(" |") == " / ".join(f"{v:.1f}" for v in want)
+    assert fa[2] == " / ".join(f"{v:.1f}" for v in final)
 
 
 def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, monkeypatch):
