@@ -458,6 +458,8 @@ def format_layers(rows: list[dict], markdown: bool = False) -> str:
         if names:
             head.append(f"{title}: {' / '.join(names)}")
             cols.append((prefix, when, names, 2 if prefix == "norm_ratio/" else 1))
+    if not cols:
+        return "no per-synapse angles were recorded"
     body = [[r["arm"], _pm(r["test_accuracy"], 100)] +
             [cell(r, *c) for c in cols] for r in rows]
     if markdown:
@@ -466,7 +468,7 @@ def format_layers(rows: list[dict], markdown: bool = False) -> str:
     # one block per column: the headings are too long for one line of text
     out = []
     for j in range(2, len(head)):
-        w = max(len(b[0]) for b in body) if body else 3
+        w = max((len(b[0]) for b in body), default=3)
         out.append(head[j])
         out += [f"  {b[0]:<{w}}  {b[1]:>7}  {b[j]}" for b in body]
     return "\n".join(out)
