@@ -1,7 +1,7 @@
 """The ``plastic`` command line.
 
     plastic run [PROTOCOL.toml] [--out DIR] [--set key=value ...] [--arms a,b] [--resume]
-    plastic report DIR [DIR ...] [--markdown] [--figures] [--layers]
+    plastic report DIR [DIR ...] [--markdown] [--figures] [--layers] [--out DIR]
     plastic data fetch mnist|fashion-mnist|cifar10 [--from DIR] [--out FILE]
     plastic data list
 
@@ -51,7 +51,7 @@ def _cmd_run(args):
     return 0
 
 
-def _report(paths, markdown, figures=False, layers=False):
+def _report(paths, markdown, figures=False, layers=False, out=None):
     from . import results
 
     rs = [results.read(results.results_path(p)) for p in paths]
@@ -69,10 +69,13 @@ def _report(paths, markdown, figures=False, layers=False):
         for p in paths:
             for f in results.figures(p):
                 print(f"figure: {f}", file=sys.stderr)
+    if out:
+        for f in results.combined_figures(paths, out):
+            print(f"figure: {f}", file=sys.stderr)
 
 
 def _cmd_report(args):
-    _report(args.dirs, args.markdown, figures=args.figures, layers=args.layers)
+    _report(args.dirs, args.markdown, figures=args.figures, layers=args.layers, out=args.out)
     return 0
 
 
@@ -114,6 +117,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--layers", action="store_true",
                      help="also each synapse's angles and norm ratio, and the delivered error's "
                           "angle averaged over training")
+    rep.add_argument("--out", metavar="DIR",
+                     help="also draw the files' combined figures, arms pooled as in the table, "
+                          "into DIR")
     rep.set_defaults(func=_cmd_report)
     d = sub.add_parser("data", help="fetch or list data sets")
     d.add_argument("action", choices=["fetch", "list"])

@@ -290,6 +290,23 @@ def training_means(metrics: dict) -> dict[int, dict]:
     return out
 
 
+def _seed_slices(metrics: dict) -> dict[int, dict]:
+    """{seed: {key: that seed's rows}}."""
+    if "seed" not in metrics or not len(metrics["seed"]):
+        return {}
+    return {int(s): {k: np.asarray(v)[metrics["seed"] == s] for k, v in metrics.items()}
+            for s in np.unique(metrics["seed"])}
+
+
+def _concat(slices: list[dict]) -> dict:
+    """Metric tables one after the other; a key one of them lacks is NaN in its rows."""
+    keys = sorted({k for m in slices for k in m})
+    n = [len(m.get("epoch", [])) for m in slices]
+    return {k: np.concatenate([np.asarray(m[k], dtype=float) if k in m else np.full(c, np.nan)
+                               for m, c in zip(slices, n)]) if slices else np.array([])
+            for k in keys}
+
+
 #: inference statistics recorded per epoch (train.evaluate): spikes per neuron per step (a rate
 #: population's mean activity), synaptic operations per inference, steps to decision
 INFERENCE_STATS = ("firing_rate", "synaptic_ops", "decision_steps")
@@ -349,6 +366,7 @@ def summary(results: list[dict]) -> list[dict]:
                 gs.append(g)
             g["fin"].update(fin)
             g["over"].update(training_means(a["metrics"]))
+            g.setdefault("per_seed", {}).update(_seed_slices(a["metrics"]))
             g["done"] |= set(a["attrs"].get("done_seeds", []))
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
@@ -387,6 +405,7 @@ def _row(name: str, g: dict) -> dict:
         "done": len(g["done"] & set(g["fin"])),
         "differs": g["differs"],
         "final": per_seed, "over_training": [g["over"][s] for s in sorted(g["fin"])],
+        "metrics": _concat([g["per_seed"][s] for s in sorted(g["per_seed"])]),
     }
 
 
@@ -533,17 +552,11 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
     return True
 
 
-def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """learning_curves.png and angles.png from a results file."""
+def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
+    """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    r = read(path)
-    out_dir = Path(out_dir) if out_dir else results_path(path).parent
-    arms = dict(_ordered_arms(r))
-    if not arms:
-        return []
 
     files = []
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -559,7 +572,6 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
     ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)
-    spec = r["spec"]
     circuit = spec.get("circuit", {})
     fig.suptitle(f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')} "
                  f"on {spec.get('data', '')}")
@@ -570,6 +582,32 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
 
     if _angle_figure(arms, out_dir / "angles.png", plt):
         files.append(out_dir / "angles.png")
+    return files
+
+
+def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
+    """learning_curves.png and angles.png of several results files in one, their arms named and
+    their seeds pooled as in ``plastic report`` (a protocol run in parts, or one seed per file).
+    The title is the first file's protocol."""
+    rs = [read(results_path(p)) for p in paths]
+    arms = {row["arm"]: {"metrics": row["metrics"]} for row in summary(rs)}
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
+    return _draw(arms, rs[0]["spec"], out_dir) if arms else []
+
+
+def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """learning_curves.png and angles.png from a results file."""
+    r = read(path)
+    out_dir = Path(out_dir) if out_dir else results_path(path).parent
+    arms = dict(_ordered_arms(r))
+    if not arms:
+        return []
+    spec = r["spec"]
+    files = _draw(arms, spec, out_dir)
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})
     for arm in arms:

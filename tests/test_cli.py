@@ -162,6 +162,21 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     out, err = capsys.readouterr()
     assert "±" in out.splitlines()[2] and "fa [other]" in out
     assert "fa [other] and fa [s0, s1] ran under different specs (circuit.hidden)" in err
+    # --out: one pair of figures for all the files, the arms named and pooled as in the table
+    import matplotlib.figure
+    saved = {}
+    real = matplotlib.figure.Figure.savefig
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "savefig",
+                   lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
+                                            real(fig, path, **kw))[1])
+        assert main(["report", str(s0), str(s1), str(other), "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "angles.png").stat().st_size > 1000
+    titles = [ax.get_title() for ax in saved["angles.png"].axes]
+    assert "fa [s0, s1]: ∠(B, Wᵀ)" in titles and "fa [other]: ∠(B, Wᵀ)" in titles
+    legend = saved["learning_curves.png"].axes[0].get_legend().get_texts()
+    pooled = 100 * np.mean(accs)
+    assert f"fa [s0, s1] ({pooled:.2f}%)" in [t.get_text() for t in legend]
 
 
 @pytest.mark.parametrize("sets, message", [
