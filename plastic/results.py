@@ -592,6 +592,8 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
     rs = [read(results_path(p)) for p in paths]
     arms = {row["arm"]: {"metrics": row["metrics"]} for row in summary(rs)}
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ResultsError(f"cannot write figures to {out_dir}: it is a file, not a directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
