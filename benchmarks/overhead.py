@@ -77,6 +77,11 @@ CANDIDATES: dict[str, Factory] = {
     # routed through B at its initial norm
     "information-normalized": _converted({"amp": 0.025, "null": 0.025, "decay": 0.0025},
                                          normalize_input=True, normalize=True, center="batch"),
+    # cheaper approximations, reported apart and never behind the figures above: the rule on
+    # every 4th step, or on a quarter of the batch (no operation-count bound: they skip work)
+    "information-every4": _converted({"amp": 1e-3, "null": 1e-3, "decay": 1e-3}, every=4),
+    "information-subsample0.25": _converted({"amp": 1e-3, "null": 1e-3, "decay": 1e-3},
+                                            subsample=0.25),
     "symmetric": _converted("symmetric"),
     "activation": _converted({"amp": 1e-3, "sparse": 1e-3}),
     "kolen-pollack": _converted("kolen-pollack"),
