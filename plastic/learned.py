@@ -276,18 +276,11 @@ def make_learned(kind, forward_weight, generator=None, **options):
         if k not in known and not (k == "rule" and kind in ("mirror", "weight-mirror")):
             raise SpecError(f"unknown feedback option {k!r}{suggest(k, known)}; "
                             f"known: {', '.join(known)}")
-    if kind in ("kolen-pollack", "kp") and options:
-        raise SpecError(f"kolen-pollack takes no feedback options (B receives W's update and "
-                        f"decay), got {', '.join(sorted(options))}")
-    try:
-        return _make_learned(kind, forward_weight, generator, **options)
-    except TypeError as e:
-        raise SpecError(f"bad feedback option for {kind!r}: {e}") from None
-
-
-def _make_learned(kind, forward_weight, generator=None, **options):
     if kind in ("kolen-pollack", "kp"):
-        return KolenPollack(forward_weight, generator=generator, **options)
+        if options:
+            raise SpecError(f"kolen-pollack takes no feedback options (B receives W's update "
+                            f"and decay), got {', '.join(sorted(options))}")
+        return KolenPollack(forward_weight, generator=generator)
     if kind in ("mirror", "weight-mirror"):
         rule = options.pop("rule", {"amp": 0.1, "decay": 0.1})
         # averaged over positions: on white noise (Σ = σ²I per patch) Amp + Decay then settles

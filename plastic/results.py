@@ -266,36 +266,30 @@ def read(path: str | Path) -> dict:
     return out
 
 
-def final_rows(metrics: dict) -> dict[int, dict]:
-    """{seed: {key: value at that seed's last epoch}}."""
-    if "seed" not in metrics or not len(metrics["seed"]):
-        return {}
-    out = {}
-    for s in np.unique(metrics["seed"]):
-        idx = np.where(metrics["seed"] == s)[0]
-        last = idx[np.argmax(metrics["epoch"][idx])]
-        out[int(s)] = {k: float(v[last]) for k, v in metrics.items()}
-    return out
-
-
-def training_means(metrics: dict) -> dict[int, dict]:
-    """{seed: {key: mean over that seed's trained epochs (1, 2, ...), NaN ignored}}: epoch 0 is
-    the untrained circuit."""
-    if "seed" not in metrics or not len(metrics["seed"]):
-        return {}
-    out = {}
-    for s in np.unique(metrics["seed"]):
-        idx = np.where((metrics["seed"] == s) & (metrics["epoch"] >= 1))[0]
-        out[int(s)] = {k: _nanmean(np.asarray(v)[idx]) for k, v in metrics.items()}
-    return out
-
-
 def _seed_slices(metrics: dict) -> dict[int, dict]:
     """{seed: {key: that seed's rows}}."""
     if "seed" not in metrics or not len(metrics["seed"]):
         return {}
     return {int(s): {k: np.asarray(v)[metrics["seed"] == s] for k, v in metrics.items()}
             for s in np.unique(metrics["seed"])}
+
+
+def _final(rows: dict) -> dict:
+    """{key: value at the last epoch} of one seed's rows."""
+    last = np.argmax(rows["epoch"])
+    return {k: float(v[last]) for k, v in rows.items()}
+
+
+def _over_training(rows: dict) -> dict:
+    """{key: mean over the trained epochs (1, 2, ...), NaN ignored} of one seed's rows: epoch 0
+    is the untrained circuit."""
+    trained = rows["epoch"] >= 1
+    return {k: _nanmean(v[trained]) for k, v in rows.items()}
+
+
+def final_rows(metrics: dict) -> dict[int, dict]:
+    """{seed: {key: value at that seed's last epoch}}."""
+    return {s: _final(rows) for s, rows in _seed_slices(metrics).items()}
 
 
 def _concat(slices: list[dict]) -> dict:
@@ -350,8 +344,8 @@ def summary(results: list[dict]) -> list[dict]:
     for r in results:
         spec = _resolved(r["spec"])
         for arm, a in _ordered_arms(r):
-            fin = final_rows(a["metrics"])
-            if not fin:
+            slices = _seed_slices(a["metrics"])
+            if not slices:
                 continue
             arm_spec = spec.get("arms", {}).get(arm, a["attrs"].get("feedback"))
 
@@ -361,12 +355,10 @@ def summary(results: list[dict]) -> list[dict]:
             gs = groups.setdefault(arm, [])
             g = next((g for g in gs if not differs(g)), None)
             if g is None:
-                g = {"spec": spec, "arm_spec": arm_spec, "fin": {}, "over": {}, "done": set(),
+                g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": set(),
                      "paths": [], "differs": differs(gs[0]) if gs else []}
                 gs.append(g)
-            g["fin"].update(fin)
-            g["over"].update(training_means(a["metrics"]))
-            g.setdefault("per_seed", {}).update(_seed_slices(a["metrics"]))
+            g["seeds"].update(slices)
             g["done"] |= set(a["attrs"].get("done_seeds", []))
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
@@ -386,7 +378,8 @@ def _labels(groups: list[list[str]]) -> list[str]:
 
 
 def _row(name: str, g: dict) -> dict:
-    per_seed = [g["fin"][s] for s in sorted(g["fin"])]
+    rows = [g["seeds"][s] for s in sorted(g["seeds"])]
+    per_seed = [_final(r) for r in rows]
     a = g["attrs"]
     ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")]) for f in per_seed]
     wa = [_nanmean([v for k, v in f.items() if k.startswith("angle/")]) for f in per_seed]
@@ -402,10 +395,10 @@ def _row(name: str, g: dict) -> dict:
         "convert_from": a.get("convert_from", ""),
         "learning": a.get("learning", "backprop"),
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
-        "done": len(g["done"] & set(g["fin"])),
+        "done": len(g["done"] & set(g["seeds"])),
         "differs": g["differs"],
-        "final": per_seed, "over_training": [g["over"][s] for s in sorted(g["fin"])],
-        "metrics": _concat([g["per_seed"][s] for s in sorted(g["per_seed"])]),
+        "final": per_seed, "over_training": [_over_training(r) for r in rows],
+        "metrics": _concat(rows),
     }
 
 
