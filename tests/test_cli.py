@@ -20,6 +20,18 @@ FAST = ["epochs=2", "train_limit=1000", "test_limit=500", "probe_size=200",
         "circuit.hidden=[32]", "threads=1"]
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{file name: matplotlib figure} of every figure saved during the test (still written)."""
+    import matplotlib.figure
+    saved = {}
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
+                                                 real(fig, path, **kw))[1])
+    return saved
+
+
 def _err_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one line, no traceback
@@ -65,20 +77,14 @@ def test_quickstart_protocol_runs_writes_results_and_reports(tmp_path, capsys):
     assert fa[2] == " / ".join(f"{v:.1f}" for v in final)
 
 
-def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, monkeypatch):
+def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, saved_figures):
     """Synapse "13" comes after "3", not before it, and has the same colour in every panel (the
     readout has a B-W angle but no update angle, so the rows hold different sets)."""
-    import matplotlib.figure
-    saved = {}
-    real = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
-                                                 real(fig, path, **kw))[1])
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--arms", "bp,fa", "-q", "--set", *FAST[1:],
                  "epochs=1", "circuit.hidden=[16,16,16,16,16,16]"]) == 0
     colours, orders = {}, []
-    for ax in saved["angles.png"].axes:
+    for ax in saved_figures["angles.png"].axes:
         lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
         orders.append([ln.get_label() for ln in lines])
         for ln in lines:
@@ -87,14 +93,12 @@ def test_angle_figure_keeps_one_colour_per_synapse_in_circuit_order(tmp_path, mo
     assert len(set(colours.values())) == len(colours)
 
 
-def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_path, monkeypatch):
+def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_path,
+                                                                            saved_figures):
     """angles.png has a row for each angle recorded, signal_angle included, and a row whose
     angles exceed 100° (an update against backprop's, up to 180°) is not clipped at 100."""
-    import matplotlib.figure
     import matplotlib.pyplot as plt
     from plastic.results import _angle_figure
-    saved = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
     ep = np.array([0.0, 1.0])
     arms = {"fa": {"metrics": {"epoch": ep, "update_angle/1": np.array([150.0, 80.0]),
                                "signal_angle/1": np.array([91.0, 70.0]),
@@ -102,7 +106,7 @@ def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_
             "bp": {"metrics": {"epoch": ep, "update_angle/1": np.zeros(2),
                                "signal_angle/1": np.zeros(2), "angle/1": np.zeros(2)}}}
     assert _angle_figure(arms, tmp_path / "a.png", plt)
-    axes = np.array(saved[0].axes).reshape(3, 2)
+    axes = np.array(saved_figures["a.png"].axes).reshape(3, 2)
     assert [ax.get_title() for ax in axes[:, 0]] == [
         "fa: update ∠ to BP", "fa: error δ ∠ to BP's", "fa: ∠(B, Wᵀ)"]
     assert axes[0, 0].get_ylim()[1] >= 150 and axes[0, 1].get_ylim()[1] >= 150  # shared row
@@ -144,7 +148,8 @@ def test_run_in_parts_and_combined_report(tmp_path, capsys):
     assert any(l.startswith("bp ") for l in lines) and any(l.startswith("usf ") for l in lines)
 
 
-def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, capsys):
+def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, capsys,
+                                                                   saved_figures):
     """One seed per file pools into one row with mean ± std; the same arm under another spec
     gets its own row, named by its directory, and a note says which keys differ."""
     s0, s1, other = tmp_path / "s0", tmp_path / "s1", tmp_path / "other"
@@ -163,18 +168,11 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     assert "±" in out.splitlines()[2] and "fa [other]" in out
     assert "fa [other] and fa [s0, s1] ran under different specs (circuit.hidden)" in err
     # --out: one pair of figures for all the files, the arms named and pooled as in the table
-    import matplotlib.figure
-    saved = {}
-    real = matplotlib.figure.Figure.savefig
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(matplotlib.figure.Figure, "savefig",
-                   lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
-                                            real(fig, path, **kw))[1])
-        assert main(["report", str(s0), str(s1), str(other), "--out", str(tmp_path / "all")]) == 0
+    assert main(["report", str(s0), str(s1), str(other), "--out", str(tmp_path / "all")]) == 0
     assert (tmp_path / "all" / "angles.png").stat().st_size > 1000
-    titles = [ax.get_title() for ax in saved["angles.png"].axes]
+    titles = [ax.get_title() for ax in saved_figures["angles.png"].axes]
     assert "fa [s0, s1]: ∠(B, Wᵀ)" in titles and "fa [other]: ∠(B, Wᵀ)" in titles
-    legend = saved["learning_curves.png"].axes[0].get_legend().get_texts()
+    legend = saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()
     pooled = 100 * np.mean(accs)
     assert f"fa [s0, s1] ({pooled:.2f}%)" in [t.get_text() for t in legend]
 
