@@ -15,6 +15,7 @@ import argparse
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import PlasticError, SpecError
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # 'plastic' alone, or 'plastic --out DIR', runs the quickstart
     args = parser().parse_args(argv)
+    fmt = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # one line, as errors are; not the Python source
     try:
         return args.func(args)
     except PlasticError as e:
@@ -148,6 +151,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nplastic: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = fmt
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    if issubclass(category, UserWarning):
+        return f"plastic: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
 
 
 if __name__ == "__main__":

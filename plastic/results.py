@@ -129,6 +129,7 @@ class ResultsWriter:
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
                                    f"recorded there ({', '.join(differ)}); use another --out")
             self.h5.attrs.update(spec=json.dumps(merged), seeds=json.dumps(merged["seeds"]))
+            self._drop_half_written_rows()
         else:
             self.h5 = h5py.File(self.path, "w")
             self.h5.attrs.update(spec=json.dumps(spec), seeds=json.dumps(spec["seeds"]),
@@ -137,6 +138,17 @@ class ResultsWriter:
                                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.h5.require_group("arms")
         self.h5.flush()
+
+    def _drop_half_written_rows(self):
+        """A run killed between the resizes of one row (SIGKILL, out of memory) leaves some
+        metric datasets a row longer than others: cut them back to the complete rows before
+        resuming (that epoch has no checkpoint, so it is trained again)."""
+        for arm, g in self.h5["arms"].items():
+            m = g.get("metrics")
+            n = _complete_rows(m) if m is not None else None
+            for _, ds in (_datasets(m) if n is not None else ()):
+                if len(ds) != n:
+                    ds.resize((n,))
 
     def arm_group(self, arm: str, attrs: dict):
         g = self.h5["arms"].require_group(arm)
@@ -249,20 +261,45 @@ def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict
         return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
 
 
+def _complete_rows(metrics) -> int | None:
+    """The number of rows every metric dataset has: fewer than the longest only if the run was
+    killed (SIGKILL, out of memory) between the datasets' resizes of one row.  None: no rows."""
+    lengths = [len(ds) for _, ds in _datasets(metrics)]
+    return min(lengths) if lengths else None
+
+
 def read(path: str | Path) -> dict:
-    """{'spec', 'versions', 'arms': {arm: {'attrs', 'metrics': {key: array}}}} from a results file."""
+    """{'spec', 'versions', 'arms': {arm: {'attrs', 'metrics': {key: array}}}} from a results file.
+    A row that a killed run left half-written is dropped, with a warning; a file damaged
+    otherwise is a ``ResultsError`` naming what is wrong."""
+    import h5py
     path = results_path(path)
     with _open(path) as h:
         try:
             out = {"path": str(path), "spec": json.loads(h.attrs["spec"]),
                    "versions": json.loads(h.attrs.get("versions", "{}")), "arms": {}}
+            if not isinstance(out["spec"], dict):
+                raise ValueError("its spec is not a table")
             for arm, g in h["arms"].items():
+                if not isinstance(g, h5py.Group) or not isinstance(g.get("metrics"), h5py.Group):
+                    raise ValueError(f"arm {arm!r} has no metrics group")
                 attrs = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v)
                          for k, v in g.attrs.items()}
-                out["arms"][arm] = {"attrs": attrs,
-                                    "metrics": {k: ds[:] for k, ds in _datasets(g["metrics"])}}
-        except (KeyError, ValueError, OSError) as e:
-            raise ResultsError(f"{path}: not a plastic results file ({e})") from None
+                n = _complete_rows(g["metrics"])
+                metrics = {k: ds[:n] for k, ds in _datasets(g["metrics"])}
+                if any(len(ds) != n for _, ds in _datasets(g["metrics"])):
+                    warnings.warn(f"{path}: arm {arm!r} has a half-written last row (the run was "
+                                  f"killed while writing it); reading its {n} complete rows",
+                                  stacklevel=2)
+                if metrics and ("seed" not in metrics or "epoch" not in metrics):
+                    raise ValueError(f"arm {arm!r} has no {'seed' if 'seed' not in metrics else 'epoch'} column")
+                bad = [k for k, v in metrics.items() if not np.issubdtype(v.dtype, np.number)]
+                if bad:
+                    raise ValueError(f"arm {arm!r}: column {bad[0]!r} is not numeric")
+                out["arms"][arm] = {"attrs": attrs, "metrics": metrics}
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise ResultsError(f"{path}: not a plastic results file, or a damaged one ({e})") \
+                from None
     return out
 
 

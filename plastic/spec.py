@@ -7,6 +7,7 @@ is checked against the schema below, so a typo is an error, never a silently ign
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 _RANGES = [
     ("train_limit", lambda v: v >= 0, ">= 0 (0: all)"),
     ("test_limit", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("probe_size", lambda v: v >= 0, ">= 0"),
+    ("probe_size", lambda v: v >= 0, ">= 0 (0: no update angles or rule values)"),
     ("threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
     ("optimizer.lr", lambda v: v >= 0, ">= 0"),
     ("optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -147,6 +148,27 @@ _RANGES = [
     ("time.f_max", lambda v: v > 0, "> 0 (Hz)"),
     ("time.input_scale", lambda v: v >= 0, ">= 0 (0: the encoder's default)"),
 ]
+
+
+# the optimizer and schedule settings each name reads (weight_decay and lr: every optimizer)
+_READ_BY = {"optimizer": {"sgd": {"momentum", "nesterov"}, "adam": set(), "adamw": set()},
+            "schedule": {"onecycle": {"pct_start", "div_factor", "final_div_factor"},
+                         "constant": set(), "cosine": set()}}
+
+
+def _warn_unread(spec: dict) -> None:
+    """A setting that the chosen optimizer or schedule does not read, given with a value other
+    than its default, is reported rather than silently ignored (a warning, not an error, so that
+    ``--set schedule.name=cosine`` still works on a protocol that tunes the one-cycle warm-up)."""
+    for table, by_name in _READ_BY.items():
+        name = spec[table]["name"]
+        read = by_name[name]
+        unread = [f"{table}.{k} = {spec[table][k]!r}" for k in sorted(set().union(*by_name.values()))
+                  if k not in read and spec[table][k] != PROTOCOL_SCHEMA[table][k][1]]
+        if unread:
+            warnings.warn(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by "
+                          f"the {name!r} {table}, so {'it has' if len(unread) == 1 else 'they have'}"
+                          " no effect", UserWarning, stacklevel=2)
 
 
 def _check_device(name: str) -> None:
@@ -310,7 +332,8 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
         raw["circuit"] = _circuit_table(raw.get("circuit", PROTOCOL_SCHEMA["circuit"][1]))
     spec = _fill(apply_sets(raw, sets or []), PROTOCOL_SCHEMA, "")
     spec["circuit"] = resolve_circuit(spec["circuit"])
-    if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
+    if not spec["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool)
+                                    for s in spec["seeds"]):
         raise SpecError(f"seeds must be a non-empty list of integers, got {spec['seeds']}")
     for key in ("epochs", "batch_size", "test_batch_size"):
         if spec[key] < 1:
@@ -333,6 +356,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
         value = _get(spec, where)
         if not ok(value):
             raise SpecError(f"{where} must be {what}, got {value!r}")
+    _warn_unread(spec)
     arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
     resolved = {}
     for name, arm in arms.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -125,7 +126,7 @@ def evaluate(model, ds, batch_size, device, label_smoothing=0.0, stats=False):
                 acc_stats[k] += st[k] * len(y)
         else:
             out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
+        loss += F.cross_entropy(out, y, reduction="sum", label_smoothing=label_smoothing).item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
     model.train()
@@ -224,20 +225,26 @@ class _Progress:
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """Ctrl-C (SIGINT) inside this block is held until the block ends, then raised: the
-    end-of-epoch writes (the results row, the recording, the checkpoint) happen all or not at
-    all, so an interrupted run's results file and checkpoint always agree.  A process that
-    ignores SIGINT (a background job) or handles it itself is left as it is."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, a batch scheduler's stop) inside this block are
+    held until the block ends, then take effect: the end-of-epoch writes (the results row, the
+    recording, the checkpoint) happen all or not at all, so an interrupted run's results file and
+    checkpoint always agree.  A signal that the process ignores or handles itself is left as it
+    is.  (SIGKILL cannot be held; a row it cuts in half is dropped when the file is read.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    held = [sig for sig, h in defaults.items() if signal.getsignal(sig) is h]
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in held:
+            signal.signal(sig, defaults[sig])
+    if signal.SIGTERM in caught:
+        os.kill(os.getpid(), signal.SIGTERM)  # terminate as the signal would have
     if caught:
         raise KeyboardInterrupt
 
@@ -294,6 +301,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         start_epoch, wall = state["epoch"] + 1, state["wall_time"]
+        step = state["epoch"] * steps  # the sleep phases keep their place in the schedule
         writer.drop_rows(arm_name, seed, from_epoch=start_epoch)
         progress.epoch(f"[{arm_name} seed {seed}] resumed after epoch {state['epoch']}")
     else:
@@ -307,8 +315,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row.update(st)
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
         row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
-        row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
-        update, signal_angles = hidden_angles(model, loss_fn, probe_x, probe_y)
+        update, signal_angles = {}, {}
+        if len(probe_x):  # probe_size = 0: no probe metrics
+            row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
+            update, signal_angles = hidden_angles(model, loss_fn, probe_x, probe_y)
         row.update({f"update_angle/{k}": v for k, v in update.items()})
         row.update({f"signal_angle/{k}": v for k, v in signal_angles.items()})
         rec = recording(model, rec_x, spec["record"]) if spec["record"]["samples"] > 0 else None

@@ -460,3 +460,96 @@ def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
     assert "arm 'fa': training loss became " in err and "the other arms are in" in err
     r = results.read(out / "results.h5")
     assert r["arms"]["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged
+
+
+def test_resume_keeps_the_weight_mirrors_sleep_schedule(tmp_path, monkeypatch):
+    """With a sleep phase every 2nd wake batch, a run interrupted after epoch 1 and resumed ends
+    with the same weights, W and B, as an uninterrupted run: the wake-step count that places the
+    sleep phases resumes with the run (it restarted at 0, shifting every later sleep phase)."""
+    from plastic import spec as S, train as T
+    sets = ["epochs=2", "train_limit=96", "test_limit=64", "probe_size=16", "batch_size=32",
+            "circuit.hidden=[16]", "threads=1", "sleep.every=2", "arms.mirror.feedback=mirror"]
+    spec = S.load_protocol("quickstart", sets)
+    T.run_protocol(spec, tmp_path / "a", arms=["mirror"], progress=False)
+    save = T._save_atomic
+
+    def interrupting(obj, path):
+        save(obj, path)
+        if "checkpoints" in str(path) and obj["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T, "_save_atomic", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        T.run_protocol(spec, tmp_path / "b", arms=["mirror"], progress=False)
+    monkeypatch.setattr(T, "_save_atomic", save)
+    T.run_protocol(spec, tmp_path / "b", arms=["mirror"], resume=True, progress=False)
+    a, b = (torch.load(tmp_path / d / "weights" / "mirror-seed0.pt") for d in "ab")
+    assert any(k.endswith("feedback.weight") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_during_the_epoch_writes_is_held_until_they_end():
+    """kill (SIGTERM) inside the end-of-epoch writes takes effect after them, as Ctrl-C does."""
+    code = ("import os, signal, sys\nfrom plastic.train import _deferred_interrupt\n"
+            "with _deferred_interrupt():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('writes finished', flush=True)\nprint('not reached', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGTERM, p.stderr
+    assert p.stdout.split() == ["writes", "finished"]
+
+
+def test_a_half_written_row_is_dropped_on_report_and_on_resume(tmp_path, capsys):
+    """A run killed between the resizes of one row (SIGKILL cannot be held) leaves one metric a
+    row short: report reads the complete rows with a warning, resume cuts the others back, and a
+    file damaged otherwise is a one-line error."""
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST, "epochs=1"]) == 0
+    path = results.results_path(out)
+    with h5py.File(path, "a") as h:
+        m = h["arms/fa/metrics"]
+        m["test_accuracy"].resize((1,))  # epoch 1's row cut in half
+        del h["arms/fa"].attrs["done_seeds"]
+    with pytest.warns(UserWarning, match="half-written last row"):
+        assert main(["report", str(out)]) == 0
+    p = subprocess.run([sys.executable, "-m", "plastic.cli", "report", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr.startswith("plastic: warning: ") \
+        and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no Python source line
+    with pytest.warns(UserWarning, match="half-written last row"):
+        assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0]
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST,
+                 "epochs=1"]) == 0
+    m = results.read(out)["arms"]["fa"]["metrics"]
+    assert list(m["epoch"]) == [0, 1] and all(len(v) == 2 for v in m.values())
+    capsys.readouterr()
+    for damage, message in [(lambda h: h.attrs.__setitem__("spec", "[1, 2]"), "spec is not a table"),
+                            (lambda h: h.__delitem__("arms/fa/metrics/epoch"), "no epoch column")]:
+        bad = tmp_path / f"bad{len(message)}"
+        bad.mkdir()
+        (bad / "results.h5").write_bytes(path.read_bytes())
+        with h5py.File(bad / "results.h5", "a") as h:
+            damage(h)
+        assert main(["report", str(bad)]) == 2
+        assert message in _err_line(capsys)
+
+
+def test_probe_size_0_skips_the_probe_metrics_and_bad_seeds_are_refused(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["run", "--out", str(out), "--arms", "info", "-q", "--set", *FAST, "epochs=1",
+                 "probe_size=0", "arms.info.feedback=information"]) == 0
+    m = results.read(out)["arms"]["info"]["metrics"]
+    assert not [k for k in m if k.startswith(("update_angle/", "signal_angle/", "rule/"))]
+    assert [k for k in m if k.startswith("angle/")] and np.all(m["test_accuracy"] > 0)
+    capsys.readouterr()
+    assert main(["run", "--out", str(tmp_path / "s"), "--set", *FAST, "seeds=[true]"]) == 2
+    assert "seeds must be a non-empty list of integers" in _err_line(capsys)
+
+
+def test_optimizer_and_schedule_settings_that_are_not_read_are_reported(tmp_path, capsys):
+    with pytest.warns(UserWarning, match=r"optimizer.momentum = 0.5 is not read by the 'adam'"):
+        assert main(["run", "--out", str(tmp_path / "o"), "--arms", "bp", "-q", "--set", *FAST,
+                     "epochs=1", "optimizer.name=adam", "optimizer.momentum=0.5"]) == 0
+    # quickstart tunes the one-cycle warm-up (pct_start 0.2): a cosine override still runs
+    with pytest.warns(UserWarning, match=r"schedule.pct_start = 0.2 is not read by the 'cosine'"):
+        assert main(["run", "--out", str(tmp_path / "c"), "--arms", "bp", "-q", "--set", *FAST,
+                     "epochs=1", "schedule.name=cosine"]) == 0
