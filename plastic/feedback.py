@@ -54,6 +54,14 @@ class FeedbackSynapse(nn.Module):
     #: signals, and the change of B it returns becomes ``B.grad`` (so any optimizer applies it)
     plastic = False
 
+    @property
+    def reads_post(self) -> bool:
+        """Whether ``plasticity`` reads the post pre-activation ``y``: only then does the synapse
+        keep its output for the backward pass (so a kind that does not read it tolerates an
+        in-place operation on the output, e.g. ``ReLU(inplace=True)``).  Assumed for a custom
+        plastic kind; otherwise ``y`` is None."""
+        return self.plastic
+
     def matrix(self, forward_weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 

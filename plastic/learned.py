@@ -109,6 +109,13 @@ class LearnedFeedback(FeedbackSynapse):
         if not float(noise) >= 0 or not float(sigma) > 0:
             raise SpecError(f"feedback options noise must be >= 0 and sigma > 0 (standard "
                             f"deviations), got noise={noise!r}, sigma={sigma!r}")
+        if drive == "data" and float(sigma) != 1.0:
+            raise SpecError(f"feedback option sigma (the driving noise's std, {sigma!r}) needs "
+                            "drive = 'noise' or 'sleep'; a data-driven rule reads no noise")
+        if drive == "sleep" and (every != 1 or float(subsample) != 1.0):
+            raise SpecError("feedback options every and subsample apply to the rule in the "
+                            "training pass; a sleep-driven rule learns only in sleep phases (set "
+                            "their frequency and size with [sleep] every and batch_size)")
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
         self.every, self.subsample = every, float(subsample)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
@@ -120,6 +127,12 @@ class LearnedFeedback(FeedbackSynapse):
         self.register_buffer("initial_norm", self.weight.detach().norm().clone())
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
         self._wake_without_sleep = 0  # a diagnostic: sleep-driven B that never sleeps stays random
+
+    @property
+    def reads_post(self) -> bool:
+        """Amp and Null read the wake activity's y = W x; Sparse, Decay and Self do not, nor does
+        a noise- or sleep-driven rule."""
+        return self.drive == "data" and any(k in ("amp", "null") for k in self.rule)
 
     def matrix(self, forward_weight):
         b = self.weight.detach()
@@ -151,11 +164,12 @@ class LearnedFeedback(FeedbackSynapse):
         options.  Both ``grad`` and ``values`` read it, so the recorded primitive values are those
         of the objective being minimised."""
         if self.center == "batch":
-            x, y = _batch_centred(x), _batch_centred(y)
+            x = _batch_centred(x)
+            y = None if y is None else _batch_centred(y)
         if self.normalize_input:
             inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).reciprocal()
             x = x * inv.view(-1, *([1] * (x.dim() - 1)))
-            y = y * inv.view(-1, *([1] * (y.dim() - 1)))
+            y = None if y is None else y * inv.view(-1, *([1] * (y.dim() - 1)))
         return x, y
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
@@ -184,7 +198,8 @@ class LearnedFeedback(FeedbackSynapse):
             return None
         if self.subsample < 1:
             k = max(1, math.ceil(self.subsample * x.shape[0]))
-            x, y, delta = x[:k], y[:k], delta[:k]
+            x, delta = x[:k], delta[:k]
+            y = None if y is None else y[:k]
         if self.drive == "noise":
             x = torch.randn_like(x).mul_(self.sigma)
             y, delta = synapse.operator().forward(x, synapse.weight.detach()), None
@@ -211,6 +226,8 @@ class KolenPollack(FeedbackSynapse):
 
     kind = "kolen-pollack"
     plastic = True
+
+    reads_post = False  # B's change is W's: it needs neither activity
 
     def __init__(self, forward_weight: torch.Tensor, *, generator=None):
         super().__init__()

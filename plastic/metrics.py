@@ -73,6 +73,8 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
             h.remove()
     out = {}
     for n, s in named:
+        if n not in seen:  # not used by the forward pass
+            continue
         xin, y = (t.detach() for t in seen[n])
         for k, v in s.feedback.values(s, xin, s.without_bias(y)).items():
             out[f"{k}/{n}"] = v
@@ -132,9 +134,11 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
         finally:
             for h in hooks:
                 h.remove()
-        sig = [outs[n] for n, _ in named]
-        g = torch.autograd.grad(loss, params + sig, allow_unused=True)
-        return g[:len(params)], g[len(params):]
+        # a synapse the forward pass did not use (an auxiliary head) has no error: NaN
+        used = [n for n, _ in named if n in outs]
+        g = torch.autograd.grad(loss, params + [outs[n] for n in used], allow_unused=True)
+        sig = dict(zip(used, g[len(params):]))
+        return g[:len(params)], [sig.get(n) for n, _ in named]
 
     # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's
     # random stream is left untouched

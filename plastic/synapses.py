@@ -46,7 +46,7 @@ class _Route(torch.autograd.Function):
     def forward(ctx, x, weight, bias, learned, synapse):
         ctx.synapse = synapse
         y = synapse._forward_op(x, weight, bias)
-        if synapse.feedback.plastic:  # learned feedback reuses the forward pre-activation
+        if synapse.feedback.reads_post:  # the rule reuses the forward pre-activation
             ctx.save_for_backward(x, weight, y)
         else:
             ctx.save_for_backward(x, weight)
@@ -54,9 +54,20 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors[:2]
         syn: Synapse = ctx.synapse
         fb = syn.feedback
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as e:  # autograd's version check, in the synapse's own words
+            if "inplace" not in str(e):
+                raise
+            what = "input or output" if fb.reads_post else "input"
+            raise RuntimeError(
+                f"synapse {syn.name or type(syn).__name__}: its {what} was modified by an in-place "
+                f"operation after the forward pass (e.g. ReLU(inplace=True)), and its backward "
+                f"pass{' (the ' + fb.kind + ' rule reads the activity W x)' if fb.reads_post else ''}"
+                f" needs it; make that operation out of place") from e
+        x, weight = saved[:2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         hub = syn.hub
         if hub is not None and syn.is_output:
@@ -87,9 +98,10 @@ class _Route(torch.autograd.Function):
         # a learned B with requires_grad False is frozen; a kind without a learned weight
         # (sleep-driven, or a custom one writing .grad itself) still gets its call
         if fb.plastic and not _paused and (ctx.needs_input_grad[3] or fb.learned_weight() is None):
-            y = syn.without_bias(ctx.saved_tensors[2])
+            y = syn.without_bias(saved[2]) if len(saved) > 2 else None
             if mixed:  # the rule reads the activity at the precision of its weights
-                x, y, dy = x.to(w_dtype), y.to(w_dtype), dy.to(w_dtype)
+                x, dy = x.to(w_dtype), dy.to(w_dtype)
+                y = None if y is None else y.to(w_dtype)
             d_learned = fb.plasticity(syn, x, y, dy, dw)
             if not ctx.needs_input_grad[3]:
                 d_learned = None
@@ -124,7 +136,12 @@ class Synapse(nn.Module):
             return y
         return y - self.bias.detach().view(1, -1, *([1] * (y.dim() - 2)))
 
+    #: the input's number of dimensions without a batch dimension (a single sample)
+    unbatched_dim = -1
+
     def forward(self, x):
+        if x.dim() == self.unbatched_dim:  # one sample, as torch.nn accepts: a batch of one
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         fb = self.feedback
         if fb.direct:  # B in the weights' dtype, also when autocast hands x in a lower one
             fb.materialize(x.shape[1:], x.device, self.weight.dtype)
@@ -139,6 +156,8 @@ class Synapse(nn.Module):
 
 class Dense(Synapse):
     """A dense synapse, y = x W^T + b (the layout of ``torch.nn.Linear``)."""
+
+    unbatched_dim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  feedback: FeedbackSynapse | str = "transpose", *, generator=None, device=None,
@@ -203,6 +222,8 @@ class Conv2d(Synapse):
     """A 2-D convolutional synapse (the layout of ``torch.nn.Conv2d``, zero padding).  Its backward
     pass is one ``aten.convolution_backward`` call with B in place of W: the input gradient is the
     transposed convolution with B, the weight gradient is unchanged."""
+
+    unbatched_dim = 3
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, feedback: FeedbackSynapse | str = "transpose", *,

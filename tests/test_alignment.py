@@ -69,3 +69,25 @@ def test_measuring_a_circuit_never_trains_its_feedback(kind):
         F.cross_entropy(net(x), y).backward()
     assert all(p.grad is None for n, p in net.named_parameters() if "feedback" in n)
     assert all(p.grad is not None for n, p in net.named_parameters() if "feedback" not in n)
+
+
+def test_angles_of_a_circuit_with_a_synapse_the_forward_pass_does_not_use():
+    """An auxiliary head that the loss does not read has no angles (NaN); the others do (it was
+    a KeyError)."""
+    class WithHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.out = torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)
+            self.aux = torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    m = plastic.convert(WithHead(), "information", output="out")
+    x, y = torch.randn(16, 7), torch.randint(0, 3, (16,))
+    update, signal = plastic.hidden_angles(m, F.cross_entropy, x, y)
+    assert update["body"] > 1 and signal["body"] > 1
+    assert update["aux"] != update["aux"] and signal["aux"] != signal["aux"]  # NaN
+    assert set(plastic.metrics.rule_values(m, x)) == {f"{k}/{n}" for k in ("amp", "null", "decay")
+                                                      for n in ("body", "out")}

@@ -290,6 +290,62 @@ def test_feedback_options_every_subsample_noise_and_errors():
         plastic.convert(plastic.models.mlp(7, [5], 3), "fa", options={"every": 2})
 
 
+def test_options_a_drive_does_not_read_are_refused():
+    """sigma sets the driving noise, so a data-driven rule refuses it; every and subsample act
+    in the training pass, where a sleep-driven rule does not learn, so the mirror refuses them
+    (each used to be accepted and silently ignored)."""
+    w = torch.randn(5, 7)
+    with pytest.raises(plastic.SpecError, match="sigma .* needs drive = 'noise' or 'sleep'"):
+        LearnedFeedback(w, {"amp": 1.0}, sigma=2.0)
+    assert LearnedFeedback(w, {"amp": 1.0}, drive="noise", sigma=2.0).sigma == 2.0
+    for bad in ({"every": 1000}, {"subsample": 0.5}):
+        with pytest.raises(plastic.SpecError, match=r"sleep-driven rule learns only in sleep"):
+            plastic.convert(plastic.models.mlp(7, [5], 3), "mirror", options=bad)
+
+
+@pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
+def test_one_sample_without_a_batch_dimension_is_a_batch_of_one(make):
+    """torch.nn takes one sample without its batch dimension: so does a synapse, and the rule's
+    batch average is then over that one sample (a dense layer's ΔB was divided by its number of
+    features, and a conv layer's backward failed)."""
+    syn, x = make()
+    syn.set_feedback(LearnedFeedback(syn.weight, {"amp": 1.0, "null": 0.5}))
+    one = x[:1].clone().requires_grad_()
+    syn(one).sum().backward()
+    want_b, want_x = syn.feedback.weight.grad.clone(), one.grad.clone()
+    syn.feedback.weight.grad = None
+    single = x[0].clone().requires_grad_()
+    out = syn(single)
+    assert out.shape == syn(x[:1])[0].shape
+    out.sum().backward()
+    assert torch.allclose(syn.feedback.weight.grad, want_b)
+    assert torch.allclose(single.grad, want_x[0])
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "kolen-pollack", "mirror", {"sparse": 1.0, "decay": 1.0}])
+def test_a_rule_that_does_not_read_the_output_tolerates_an_in_place_activation(kind):
+    """As in torchvision's VGG, Linear -> ReLU(inplace=True): only a rule that reads y = W x
+    (Amp, Null) keeps the synapse's output for its backward pass.  The others train, and
+    Information Alignment says which synapse and what to change instead of autograd's message
+    about an internal function's output."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Linear(5, 3))
+    x = torch.randn(11, 7)
+    m = plastic.convert(net(), kind)
+    m(x).sum().backward()
+    assert m[0].feedback.weight.grad is not None or kind == "mirror"
+    m = plastic.convert(net(), "information")
+    with pytest.raises(RuntimeError, match=r"synapse 0: its input or output was modified by an "
+                                           r"in-place operation .*information rule reads"):
+        m(x).sum().backward()
+    m = plastic.convert(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(),
+                                            torch.nn.Linear(5, 3)), "information")
+    m(x).sum().backward()  # out of place: fine
+    assert m[0].feedback.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])
 def test_normalize_input_and_normalized_routing(make):
     """normalize_input: the rule reads x/||x|| and W x/||x||; normalize: the error is routed
