@@ -13,8 +13,10 @@ median(kind) / median(baseline).  ``transpose`` (backprop through ``convert``) m
 overhead of the plastic machinery itself and should be ~1.0.
 
 Output: human-readable lines, then as the LAST line of stdout one JSON object
-``{"transpose": 1.0, "fa": 1.03, ..., "_meta": {...}}`` whose plain keys are kinds and whose
-values are step-time ratios to backprop (extra information only under ``_meta``).
+``{"transpose": 1.0, "fa": 1.03, ..., "bounds": {...}, "ratio_to_bound": {...}, "_meta": {...}}``:
+each kind's step-time ratio to backprop; when learned rules were timed, ``bounds`` (each rule's
+operation-count lower bound) and ``ratio_to_bound`` (ratio / bound, the issue's limit is 1.15);
+extra information under ``_meta``.
 
     python benchmarks/overhead.py [--rounds 15] [--steps 3] [--batch 128] [--threads N]
                                   [--kinds transpose,fa,usf,brsf,frsf,dfa] [--json-only]
