@@ -6,8 +6,8 @@
     plastic data list
 
 Problems with the input (unknown rule or key, bad spec, missing data set, corrupt file) are
-reported in one line with exit status 2.  Ctrl-C keeps the finished epochs (exit status 130);
-``--resume`` continues from the last finished epoch.
+reported in one line with exit status 2, and warnings in one line too.  Ctrl-C keeps the
+finished epochs (exit status 130); ``--resume`` continues from the last finished epoch.
 """
 from __future__ import annotations
 
