@@ -125,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="fetch or list data sets")
     d.add_argument("action", choices=["fetch", "list"])
     d.add_argument("name", nargs="?")
-    d.add_argument("--from", dest="source", help="use IDX files (plain or .gz) from this folder")
+    d.add_argument("--from", dest="source", help="convert files you have in this folder: IDX (plain or .gz) for "
+                   "mnist and fashion-mnist; cifar-10-python.tar.gz, cifar-10-batches-py/ or the "
+                   "npm PNG sprites for cifar10")
     d.add_argument("--out", help="output .h5 file (default $PLASTIC_DATA/NAME.h5)")
     d.add_argument("--no-canonical", action="store_true", help="skip the canonical source")
     d.add_argument("--no-verify", action="store_true", help="skip checksum verification")

@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,12 @@ def read_idx(data: bytes, what: str = "IDX") -> np.ndarray:
 
 def _read_maybe_gz(path: Path) -> bytes:
     raw = path.read_bytes()
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: a damaged gzip file ({e})") from None
 
 
 def find_idx_files(folder: Path) -> dict[str, Path]:
@@ -119,6 +125,9 @@ def find_idx_files(folder: Path) -> dict[str, Path]:
     found = {}
     for f in FILES:
         hits = sorted(Path(folder).rglob(f)) + sorted(Path(folder).rglob(f + ".gz"))
+        if len({h.parent for h in hits}) > 1:  # e.g. a torchvision root with MNIST and FashionMNIST
+            raise DataError(f"{folder}: {f} is in several folders ({', '.join(str(h.parent) for h in hits)}); "
+                            "point --from at the one that holds this data set")
         if hits:
             found[f] = hits[0]
     missing = [f for f in FILES if f not in found]
@@ -134,7 +143,7 @@ def idx_to_h5(files: dict[str, bytes], out: Path, name: str, source: str,
         for f, blob in files.items():
             got = hashlib.sha256(blob).hexdigest()
             if got != sha256[f]:
-                raise DataError(f"{name}: checksum mismatch for {f} from {source} "
+                raise DataError(f"{name}: checksum mismatch for {f} from {source} (is it {name}?) "
                                 f"(sha256 {got[:12]}…, expected {sha256[f][:12]}…)")
     arr = {f: read_idx(b, f) for f, b in files.items()}
     split = {}
@@ -249,22 +258,31 @@ def cifar10_from_sprites(folder: Path) -> dict:
     return {"train": (train_x, train_y), "test": (test_x, test_y)}
 
 
+def _cifar10_batch(f) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR-10 batch (a file object): (N x 3 x 32 x 32 uint8, N labels)."""
+    import pickle
+    d = pickle.load(f, encoding="bytes")
+    return (np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+            np.asarray(d[b"labels"], dtype=np.uint8))
+
+
 def cifar10_from_python_tarball(blob: bytes) -> dict:
     """CIFAR-10 from the canonical python-pickle tarball (data_batch_1..5, test_batch)."""
     import io
-    import pickle
 
     batches = {}
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as t:
         for m in t.getmembers():
             base = m.name.rsplit("/", 1)[-1]
             if base.startswith("data_batch_") or base == "test_batch":
-                d = pickle.load(t.extractfile(m), encoding="bytes")
-                batches[base] = (np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
-                                 np.asarray(d[b"labels"], dtype=np.uint8))
+                batches[base] = _cifar10_batch(t.extractfile(m))
+    return _cifar10_split(batches, "CIFAR-10 tarball")
+
+
+def _cifar10_split(batches: dict, what: str) -> dict:
     names = [f"data_batch_{i}" for i in range(1, 6)]
     if any(n not in batches for n in names + ["test_batch"]):
-        raise DataError("CIFAR-10 tarball: missing batches")
+        raise DataError(f"{what}: missing batches")
     return {"train": (np.concatenate([batches[n][0] for n in names]),
                       np.concatenate([batches[n][1] for n in names])),
             "test": batches["test_batch"]}
@@ -272,6 +290,9 @@ def cifar10_from_python_tarball(blob: bytes) -> dict:
 
 def _writable(out: Path) -> Path:
     """``out``, once its directory exists and is writable: checked before a download, not after."""
+    if out.is_dir():
+        raise DataError(f"cannot write {out}: it is a directory (--out takes a file, e.g. "
+                        f"{out / 'data.h5'})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent):
@@ -282,12 +303,55 @@ def _writable(out: Path) -> Path:
     return out
 
 
+def cifar10_from_folder(folder: Path, verify: bool = True) -> dict:
+    """CIFAR-10 from files you already have: the canonical python tarball
+    (``cifar-10-python.tar.gz``, MD5 verified), its unpacked ``cifar-10-batches-py`` folder (no
+    published checksum: sizes and labels checked), or the npm package's PNG sprites (the decoded
+    arrays SHA-256 verified)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    try:
+        tarballs = sorted(folder.rglob("cifar-10-python.tar.gz"))
+        if tarballs:
+            blob = tarballs[0].read_bytes()
+            if verify and hashlib.md5(blob).hexdigest() != CIFAR10["md5"]:
+                raise DataError(f"{tarballs[0]}: checksum mismatch, not the canonical CIFAR-10 "
+                                "tarball (--no-verify converts it anyway)")
+            return cifar10_from_python_tarball(blob)
+        batch_names = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch"}
+        pickles = {p.name: p for p in folder.rglob("*") if p.is_file() and p.name in batch_names}
+        if pickles:
+            batches = {}
+            for name, p in pickles.items():
+                with open(p, "rb") as f:
+                    batches[name] = _cifar10_batch(f)
+            split = _cifar10_split(batches, str(folder))
+            sizes = (len(split["train"][1]), len(split["test"][1]))
+            labels = max(int(split[p][1].max()) for p in split)
+            if verify and (sizes != (50000, 10000) or labels != 9):
+                raise DataError(f"{folder}: {sizes[0]} training and {sizes[1]} test images with "
+                                f"labels up to {labels} are not CIFAR-10's 50000 and 10000 with "
+                                "labels 0-9 (--no-verify converts them anyway)")
+            return split
+        split = cifar10_from_sprites(folder)
+        if verify and _arrays_sha256(split) != CIFAR10["sha256"]:
+            raise DataError(f"{folder}: the sprites do not decode to CIFAR-10's images and labels "
+                            "(checksum mismatch; --no-verify converts them anyway)")
+        return split
+    except DataError:
+        raise
+    except Exception as e:  # unreadable pickles, PNGs or JSON: the file is named in e
+        raise DataError(f"{folder}: could not read the CIFAR-10 files ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+
+
 def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
                   canonical: bool = True, verify: bool = True) -> Path:
     spec = CIFAR10
     out = _writable(Path(out) if out else dataset_path("cifar10"))
     if source_dir is not None:
-        split, src = cifar10_from_sprites(Path(source_dir)), f"local:{source_dir}"
+        split, src = cifar10_from_folder(Path(source_dir), verify), f"local:{source_dir}"
     else:
         split = None
         if canonical:
@@ -365,6 +429,11 @@ class Dataset:
         return len(self.classes)
 
     def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """The data set's uint8 images (0-255) as floats with the training set's per-channel
+        mean and std removed; a new tensor (the argument is left as it is)."""
+        if x_uint8.dtype != torch.uint8:
+            raise DataError(f"normalize takes the data set's uint8 images (0-255), got "
+                            f"{x_uint8.dtype}; pass ds.train_x / ds.test_x or slices of them")
         x = x_uint8.to(dtype).div_(255.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x.sub_(self.mean.to(dtype).view(shape)).div_(self.std.to(dtype).view(shape))
@@ -376,6 +445,8 @@ class Dataset:
         comes from ``generator`` alone, so every arm that passes an equally seeded generator sees
         the same data.  ``shift``/``flip``: random translation (zero padding, random crop) and
         horizontal flip, see ``augment``."""
+        if split not in ("train", "test"):
+            raise DataError(f"unknown split {split!r}; a data set has 'train' and 'test'")
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
         n = len(x) if limit is None else min(limit, len(x))
         idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
@@ -435,6 +506,11 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
         if x.dim() != 4 or len(x) != len(y):
             raise DataError(f"{path}: /{part} images {tuple(x.shape)} and labels "
                             f"{tuple(y.shape)} do not match")
+        if x.dtype != torch.uint8:
+            raise DataError(f"{path}: /{part}/images must be uint8 (0-255), not {x.dtype}")
+        if len(y) and int(y.max()) >= len(classes):
+            raise DataError(f"{path}: /{part} has label {int(y.max())}, but the file names "
+                            f"{len(classes)} classes")
     (trx, try_), (tex, tey) = parts["train"], parts["test"]
     if train_limit:
         trx, try_ = trx[:train_limit], try_[:train_limit]

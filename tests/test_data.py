@@ -91,10 +91,14 @@ def test_cifar10_sprites_decode_to_chw_images(tmp_path, capsys):
         hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         Image.fromarray(hwc.reshape(n, 1024, 3)).save(tmp_path / f"{name}.png")
         imgs[name] = hwc
-    (tmp_path / "train_lables.json").write_text(json.dumps(list(range(15))))
+    (tmp_path / "train_lables.json").write_text(json.dumps([i % 10 for i in range(15)]))
     (tmp_path / "test_lables.json").write_text(json.dumps([3, 8]))
     out = tmp_path / "c.h5"
-    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 0
+    # they are not CIFAR-10's images: refused unless --no-verify
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 2
+    assert "do not decode to CIFAR-10's images and labels" in capsys.readouterr().err
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out),
+                 "--no-verify"]) == 0
     ds = data.load(str(out))
     assert ds.train_x.shape == (15, 3, 32, 32) and ds.test_x.shape == (2, 3, 32, 32)
     assert torch.equal(ds.test_x[1], torch.from_numpy(imgs["test_batch"][1]).permute(2, 0, 1))
@@ -118,3 +122,76 @@ def test_an_unwritable_data_directory_is_reported_before_any_download(tmp_path, 
             data.fetch(name)
         assert main(["data", "fetch", name]) == 2
         assert "cannot write" in capsys.readouterr().err
+
+
+def test_data_fetch_from_a_folder_says_what_is_wrong(tmp_path, capsys):
+    """A damaged .gz, --out naming a directory and a folder holding two data sets' files (a
+    torchvision root with MNIST/ and FashionMNIST/) are one-line errors, not tracebacks or a
+    guess between the two."""
+    rng = np.random.default_rng(0)
+    for root in ("MNIST", "FashionMNIST"):
+        raw = tmp_path / "tv" / root / "raw"
+        raw.mkdir(parents=True)
+        for prefix, n in (("train", 6), ("t10k", 4)):
+            (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+            (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n)))
+    assert main(["data", "fetch", "mnist", "--from", str(tmp_path / "tv"), "--out",
+                 str(tmp_path / "m.h5"), "--no-verify"]) == 2
+    assert "is in several folders" in capsys.readouterr().err
+    assert main(["data", "fetch", "mnist", "--from", str(tmp_path / "tv" / "MNIST"), "--out",
+                 str(tmp_path / "m.h5"), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert main(["data", "fetch", "mnist", "--from", str(tmp_path / "tv" / "MNIST"), "--out",
+                 str(tmp_path / "tv"), "--no-verify"]) == 2
+    assert "it is a directory" in capsys.readouterr().err
+    bad = tmp_path / "gz"
+    bad.mkdir()
+    for f in data.FILES:
+        (bad / (f + ".gz")).write_bytes(gzip.compress(b"\0" * 100)[:20])  # cut short
+    assert main(["data", "fetch", "mnist", "--from", str(bad), "--out", str(tmp_path / "g.h5"),
+                 "--no-verify"]) == 2
+    assert "a damaged gzip file" in capsys.readouterr().err
+
+
+def test_cifar10_from_the_canonical_python_batches(tmp_path, capsys):
+    """The unpacked cifar-10-batches-py folder converts; its sizes and labels are checked (it
+    has no published checksum), and the pickles' CHW rows become (N, 3, 32, 32) images."""
+    import pickle
+    rng = np.random.default_rng(0)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    rows = {}
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        rows[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": rows[name], b"labels": list(range(4))}, f)
+    out = tmp_path / "c.h5"
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out)]) == 2
+    assert "are not CIFAR-10's 50000 and 10000" in capsys.readouterr().err
+    assert main(["data", "fetch", "cifar10", "--from", str(tmp_path), "--out", str(out),
+                 "--no-verify"]) == 0
+    ds = data.load(str(out))
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.classes[0] == "airplane"
+    assert torch.equal(ds.test_x[2].reshape(-1), torch.from_numpy(rows["test_batch"][2]))
+
+
+def test_a_data_set_refuses_what_it_would_get_wrong(tmp_path):
+    """An unknown split (it silently gave the test set), float images given to normalize (they
+    were divided by 255 again, in place) and labels beyond the file's classes."""
+    ds = data.load("mnist-sample", 64, 32)
+    with pytest.raises(DataError, match="unknown split 'training'"):
+        next(ds.batches("training", 8))
+    xf = ds.train_x[:4].float()
+    before = xf.clone()
+    with pytest.raises(DataError, match="takes the data set's uint8 images"):
+        ds.normalize(xf)
+    assert torch.equal(xf, before)
+    x8 = ds.train_x[:4].clone()
+    ds.normalize(x8)
+    assert torch.equal(x8, ds.train_x[:4])
+    out = tmp_path / "bad.h5"
+    data.write_h5(out, "bad", "test", {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
+                                       "test": (np.zeros((2, 1, 4, 4)), np.array([0, 42]))},
+                  classes=["a", "b", "c"])
+    with pytest.raises(DataError, match="has label 42, but the file names 3 classes"):
+        data.load(str(out))
