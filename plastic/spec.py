@@ -326,15 +326,21 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
     from .feedback import FEEDBACK_KINDS, check_meant_as_rule, is_rule
     from .rules import parse_rule
 
-    raw = dict(raw)
-    if any(s.split("=", 1)[0].strip().startswith("circuit.") for s in sets or []) \
+    raw, sets = dict(raw), list(sets or [])
+    # a whole circuit (circuit=NAME or a table) first, then its settings (circuit.KEY=...) on
+    # it, in whichever order they were given: a named circuit is read into a table for them
+    whole = [s for s in sets if s.split("=", 1)[0].strip() == "circuit"]
+    sets = [s for s in sets if s not in whole]
+    raw = apply_sets(raw, whole) if whole else raw
+    if any(s.split("=", 1)[0].strip().startswith("circuit.") for s in sets) \
             and isinstance(raw.get("circuit", PROTOCOL_SCHEMA["circuit"][1]), str):
         raw["circuit"] = _circuit_table(raw.get("circuit", PROTOCOL_SCHEMA["circuit"][1]))
-    spec = _fill(apply_sets(raw, sets or []), PROTOCOL_SCHEMA, "")
+    spec = _fill(apply_sets(raw, sets), PROTOCOL_SCHEMA, "")
     spec["circuit"] = resolve_circuit(spec["circuit"])
     if not spec["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool)
-                                    for s in spec["seeds"]):
-        raise SpecError(f"seeds must be a non-empty list of integers, got {spec['seeds']}")
+                                    and 0 <= s < 2**63 for s in spec["seeds"]):
+        raise SpecError(f"seeds must be a non-empty list of integers in [0, 2^63), got "
+                        f"{spec['seeds']}")
     for key in ("epochs", "batch_size", "test_batch_size"):
         if spec[key] < 1:
             raise SpecError(f"{key} must be at least 1, got {spec[key]}")

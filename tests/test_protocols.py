@@ -72,3 +72,18 @@ def test_onecycle_schedule_runs_through_short_runs(steps):
     assert max(lrs) <= 0.2 + 1e-12
     if steps >= 4:
         assert max(lrs) > 0.1 and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("order", ["name first", "settings first"])
+def test_a_named_circuit_and_its_settings_in_either_order(order):
+    """--set circuit=NAME circuit.KEY=... applies the setting to the named circuit whichever
+    comes first (one order dropped it silently, the other was an error)."""
+    sets = ["circuit=mlp-small", "circuit.hidden=[16]"]
+    spec = load_protocol("quickstart", sets if order == "name first" else sets[::-1])
+    assert spec["circuit"]["name"] == "mlp-small" and spec["circuit"]["hidden"] == [16]
+
+
+def test_seeds_beyond_64_bits_are_refused():
+    from plastic.errors import SpecError
+    with pytest.raises(SpecError, match=r"seeds must be a non-empty list of integers in \[0, 2\^63\)"):
+        load_protocol("quickstart", ["seeds=[99999999999999999999]"])
