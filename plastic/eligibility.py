@@ -92,19 +92,73 @@ def _layers(model: TimeStepped):
     return out
 
 
+def check_online(model) -> None:
+    """A one-line error now, before anything runs, if ``online_step`` cannot train ``model``."""
+    if not isinstance(model, TimeStepped):
+        raise SpecError("learning = \"online\" needs a spiking population")
+    if model.delays:
+        raise SpecError("online learning does not support synaptic delays yet")
+    _layers(model)
+
+
 @torch.no_grad()
-def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
     """Simulate one batch step by step and add the eligibility-trace updates of every synapse
     to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
     are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
     Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
-    is stored: memory is that of one step."""
-    if model.delays:
-        raise SpecError("online learning does not support synaptic delays yet")
+    is stored: memory is that of one step.  ``label_smoothing`` mixes the one-hot target with
+    the uniform distribution, as in ``F.cross_entropy``."""
+    out, layers, gw, gb = _online_updates(model, x, target, label_smoothing)
+    # no autograd pass for DDP to hook: average over processes here
+    mean_over_processes([*gw, *(g for g in gb if g is not None)])
+    for k, (syn, _) in enumerate(layers):
+        FeedbackSynapse.accumulate(syn.weight, gw[k])
+        if syn.bias is not None:
+            FeedbackSynapse.accumulate(syn.bias, gb[k])
+        if isinstance(syn.feedback, KolenPollack):
+            FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
+    return out
+
+
+def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: torch.Tensor,
+                         label_smoothing: float = 0.0) -> dict[str, float]:
+    """{hidden synapse: angle between the weight update ``online_step`` applies (e-prop) and
+    backprop through time's dL/dW} on one batch, with the same random draws (a Poisson
+    encoder); nothing is written into ``.grad``."""
+    from .convert import synapses
+    from .metrics import angle, backprop
+    from .synapses import plasticity_paused
+
+    check_online(model)
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(0, 2**62, (1,)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, layers, gw, _ = _online_updates(model, x, target, label_smoothing)
+    names = {id(s): n for n, s in synapses(model)}
+    hidden = [(names[id(s)], s, g) for (s, _), g in zip(layers, gw) if not s.is_output]
+    with backprop(model), plasticity_paused(), torch.enable_grad(), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bp = torch.autograd.grad(loss_fn(model(x), target), [s.weight for _, s, _ in hidden],
+                                 allow_unused=True)
+    return {n: angle(g, b) if b is not None else float("nan")
+            for (n, _, g), b in zip(hidden, bp)}
+
+
+@torch.no_grad()
+def _online_updates(model: TimeStepped, x, target, label_smoothing):
+    """(readout averaged over steps, layers, weight updates, bias updates) of one batch."""
+    check_online(model)
     layers = _layers(model)
     seq, const = model.encode(x)
     t_steps, b = model.steps, x.shape[0]
-    onehot = F.one_hot(target, layers[-1][0].out_features).to(x.dtype)
+    classes = layers[-1][0].out_features
+    onehot = F.one_hot(target, classes).to(x.dtype)
+    if label_smoothing:
+        onehot = onehot * (1 - label_smoothing) + label_smoothing / classes
     n = len(layers)
     states = [None] * n
     traces = [[None, None, None, None] for _ in range(n)]  # c, ε, c_bias, ε_bias
@@ -160,12 +214,4 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor) -> to
             else:
                 signal = delta @ fb.matrix(syn.weight)
             delta = signal * psi[k - 1]
-    # no autograd pass for DDP to hook: average over processes here
-    mean_over_processes([*gw, *(g for g in gb if g is not None)])
-    for k, (syn, _) in enumerate(layers):
-        FeedbackSynapse.accumulate(syn.weight, gw[k])
-        if syn.bias is not None:
-            FeedbackSynapse.accumulate(syn.bias, gb[k])
-        if isinstance(syn.feedback, KolenPollack):
-            FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
-    return out_sum / t_steps
+    return out_sum / t_steps, layers, gw, gb

@@ -61,9 +61,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float = 1e-3,
-                      every: int = 1) -> list[Path]:
+                      every: int = 1, v_th: float = 1.0) -> list[Path]:
     """raster_<arm>.png (first recorded epoch vs last: before/after learning), voltages_<arm>.png
-    and rates_<arm>.png, from {epoch: {key: array}}.  Returns the files written."""
+    (with the threshold ``v_th`` drawn) and rates_<arm>.png, from {epoch: {key: array}}.
+    Returns the files written."""
     plt = _plt()
     out_dir = Path(out_dir)
     if not recordings:
@@ -83,7 +84,8 @@ def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float
     if vpops:
         fig, axes = plt.subplots(1, len(vpops), figsize=(5 * len(vpops), 3), squeeze=False)
         for i, p in enumerate(vpops):
-            voltage_traces(axes[0][i], recordings[last][f"{p}/voltages"], dt_ms=dt * 1e3, every=every)
+            voltage_traces(axes[0][i], recordings[last][f"{p}/voltages"], dt_ms=dt * 1e3,
+                           every=every, v_th=v_th)
             axes[0][i].set_title(f"{arm}: {p}, epoch {last}", fontsize=9)
         files.append(_save(fig, out_dir / f"voltages_{arm}.png"))
     rpops = _populations(recordings[last], "rates")

@@ -642,7 +642,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     files = _draw(arms, spec, out_dir)
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})
+    circuit = spec.get("circuit")
+    params = circuit.get("population_params", {}) if isinstance(circuit, dict) else {}
     for arm in arms:
         files += recording_figures(read_recordings(path, arm), out_dir, arm, t.get("dt", 1e-3),
-                                   rec.get("every", 1))
+                                   rec.get("every", 1), float(params.get("v_th", 1.0)))
     return files

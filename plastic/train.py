@@ -70,17 +70,7 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     else:
         raise SpecError(f"unknown circuit kind {kind!r}")
     if spiking:
-        params = circuit.get("population_params") or {}
-        for m in model.modules():
-            if isinstance(m, LIFPopulation) and params:
-                unknown = sorted(set(params) - set(m.p._fields))
-                if unknown:
-                    raise SpecError(f"circuit.population_params: {unknown} are not parameters of "
-                                    f"{m.kind!r} populations ({', '.join(m.p._fields)})")
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           for v in params.values()):
-                    raise SpecError(f"circuit.population_params must be numbers, got {params}")
-                m.p = m.p._replace(**{k: torch.as_tensor(float(v)) for k, v in params.items()})
+        _set_population_params(model, circuit.get("population_params") or {})
         t = time or {"steps": 25, "dt": 1e-3, "encoder": "constant"}
         delay = circuit.get("delay", 0)
         names = [str(i) for i, m in enumerate(model) if isinstance(m, SYNAPSES)]
@@ -91,6 +81,20 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
                             delays={n: delay for n in names[1:]} if delay else None,
                             input_mean=mean, input_std=std)
     return model
+
+
+def _set_population_params(model: nn.Module, params: dict) -> None:
+    """circuit.population_params on every spiking population of ``model``."""
+    for m in model.modules():
+        if isinstance(m, LIFPopulation) and params:
+            unknown = sorted(set(params) - set(m.p._fields))
+            if unknown:
+                raise SpecError(f"circuit.population_params: {unknown} are not parameters of "
+                                f"{m.kind!r} populations ({', '.join(m.p._fields)})")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for v in params.values()):
+                raise SpecError(f"circuit.population_params must be numbers, got {params}")
+            m.p = m.p._replace(**{k: torch.as_tensor(float(v)) for k, v in params.items()})
 
 
 def _encoder_options(t: dict) -> dict:
@@ -272,13 +276,12 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         from .constraints import attach
         attach(opt, model)
     online = arm.get("learning") == "online"
-    if online and not isinstance(model, TimeStepped):
-        raise SpecError(f"arm {arm_name!r}: learning = \"online\" needs a spiking population")
     if online:
-        from .eligibility import online_step
+        from .eligibility import online_step, online_update_angles
     steps = math.ceil(len(ds.train_x) / spec["batch_size"])
     sched = _schedule(spec, opt, steps, arm["lr"])
-    loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=spec["loss"]["label_smoothing"])
+    smoothing = spec["loss"]["label_smoothing"]
+    loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=smoothing)
     probe_x = ds.normalize(ds.train_x[:spec["probe_size"]]).to(device)
     probe_y = ds.train_y[:spec["probe_size"]].long().to(device)
     rec_x = ds.normalize(ds.test_x[:spec["record"]["samples"]]).to(device)
@@ -316,7 +319,9 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
         row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
         update, signal_angles = {}, {}
-        if len(probe_x):  # probe_size = 0: no probe metrics
+        if len(probe_x) and online:  # the update e-prop applies, against BPTT's
+            update = online_update_angles(model, loss_fn, probe_x, probe_y, smoothing)
+        elif len(probe_x):  # probe_size = 0: no probe metrics
             row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
             update, signal_angles = hidden_angles(model, loss_fn, probe_x, probe_y)
         row.update({f"update_angle/{k}": v for k, v in update.items()})
@@ -345,7 +350,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             opt.zero_grad(set_to_none=True)
             if online:  # eligibility traces, step by step; no graph through time
                 with torch.no_grad():
-                    loss = loss_fn(online_step(model, x, y), y)
+                    loss = loss_fn(online_step(model, x, y, smoothing), y)
             else:
                 loss = loss_fn(model(x), y)
                 loss.backward()
@@ -393,6 +398,9 @@ def _model(spec, arm, seed, ds) -> nn.Module:
     model = convert(model, arm["feedback"], seed=seed, output=arm["output"] or None,
                     options=arm.get("feedback_options") or None)
     model._constraints = _constrain(model, spec["circuit"], seed)
+    if arm.get("learning") == "online":  # checked here, so before any arm runs
+        from .eligibility import check_online
+        check_online(model)
     sleepers = [n for n, _ in sleep_driven(model)]
     if sleepers and spec["sleep"]["every"] <= 0:
         raise SpecError(f"the feedback of synapse(s) {sleepers} learns only in sleep phases, but "
@@ -436,7 +444,9 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     t = spec["time"]
     snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"],
                           encoder_options=_encoder_options(t),
-                          input_mean=ds.mean, input_std=ds.std).to(device)
+                          input_mean=ds.mean, input_std=ds.std)
+    _set_population_params(snn, spec["circuit"]["population_params"])
+    snn = snn.to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
     writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),

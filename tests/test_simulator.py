@@ -343,3 +343,77 @@ def test_poisson_input_carries_the_intensity_and_bp_angles_stay_zero():
     x, y = (inten - 0.2) / 0.3, torch.randint(0, 4, (64,))
     upd, _ = plastic.metrics.hidden_angles(net, F.cross_entropy, x, y)
     assert all(v < 1e-3 for v in upd.values()), upd
+
+
+def test_converted_arm_runs_the_circuits_population_params_and_online_arms_are_checked_first(
+        tmp_path):
+    """The converted arm is the spec's spiking circuit, population_params included (it ran
+    norse's defaults); an online arm that cannot run is refused before any arm trains."""
+    from plastic.results import read, results_path
+    from plastic.train import run_protocol
+    rates = []
+    for v_th in (0.25, 1.0):
+        spec = resolve_protocol({
+            "data": "mnist-sample", "train_limit": 256, "test_limit": 100, "epochs": 1,
+            "batch_size": 64, "probe_size": 16,
+            "circuit": {"kind": "mlp", "hidden": [32], "population": "relu",
+                        "population_params": {"v_th": v_th}},
+            "time": {"steps": 8},
+            "arms": {"rate": {"feedback": "fa"},
+                     "converted": {"convert_from": "rate", "population": "lif"}}})
+        run_protocol(spec, tmp_path / str(v_th), progress=False)
+        rates.append(read(tmp_path / str(v_th))["arms"]["converted"]["metrics"]["firing_rate"][-1])
+    assert rates[0] > 1.2 * rates[1]
+    spec = resolve_protocol({
+        "data": "mnist-sample", "train_limit": 128, "test_limit": 64, "epochs": 1,
+        "probe_size": 16, "circuit": {"kind": "mlp", "hidden": [16], "population": "lif",
+                                      "output_scale": 0.5},
+        "time": {"steps": 4}, "arms": {"bp": {"feedback": "transpose"},
+                                       "fa": {"feedback": "fa", "learning": "online"}}})
+    with pytest.raises(SpecError, match="arm 'fa': online learning supports"):
+        run_protocol(spec, tmp_path / "o", progress=False)
+    assert not results_path(tmp_path / "o").exists()
+
+
+def test_online_arms_measure_the_update_they_apply_and_read_label_smoothing():
+    """An online arm's update angle is e-prop's update against BPTT's (it was BPTT through B
+    against itself, 0° for transpose feedback), and label smoothing changes its update."""
+    from plastic import data
+    from plastic.eligibility import online_step, online_update_angles
+    torch.manual_seed(0)
+    ds = data.load("mnist-sample", 256, 64)
+    net = plastic.convert(TimeStepped(models.mlp(784, [64], 10, "lif"), 10), "transpose", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    for x, y in ds.batches("train", 64, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    x, y = ds.normalize(ds.train_x[:64]), ds.train_y[:64].long()
+    angles = online_update_angles(net, F.cross_entropy, x, y)
+    assert list(angles) == ["circuit.1"] and 5 < angles["circuit.1"] < 60
+    assert plastic.hidden_angles(net, F.cross_entropy, x, y)[0]["circuit.1"] < 1e-3
+    grads = []
+    for smoothing in (0.0, 0.3):
+        net.zero_grad()
+        online_step(net, x, y, smoothing)
+        grads.append(net.circuit[3].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_the_voltage_figure_draws_the_circuits_threshold(tmp_path, monkeypatch):
+    from plastic import plots
+    from plastic.results import figures
+    from plastic.train import run_protocol
+    spec = resolve_protocol({
+        "data": "mnist-sample", "train_limit": 64, "test_limit": 32, "epochs": 1,
+        "probe_size": 8, "circuit": {"kind": "mlp", "hidden": [16], "population": "lif",
+                                     "population_params": {"v_th": 0.3}},
+        "time": {"steps": 4}, "record": {"samples": 2, "voltages": True},
+        "arms": {"lif": {"feedback": "fa"}}})
+    run_protocol(spec, tmp_path, progress=False)
+    drawn = []
+    real = plots.voltage_traces
+    monkeypatch.setattr(plots, "voltage_traces",
+                        lambda *a, **k: (drawn.append(k["v_th"]), real(*a, **k))[1])
+    assert "voltages_lif.png" in {f.name for f in figures(tmp_path)}
+    assert drawn == [0.3]
