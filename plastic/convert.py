@@ -88,6 +88,8 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     """
     if not isinstance(module, nn.Module):
         raise SpecError(f"convert needs a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpecError(f"convert: seed must be an integer, got {seed!r}")
     root = module if inplace else copy.deepcopy(module)
     targets = [(n, m) for n, m in root.named_modules()
                if isinstance(m, (nn.Linear, nn.Conv2d, Synapse)) and n != ""]
@@ -95,6 +97,13 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         targets.insert(0, ("", root))
     if not targets:
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
+    # a module used at several places (a tied layer) becomes one synapse at all of them
+    places: dict[int, list[str]] = {}
+    for n, m in root.named_modules(remove_duplicate=False):
+        if n and isinstance(m, (nn.Linear, nn.Conv2d, Synapse)):
+            places.setdefault(id(m), []).append(n)
+    for n, m in targets:
+        _check_convertible(n or "(root)", m)
     exact = [f"{n or '(root)'} ({type(m).__name__})" for n, m in root.named_modules()
              if isinstance(m, _UNCONVERTED)]
     if exact:
@@ -139,7 +148,29 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         if name == "":
             new_root = syn
         elif syn is not m:
-            parent_name, _, attr = name.rpartition(".")
-            parent = root.get_submodule(parent_name) if parent_name else root
-            setattr(parent, attr, syn)
+            for place in places.get(id(m), [name]):
+                parent_name, _, attr = place.rpartition(".")
+                parent = root.get_submodule(parent_name) if parent_name else root
+                setattr(parent, attr, syn)
     return new_root if new_root is not None else root
+
+
+def _check_convertible(name: str, m: nn.Module) -> None:
+    """What convert cannot carry over is an error or a warning, not silently lost."""
+    from torch.nn.utils import parametrize
+    if isinstance(m, Synapse):
+        return
+    if isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter):
+        raise SpecError(f"convert: {name} ({type(m).__name__}) is lazy and has no weights yet; "
+                        "run one forward pass before converting")
+    hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+    norms = [type(h).__name__ for h in hooks if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    if parametrize.is_parametrized(m) or norms:
+        raise SpecError(f"convert: {name} ({type(m).__name__}) has a weight parametrization "
+                        f"({', '.join(norms) or 'torch.nn.utils.parametrize'}: weight_norm, "
+                        "spectral_norm, ...) that its plastic synapse would drop; remove it, or "
+                        "apply it to the converted synapse")
+    if hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+        warnings.warn(f"convert: the hooks registered on {name} ({type(m).__name__}) are not "
+                      "carried over to its plastic synapse; register them on the converted "
+                      "model", stacklevel=3)

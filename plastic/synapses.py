@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .errors import SpecError
 from .feedback import DirectFeedbackHub, FeedbackSynapse, make_feedback
@@ -53,6 +54,7 @@ class _Route(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second backward (a gradient penalty) is an error, not wrong grads
     def backward(ctx, dy):
         syn: Synapse = ctx.synapse
         fb = syn.feedback
@@ -180,9 +182,7 @@ class Dense(Synapse):
         new = cls.__new__(cls)
         Synapse.__init__(new)
         new.in_features, new.out_features = m.in_features, m.out_features
-        new.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
-        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(),
-                                                             requires_grad=m.bias.requires_grad)
+        new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
 
@@ -218,6 +218,22 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
+def _conv_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
+    """Zero padding as two ints; ``"valid"`` and ``"same"`` (stride 1, odd extent) as torch
+    reads them."""
+    if not isinstance(padding, str):
+        return _pair(padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same" and tuple(_pair(stride)) == (1, 1):
+        k = [d * (s - 1) for d, s in zip(_pair(dilation), _pair(kernel_size))]
+        if any(v % 2 for v in k):
+            raise SpecError("Conv2d padding='same' with an even kernel is not supported")
+        return tuple(v // 2 for v in k)
+    raise SpecError(f"Conv2d padding={padding!r} is not supported (a number, a pair, 'valid', "
+                    "or 'same' at stride 1)")
+
+
 class Conv2d(Synapse):
     """A 2-D convolutional synapse (the layout of ``torch.nn.Conv2d``, zero padding).  Its backward
     pass is one ``aten.convolution_backward`` call with B in place of W: the input gradient is the
@@ -231,7 +247,8 @@ class Conv2d(Synapse):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), int(groups)
+        self.dilation, self.groups = _pair(dilation), int(groups)
+        self.padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
                                                device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
@@ -250,25 +267,13 @@ class Conv2d(Synapse):
         if m.padding_mode != "zeros":
             raise SpecError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported "
                             "(only 'zeros')")
-        padding = m.padding
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            elif padding == "same" and tuple(m.stride) == (1, 1):
-                k = [d * (s - 1) for d, s in zip(m.dilation, m.kernel_size)]
-                if any(v % 2 for v in k):
-                    raise SpecError("Conv2d padding='same' with an even kernel is not supported")
-                padding = tuple(v // 2 for v in k)
-            else:
-                raise SpecError(f"Conv2d padding={padding!r} is not supported")
+        padding = _conv_padding(m.padding, m.kernel_size, m.stride, m.dilation)
         new = cls.__new__(cls)
         Synapse.__init__(new)
         new.in_channels, new.out_channels = m.in_channels, m.out_channels
         new.kernel_size, new.stride = tuple(m.kernel_size), tuple(m.stride)
         new.padding, new.dilation, new.groups = tuple(padding), tuple(m.dilation), m.groups
-        new.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
-        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(),
-                                                             requires_grad=m.bias.requires_grad)
+        new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
 

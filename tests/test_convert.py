@@ -168,3 +168,55 @@ def test_layers_convert_cannot_make_plastic_are_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plastic.convert(models.convnet(3, [4, 8], 10), "fa")  # nothing unconverted: no warning
+
+
+def test_tied_layers_stay_tied_and_what_convert_cannot_carry_is_reported():
+    """A layer used twice becomes one synapse at both places, parameters shared between layers
+    stay shared; a weight parametrization is refused, other hooks warned about, a lazy layer
+    refused, and a second backward pass through a synapse is an error, not wrong gradients."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    c = plastic.convert(nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 2)), "fa")
+    assert c[0] is c[2] and isinstance(c[0], plastic.Dense)
+    assert [n for n, _ in plastic.synapses(c)] == ["0", "4"]
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+    t = plastic.convert(Tied(), "fa")
+    assert t.a.weight is t.b.weight
+    t(torch.randn(3, 4)).sum().backward()
+    assert t.a.weight.grad is not None
+    with pytest.raises(plastic.SpecError, match="weight parametrization"):
+        plastic.convert(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)),
+                                      nn.Linear(4, 2)), "fa")
+    hooked = nn.Linear(4, 2)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match="hooks registered on .* are not carried over"):
+        plastic.convert(nn.Sequential(hooked), "fa")
+    with pytest.raises(plastic.SpecError, match="lazy and has no weights yet"):
+        plastic.convert(nn.Sequential(nn.LazyLinear(3)), "fa")
+    with pytest.raises(plastic.SpecError, match="seed must be an integer"):
+        plastic.convert(nn.Sequential(nn.Linear(4, 2)), "fa", seed=None)
+    x = torch.randn(5, 4, requires_grad=True)
+    net = plastic.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), "bp")
+    (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.pow(2).sum().backward()
+
+
+def test_conv2d_takes_same_and_valid_padding_as_torch_does():
+    torch.manual_seed(0)
+    for padding in ("same", "valid", 1, (1, 2)):
+        ref = nn.Conv2d(3, 4, 3, padding=padding)
+        syn = plastic.Conv2d(3, 4, 3, padding=padding)
+        syn.load_state_dict(ref.state_dict(), strict=False)
+        x = torch.randn(2, 3, 9, 9)
+        assert torch.allclose(syn(x), ref(x), atol=1e-6), padding
+    with pytest.raises(plastic.SpecError, match="padding='same' with an even kernel"):
+        plastic.Conv2d(3, 4, 2, padding="same")
