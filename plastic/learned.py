@@ -195,7 +195,9 @@ class LearnedFeedback(FeedbackSynapse):
             return None
         self.updates += 1
         if self.every > 1 and int(self.updates) % self.every:
-            return None
+            # a zero change, not None: B.grad is then 0 as DDP's reducer makes it, so momentum
+            # and weight decay move B alike on one process and on many
+            return torch.zeros_like(self.weight)
         if self.subsample < 1:
             k = max(1, math.ceil(self.subsample * x.shape[0]))
             x, delta = x[:k], delta[:k]

@@ -56,6 +56,9 @@ def _net(kind):
         from plastic.simulator import TimeStepped
         return plastic.convert(TimeStepped(models.mlp(64, [32, 32], 10, "lif"), 8),
                                kind[:-4], seed=0)
+    if kind == "information-every2":  # the rule on every 2nd step; B.grad 0 in between
+        return plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), "information", seed=0,
+                               options={"every": 2})
     return plastic.convert(models.mlp(64, [32, 32], 10, "tanh"), kind, seed=0)
 
 
@@ -85,8 +88,9 @@ def _worker(rank, world, port, kind, out):
     os._exit(0)
 
 
-@pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif", "information", "kolen-pollack",
-                                  "symmetric", "mirror", "fa-eprop", "kolen-pollack-eprop"])
+@pytest.mark.parametrize("kind", ["fa", "dfa", "fa-lif", "information", "information-every2",
+                                  "kolen-pollack", "symmetric", "mirror", "fa-eprop",
+                                  "kolen-pollack-eprop"])
 def test_ddp_matches_single_process(tmp_path, kind):
     """Learned feedback included: B.grad (the rule's plasticity) is all-reduced like W.grad, so
     the replicas' B equal single-process training on the whole batch.  The weight mirror's
