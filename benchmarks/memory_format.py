@@ -1,5 +1,6 @@
 """channels_last against contiguous memory format: one training step (forward, backward with the
-feedback rule, SGD step) of the CIFAR-10 protocol's ConvNet at batch 128, per feedback kind.
+feedback rule, SGD step) of the CIFAR-10 protocol's ConvNet at batch 128, per arm of
+``protocols/cifar10.toml`` (its feedback kind and options).
 
 The two formats are timed interleaved (A B A B ...) and the medians compared; the candidate is the
 protocol option ``memory_format = "channels_last"``.  Prints one line per kind and, last, one JSON
@@ -37,9 +38,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=5, help="training steps per timed sample")
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help="arms of protocols/cifar10.toml, comma-separated")
     args = ap.parse_args()
     spec = resolve_protocol(tomllib.loads((ROOT / "protocols/cifar10.toml").read_text()))
+    unknown = [k for k in args.kinds.split(",") if k not in spec["arms"]]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; protocols/cifar10.toml has {', '.join(spec['arms'])}")
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     out = {}
     for kind in args.kinds.split(","):
