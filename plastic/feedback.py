@@ -48,7 +48,8 @@ class FeedbackSynapse(nn.Module):
 
     kind = "base"
     direct = False
-    #: whether this feedback synapse only reads signals available at the synapse (DESIGN.md)
+    #: whether this feedback synapse only reads signals available at the synapse (its pre and
+    #: post activity, the arriving error and its own weight), never the forward weight W
     local = True
     #: whether it learns: then the synapse's backward pass calls ``plasticity`` with its local
     #: signals, and the change of B it returns becomes ``B.grad`` (so any optimizer applies it)

@@ -4,7 +4,11 @@ Layout of ``DIR/results.h5``::
 
     attrs:  spec (JSON, fully resolved), seed (the first), seeds (JSON), versions (JSON),
             command, created
-    /arms/<arm>/             attrs: feedback (JSON), lr, weight_decay, done_seeds (JSON)
+    /arms/<arm>/             attrs: feedback (a kind name, or JSON for a rule or a per-synapse
+                             table), feedback_options (JSON), lr, weight_decay, population,
+                             learning, synapses (JSON), done_seeds (JSON); a converted arm has
+                             convert_from, conversion_gain and conversion_lambdas instead of
+                             the training ones
     /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
         seed, epoch, train_loss, test_loss, test_accuracy, lr, wall_time,
         angle/<synapse>         angle between feedback B and W^T (degrees)
@@ -72,7 +76,7 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
     try:
         spec = {**spec, **({k: like[k] for k in EXECUTION_KEYS if k in like} if like
                            else {"device": "cpu"})}
-        return json.loads(json.dumps(resolve_protocol(spec)))
+        return json.loads(json.dumps(resolve_protocol(spec, warn=False)))
     except SpecError:
         return json.loads(json.dumps(spec))
 

@@ -321,8 +321,9 @@ def resolve_circuit(circuit) -> dict:
     return c
 
 
-def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
-    """Defaults, overrides and validation: the fully resolved spec recorded with the results."""
+def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True) -> dict:
+    """Defaults, overrides and validation: the fully resolved spec recorded with the results.
+    ``warn``: report settings that have no effect (off when a recorded spec is re-read)."""
     from .feedback import FEEDBACK_KINDS, check_meant_as_rule, is_rule
     from .rules import parse_rule
 
@@ -362,7 +363,8 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None) -> dict:
         value = _get(spec, where)
         if not ok(value):
             raise SpecError(f"{where} must be {what}, got {value!r}")
-    _warn_unread(spec)
+    if warn:
+        _warn_unread(spec)
     arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
     resolved = {}
     for name, arm in arms.items():

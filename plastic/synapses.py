@@ -1,6 +1,6 @@
 """Forward synapses (dense, conv2d).  Each owns a separate feedback synapse object.
 
-One learning step in rate mode (DESIGN.md): the forward pass is ordinary autograd, y = W x + b.
+One learning step in rate mode: the forward pass is ordinary autograd, y = W x + b.
 In the backward pass the synapse's ``autograd.Function`` routes the arriving error delta through its
 feedback synapse, B delta (or, for direct feedback, B_l e from the output error), instead of
 W^T delta.  W.grad = delta x^T as usual, so every torch optimizer, schedule and DDP work unchanged.

@@ -546,9 +546,16 @@ def test_probe_size_0_skips_the_probe_metrics_and_bad_seeds_are_refused(tmp_path
 
 
 def test_optimizer_and_schedule_settings_that_are_not_read_are_reported(tmp_path, capsys):
-    with pytest.warns(UserWarning, match=r"optimizer.momentum = 0.5 is not read by the 'adam'"):
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         assert main(["run", "--out", str(tmp_path / "o"), "--arms", "bp", "-q", "--set", *FAST,
                      "epochs=1", "optimizer.name=adam", "optimizer.momentum=0.5"]) == 0
+        said = [str(w.message) for w in seen if "is not read by" in str(w.message)]
+        assert said == ["optimizer.momentum = 0.5 is not read by the 'adam' optimizer, so it "
+                        "has no effect"]  # once, and not again when the report re-reads it
+        assert main(["report", str(tmp_path / "o")]) == 0
+        assert len([w for w in seen if "is not read by" in str(w.message)]) == 1
     # quickstart tunes the one-cycle warm-up (pct_start 0.2): a cosine override still runs
     with pytest.warns(UserWarning, match=r"schedule.pct_start = 0.2 is not read by the 'cosine'"):
         assert main(["run", "--out", str(tmp_path / "c"), "--arms", "bp", "-q", "--set", *FAST,
