@@ -24,10 +24,20 @@ def test_fa_hidden_update_angle_below_60_within_one_epoch():
         opt.step()
     update, signal = plastic.hidden_angles(net, F.cross_entropy, probe_x, probe_y)
     assert set(update) == {"1"}
-    assert update["1"] < 60, update
-    assert signal["1"] < 60, signal
+    assert 20 < update["1"] < 60, update  # aligned, yet not backprop (measured 56.5°)
+    assert 20 < signal["1"] < 60, signal
     # B is fixed and random: it is W that comes to align with B^T (Lillicrap et al. 2016)
     assert plastic.weight_angles(net)["3"] < 80
+    assert plastic.weight_angles(net)["1"] > 85  # a B the error never reaches stays unaligned
+
+
+def test_angle_spans_0_to_180_degrees():
+    a = torch.randn(50, dtype=torch.float64)
+    assert plastic.angle(a, a) < 1e-6
+    assert abs(plastic.angle(a, -a) - 180) < 1e-6
+    b = torch.randn(50, dtype=torch.float64)
+    b = b - (b @ a) / (a @ a) * a
+    assert abs(plastic.angle(a, b) - 90) < 1e-6
 
 
 def test_transpose_update_angle_is_zero_and_usf_is_small():

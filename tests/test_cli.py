@@ -462,15 +462,17 @@ def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
     assert r["arms"]["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged
 
 
-def test_resume_keeps_the_weight_mirrors_sleep_schedule(tmp_path, monkeypatch):
-    """With a sleep phase every 2nd wake batch, a run interrupted after epoch 1 and resumed ends
-    with the same weights, W and B, as an uninterrupted run: the wake-step count that places the
-    sleep phases resumes with the run (it restarted at 0, shifting every later sleep phase)."""
+@pytest.mark.parametrize("arm", ["mirror", "fa"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, arm):
+    """A run interrupted after epoch 1 and resumed ends with the same weights, W and B, as an
+    uninterrupted run (optimizer, schedule, data order and random state restored).  With a sleep
+    phase every 2nd wake batch, the wake-step count that places the sleep phases resumes with the
+    run too (it restarted at 0, shifting every later sleep phase)."""
     from plastic import spec as S, train as T
     sets = ["epochs=2", "train_limit=96", "test_limit=64", "probe_size=16", "batch_size=32",
             "circuit.hidden=[16]", "threads=1", "sleep.every=2", "arms.mirror.feedback=mirror"]
     spec = S.load_protocol("quickstart", sets)
-    T.run_protocol(spec, tmp_path / "a", arms=["mirror"], progress=False)
+    T.run_protocol(spec, tmp_path / "a", arms=[arm], progress=False)
     save = T._save_atomic
 
     def interrupting(obj, path):
@@ -479,10 +481,10 @@ def test_resume_keeps_the_weight_mirrors_sleep_schedule(tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(T, "_save_atomic", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        T.run_protocol(spec, tmp_path / "b", arms=["mirror"], progress=False)
+        T.run_protocol(spec, tmp_path / "b", arms=[arm], progress=False)
     monkeypatch.setattr(T, "_save_atomic", save)
-    T.run_protocol(spec, tmp_path / "b", arms=["mirror"], resume=True, progress=False)
-    a, b = (torch.load(tmp_path / d / "weights" / "mirror-seed0.pt") for d in "ab")
+    T.run_protocol(spec, tmp_path / "b", arms=[arm], resume=True, progress=False)
+    a, b = (torch.load(tmp_path / d / "weights" / f"{arm}-seed0.pt") for d in "ab")
     assert any(k.endswith("feedback.weight") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k

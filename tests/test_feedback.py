@@ -83,10 +83,16 @@ def test_dense_layerwise_kinds(kind):
     assert torch.allclose(net[0].bias.grad, delta1.sum(0), atol=1e-10)
     # the synapse's own weight update is delta x^T whatever its feedback
     assert torch.allclose(net[2].weight.grad, delta2.t() @ h.detach(), atol=1e-10)
-    if kind == "usf":
+    if kind in ("usf", "brsf", "frsf"):  # sign symmetry: W's signs, whatever the magnitudes
         assert torch.equal(torch.sign(b2), torch.sign(net[2].weight.detach()))
+    if kind == "frsf":
+        assert (net[2].feedback.magnitude >= 0).all()
     if kind in ("fa", "frsf"):  # fixed: the same B on the next batch
         assert torch.allclose(net[2].feedback.matrix(net[2].weight), b2, rtol=1e-12, atol=0)
+    if kind == "brsf":  # redrawn on every pass, with W's signs
+        again = net[2].feedback.matrix(net[2].weight)
+        assert not torch.equal(again, b2)
+        assert torch.equal(torch.sign(again), torch.sign(b2))
 
 
 def test_dense_dfa_is_output_error_projection():

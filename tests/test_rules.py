@@ -290,6 +290,28 @@ def test_feedback_options_every_subsample_noise_and_errors():
         plastic.convert(plastic.models.mlp(7, [5], 3), "fa", options={"every": 2})
 
 
+def test_update_noise_and_the_driving_noise_have_their_stds():
+    """noise: Gaussian noise of that std on every ΔB.  drive = "noise" and sleep phases: Amp
+    reads white noise of std sigma, not the data, so ΔB -> -sigma² W."""
+    torch.manual_seed(0)
+    syn = plastic.Dense(30, 20, feedback="fa").double()
+    x = torch.randn(16, 30)
+    y = syn.operator().forward(x, syn.weight.detach())
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, noise=0.5)
+    clean = rules.fused_grad({"amp": 1.0}, _signals(syn, x, fb.weight.detach()))
+    assert abs(float((fb.grad(syn, x, y) - clean).std()) - 0.5) < 0.05
+    want = -4.0 * syn.weight.detach()
+    syn.set_feedback(LearnedFeedback(syn.weight, {"amp": 1.0}, drive="noise", sigma=2.0))
+    syn((torch.randn(20000, 30) * 0.1 + 3.0).requires_grad_()).sum().backward()  # not N(0, 4I)
+    assert plastic.angle(syn.feedback.weight.grad, want) < 5
+    assert abs(float(syn.feedback.weight.grad.norm() / want.norm()) - 1) < 0.1
+    syn.set_feedback(LearnedFeedback(syn.weight, {"amp": 1.0}, drive="sleep", sigma=2.0))
+    syn(torch.randn(2, 30))
+    sleep_step(syn, batch_size=20000)
+    assert plastic.angle(syn.feedback.weight.grad, want) < 5
+    assert abs(float(syn.feedback.weight.grad.norm() / want.norm()) - 1) < 0.1
+
+
 def test_options_a_drive_does_not_read_are_refused():
     """sigma sets the driving noise, so a data-driven rule refuses it; every and subsample act
     in the training pass, where a sleep-driven rule does not learn, so the mirror refuses them

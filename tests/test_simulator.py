@@ -186,8 +186,11 @@ def test_online_learning_trains_a_spiking_circuit_on_real_digits():
     with torch.no_grad():
         acc = sum((net(x).argmax(1) == y).sum().item() for x, y in ds.batches("test", 500))
     assert acc / len(ds.test_y) > 0.8
-    assert torch.allclose(out, net(x) if False else out)  # readout shape sanity
     assert out.shape == (len(y), 10)
+    with torch.no_grad():  # the readout online_step returns is the circuit's own
+        g = torch.Generator().manual_seed(1)
+        xb, yb = ds.normalize(ds.train_x[:32]), ds.train_y[:32].long()
+        assert torch.allclose(online_step(net, xb, yb), net(xb), atol=1e-5)
     with pytest.raises(SpecError, match="learned feedback"):
         online_step(plastic.convert(TimeStepped(models.mlp(784, [8], 10, "lif"), 3),
                                     "information"), x, y)
@@ -417,3 +420,45 @@ def test_the_voltage_figure_draws_the_circuits_threshold(tmp_path, monkeypatch):
                         lambda *a, **k: (drawn.append(k["v_th"]), real(*a, **k))[1])
     assert "voltages_lif.png" in {f.name for f in figures(tmp_path)}
     assert drawn == [0.3]
+
+
+def test_online_step_is_the_gradient_of_the_per_step_loss_without_spikes():
+    """With no spikes (v_th far away, a wide surrogate), e-prop's dropped reset term vanishes,
+    so with transpose feedback online_step's ΔW and Δb of the hidden synapse equal autograd of
+    mean_t CE(y_t) exactly (Bellec et al. 2020, eq. 28 with its approximation exact)."""
+    from plastic.eligibility import online_step
+    from plastic.spiking import superspike
+    torch.manual_seed(0)
+    T = 12
+    net = plastic.convert(TimeStepped(models.mlp(20, [16], 5, "lif"), T), "transpose").double()
+    pop = net.circuit[2]
+    pop.p = pop.p._replace(v_th=torch.as_tensor(50.0), alpha=torch.as_tensor(0.1))
+    x, y = torch.rand(8, 20, dtype=torch.float64) * 3, torch.randint(0, 5, (8,))
+    online_step(net, x, y)
+    s1, s2 = net.circuit[1], net.circuit[3]
+    W1, b1 = s1.weight.detach().clone().requires_grad_(), s1.bias.detach().clone().requires_grad_()
+    W2, b2 = s2.weight.detach(), s2.bias.detach()
+    p, dt = pop.p, pop.dt
+    current = F.linear(x, W1, b1)
+    v, i, loss = torch.zeros_like(current), torch.zeros_like(current), 0.0
+    for _ in range(T):
+        i = i + current
+        v = v + dt * p.tau_mem_inv * ((p.v_leak - v) + i)
+        z = superspike(v - p.v_th, p.alpha)
+        assert not z.any()
+        i = i + (-dt * p.tau_syn_inv * i)
+        loss = loss + F.cross_entropy(F.linear(z, W2, b2), y) / T
+    gW1, gb1 = torch.autograd.grad(loss, [W1, b1])
+    assert gW1.abs().sum() > 0
+    assert torch.allclose(s1.weight.grad, gW1, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(s1.bias.grad, gb1, rtol=1e-6, atol=1e-12)
+
+
+def test_online_kolen_pollack_gives_B_the_update_of_W():
+    from plastic.eligibility import online_step
+    torch.manual_seed(0)
+    net = plastic.convert(TimeStepped(models.mlp(20, [16], 5, "lif"), 8), "kolen-pollack")
+    online_step(net, torch.rand(8, 20) * 3, torch.randint(0, 5, (8,)))
+    for _, s in plastic.synapses(net):
+        assert s.weight.grad.abs().sum() > 0
+        assert torch.equal(s.feedback.weight.grad, s.weight.grad)
