@@ -468,9 +468,8 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
         xp = torch.nn.functional.pad(x, (shift, shift, shift, shift))
         dy = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
         dx = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
-        rows = (torch.arange(h)[None, :] + dy)[:, None, :, None]  # (n, 1, h, 1)
-        cols = (torch.arange(w)[None, :] + dx)[:, None, None, :]  # (n, 1, 1, w)
-        x = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        windows = xp.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2s+1, 2s+1, h, w), a view
+        x = windows[torch.arange(n), :, dy[:, 0], dx[:, 0]]  # each sample's own crop
     if flip:
         f = torch.rand(n, generator=generator) < 0.5
         x = torch.where(f[:, None, None, None], x.flip(3), x)

@@ -163,6 +163,8 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
     states = [None] * n
     traces = [[None, None, None, None] for _ in range(n)]  # c, ε, c_bias, ε_bias
     gw = [torch.zeros_like(s.weight) for s, _ in layers]
+    # each feedback matrix once per batch (W does not change within it; brsf draws once)
+    fbm = [None if s.feedback.direct else s.feedback.matrix(s.weight) for s, _ in layers]
     gb = [None if s.bias is None else torch.zeros_like(s.bias) for s, _ in layers]
     psi = [None] * n
     inputs = [None] * n
@@ -212,6 +214,6 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                 fb.materialize(inputs[k].shape[1:], err.device, err.dtype)
                 signal = fb.project(err, inputs[k].shape)
             else:
-                signal = delta @ fb.matrix(syn.weight)
+                signal = delta @ fbm[k]
             delta = signal * psi[k - 1]
     return out_sum / t_steps, layers, gw, gb

@@ -163,13 +163,15 @@ class LearnedFeedback(FeedbackSynapse):
         """The activity the rule reads: (x, y = W x) after the ``center`` and ``normalize_input``
         options.  Both ``grad`` and ``values`` read it, so the recorded primitive values are those
         of the objective being minimised."""
-        if self.center == "batch":
+        fresh = self.center == "batch"  # x and y are then new tensors, free to rescale in place
+        if fresh:
             x = _batch_centred(x)
             y = None if y is None else _batch_centred(y)
         if self.normalize_input:
             inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).reciprocal()
-            x = x * inv.view(-1, *([1] * (x.dim() - 1)))
-            y = None if y is None else y * inv.view(-1, *([1] * (y.dim() - 1)))
+            ix, iy = inv.view(-1, *([1] * (x.dim() - 1))), None if y is None else inv.view(-1, *([1] * (y.dim() - 1)))
+            x = x.mul_(ix) if fresh else x * ix
+            y = None if y is None else (y.mul_(iy) if fresh else y * iy)
         return x, y
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
