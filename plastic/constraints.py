@@ -22,6 +22,7 @@ synapse from a pre neuron and is never constrained.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -388,6 +389,12 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
         raise SpecError(f"excitatory fraction must be in [0, 1], got {excitatory!r}")
     if connectivity is not None:
         _check_density(connectivity, "connectivity")
+    if excitatory is not None:
+        from .models import BasicBlock
+        if any(isinstance(m, BasicBlock) for m in model.modules()):
+            warnings.warn("Dale's law constrains the synapses only: the identity skip connections "
+                          "of residual blocks pass every neuron's activity on with sign +1, "
+                          "inhibitory neurons included", stacklevel=2)
     summary = {}
     for i, (name, syn) in enumerate(syns):
         cs = []

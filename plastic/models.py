@@ -24,6 +24,13 @@ def make_population(name: str) -> nn.Module:
     return RatePopulation(name)
 
 
+def _rate_only(population, what: str) -> None:
+    """Residual circuits are not sequential, so they are not simulated in time."""
+    if isinstance(population, str) and population.lower() in SPIKING_KINDS:
+        raise SpecError(f"{what} takes a rate population, not {population!r}: spiking circuits "
+                        "must be sequential (mlp, convnet) to be simulated in time")
+
+
 def _readout(n: int, outputs: int, output_scale: float, units_per_class: int) -> list[nn.Module]:
     """The dense readout synapse, with its population code and logit scale when they are set."""
     layers: list[nn.Module] = [nn.Linear(n, outputs * units_per_class)]
@@ -107,6 +114,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1, population: str = "relu"):
         super().__init__()
+        _rate_only(population, "a residual block")
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.pop1 = make_population(population)
@@ -136,6 +144,10 @@ class ResNet(nn.Module):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise SpecError(f"unknown ResNet stem {stem!r}; known: imagenet, cifar")
+        if len(blocks) != len(widths):
+            raise SpecError(f"ResNet: blocks {tuple(blocks)} needs one entry per stage of widths "
+                            f"{tuple(widths)}")
+        _rate_only(population, "a ResNet")
         w0 = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False)

@@ -16,12 +16,17 @@ from .errors import SpecError
 
 __all__ = ["ACTIVATIONS", "RateParameters", "RateState", "rate_step", "RatePopulation"]
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """f(I) = I (a module-level function, so a circuit using it can be pickled)."""
+    return x
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
-    "identity": lambda x: x,
-    "linear": lambda x: x,
+    "identity": identity,
+    "linear": identity,
     "gelu": F.gelu,
     "elu": F.elu,
     "softplus": F.softplus,
@@ -32,7 +37,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class RateParameters(NamedTuple):
-    """tau: time constant (s); dt: integration step (s).  tau == dt jumps to the steady state."""
+    """tau: time constant (s); dt: integration step (s).  tau == dt jumps to the steady state;
+    the Euler step is stable for dt < 2 tau."""
     tau: float = 10e-3
     dt: float = 1e-3
 
@@ -44,6 +50,9 @@ class RateState(NamedTuple):
 def rate_step(input_current: torch.Tensor, state: RateState, p: RateParameters,
               activation: Callable = torch.tanh) -> tuple[torch.Tensor, RateState]:
     """One Euler step of tau dr/dt = -r + f(I).  Returns (rate, new state)."""
+    if not (p.tau > 0 and 0 < p.dt < 2 * p.tau):
+        raise SpecError(f"rate dynamics need tau > 0 and 0 < dt < 2 tau (the Euler step "
+                        f"diverges otherwise), got tau={p.tau}, dt={p.dt}")
     r = state.r + (p.dt / p.tau) * (activation(input_current) - state.r)
     return r, RateState(r)
 

@@ -315,6 +315,8 @@ def resolve_circuit(circuit) -> dict:
             raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
     if c["units_per_class"] < 1:
         raise SpecError(f"circuit.units_per_class must be at least 1, got {c['units_per_class']}")
+    if not c["output_scale"] > 0:  # 0 would zero the logits, and nothing would learn
+        raise SpecError(f"circuit.output_scale must be > 0, got {c['output_scale']}")
     if c["kind"] == "resnet" and len(c["blocks"]) != len(c["channels"]):
         raise SpecError(f"circuit.blocks ({c['blocks']}) needs one entry per stage of "
                         f"circuit.channels ({c['channels']})")

@@ -310,3 +310,15 @@ def test_bad_specs_raise_spec_error():
     with pytest.raises(SpecError, match="density"):
         apply_circuit_constraints(_mlp(), None, 0.0, seed=0)
     assert not constraints_of(conv)  # a failed constrain leaves the synapse as it was
+
+
+def test_a_resnet_with_dales_law_warns_that_its_skip_connections_are_unconstrained():
+    import warnings
+
+    from plastic import models
+    net = plastic.convert(models.ResNet((1,), (8,), 10, 3, "cifar"), "fa")
+    with pytest.warns(UserWarning, match="identity skip connections"):
+        apply_circuit_constraints(net, 0.8, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_circuit_constraints(plastic.convert(models.mlp(8, [6], 3), "fa"), 0.8, None)

@@ -34,3 +34,26 @@ def test_unknown_population_names_spiking_and_rate_kinds():
     with pytest.raises(plastic.SpecError, match=r"unknown population 'lifx'; spiking: lif, "
                                                 r"lif_box, adaptive_lif; rate \(activations\): elu"):
         make_population("lifx")
+
+
+def test_circuits_refuse_what_would_not_run_or_not_learn():
+    """A spiking population in a ResNet (not sequential, so never simulated in time), blocks and
+    widths of different lengths, output_scale 0 (zero logits), rate dynamics outside the Euler
+    step's stability; and an identity population pickles like the others."""
+    import io
+
+    from plastic import models
+    from plastic.errors import SpecError
+    from plastic.populations import RateParameters, RateState, rate_step
+    from plastic.spec import resolve_circuit
+    with pytest.raises(SpecError, match="takes a rate population, not 'lif'"):
+        models.resnet20(population="lif")
+    with pytest.raises(SpecError, match="needs one entry per stage"):
+        models.ResNet((2, 2, 2), (16, 32), 10, 3, "cifar")
+    with pytest.raises(SpecError, match="output_scale must be > 0"):
+        resolve_circuit({"kind": "mlp", "output_scale": 0})
+    r = RateState(torch.zeros(3))
+    for bad in (RateParameters(tau=0.0), RateParameters(tau=1e-3, dt=5e-3)):
+        with pytest.raises(SpecError, match="0 < dt < 2 tau"):
+            rate_step(torch.ones(3), r, bad)
+    torch.save(plastic.convert(models.mlp(4, [3], 2, "identity"), "fa"), io.BytesIO())
