@@ -169,9 +169,11 @@ class LearnedFeedback(FeedbackSynapse):
             y = None if y is None else _batch_centred(y)
         if self.normalize_input:
             inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).reciprocal()
-            ix, iy = inv.view(-1, *([1] * (x.dim() - 1))), None if y is None else inv.view(-1, *([1] * (y.dim() - 1)))
+            ix = inv.view(-1, *([1] * (x.dim() - 1)))
             x = x.mul_(ix) if fresh else x * ix
-            y = None if y is None else (y.mul_(iy) if fresh else y * iy)
+            if y is not None:
+                iy = inv.view(-1, *([1] * (y.dim() - 1)))
+                y = y.mul_(iy) if fresh else y * iy
         return x, y
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
