@@ -396,11 +396,14 @@ def summary(results: list[dict]) -> list[dict]:
             gs = groups.setdefault(arm, [])
             g = next((g for g in gs if not differs(g)), None)
             if g is None:
-                g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": set(),
-                     "paths": [], "differs": differs(gs[0]) if gs else []}
+                g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": {},
+                     "planned": set(), "paths": [], "differs": differs(gs[0]) if gs else []}
                 gs.append(g)
             g["seeds"].update(slices)
-            g["done"] |= set(a["attrs"].get("done_seeds", []))
+            # a seed's rows and its completion come from the same (the latest) file
+            finished = set(a["attrs"].get("done_seeds", []))
+            g["done"].update({s: s in finished for s in slices})
+            g["planned"] |= {int(s) for s in spec.get("seeds", []) if isinstance(s, int)}
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
     for arm, gs in groups.items():
@@ -436,11 +439,18 @@ def _row(name: str, g: dict) -> dict:
         "convert_from": a.get("convert_from", ""),
         "learning": a.get("learning", "backprop"),
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
-        "done": len(g["done"] & set(g["seeds"])),
+        "done": sum(g["done"].values()),
+        "planned": len(g["planned"] | set(g["seeds"])),  # seeds of the spec, started or not
         "differs": g["differs"],
         "final": per_seed, "over_training": [_over_training(r) for r in rows],
         "metrics": _concat(rows),
     }
+
+
+def _seeds_cell(r: dict) -> str:
+    """The seeds pooled; ``done/planned`` while any seed of the spec is unfinished or unstarted."""
+    planned = max(r.get("planned", r["seeds"]), r["seeds"])
+    return f"{r['done']}/{planned}" if r["done"] < planned else str(r["seeds"])
 
 
 def _has_stats(rows) -> bool:
@@ -463,7 +473,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     body = []
     for r in rows:
         b = [r["arm"], r["feedback"], f"{r['lr']:g}" if math.isfinite(r["lr"]) else "-",
-             f"{r['done']}/{r['seeds']}" if r["done"] < r["seeds"] else str(r["seeds"]),
+             _seeds_cell(r),
              str(r["epochs"]), _pm(r["test_accuracy"], 100), _pm(r["update_angle"], 1, 1),
              _pm(r["weight_angle"], 1, 1), _pm(r["wall_time"], 1, 0)]
         if stats:
@@ -600,7 +610,8 @@ def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
             continue
         ep, acc = _mean_curve(m, "test_accuracy")
         sel = ep > 0
-        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=f"{arm} ({100 * acc[-1]:.2f}%)")
+        final = np.mean([f["test_accuracy"] for f in final_rows(m).values()])  # as in the table
+        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=f"{arm} ({100 * final:.2f}%)")
         ep2, loss = _mean_curve(m, "train_loss")
         ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")

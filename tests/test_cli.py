@@ -562,3 +562,27 @@ def test_optimizer_and_schedule_settings_that_are_not_read_are_reported(tmp_path
     with pytest.warns(UserWarning, match=r"schedule.pct_start = 0.2 is not read by the 'cosine'"):
         assert main(["run", "--out", str(tmp_path / "c"), "--arms", "bp", "-q", "--set", *FAST,
                      "epochs=1", "schedule.name=cosine"]) == 0
+
+
+def test_report_counts_seeds_not_yet_started_and_takes_completion_with_the_rows(
+        tmp_path, monkeypatch, saved_figures):
+    """A run stopped after seed 0 of every arm and seed 1 of bp reports fa as 1/2 seeds (it
+    showed 1, as if complete); the figure's legend gives the table's final accuracy."""
+    from plastic import spec as S, train as T
+    spec = S.load_protocol("quickstart", [*FAST, "epochs=1", "seeds=[0,1]"])
+    real = T.run_arm
+
+    def stop_at_fa_seed1(spec_, arm, *a, **k):
+        if arm == "fa" and a[1] == 1:
+            raise KeyboardInterrupt
+        return real(spec_, arm, *a, **k)
+    monkeypatch.setattr(T, "run_arm", stop_at_fa_seed1)
+    with pytest.raises(KeyboardInterrupt):
+        T.run_protocol(spec, tmp_path / "r", arms=["bp", "fa"], progress=False)
+    rows = {r["arm"]: r for r in results.summary([results.read(tmp_path / "r")])}
+    table = results.format_table(list(rows.values()))
+    assert [ln.split()[3] for ln in table.splitlines()[2:]] == ["2", "1/2"]
+    results.combined_figures([tmp_path / "r"], tmp_path / "f")
+    legend = [t.get_text() for t in saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()]
+    mean_bp = 100 * np.mean(rows["bp"]["test_accuracy"])
+    assert legend[0] == f"bp ({mean_bp:.2f}%)"
