@@ -92,13 +92,14 @@ def _layers(model: TimeStepped):
     return out
 
 
-def check_online(model) -> None:
-    """A one-line error now, before anything runs, if ``online_step`` cannot train ``model``."""
+def check_online(model) -> list:
+    """A one-line error now, before anything runs, if ``online_step`` cannot train ``model``;
+    else its [(synapse, population or None)] (``_layers``)."""
     if not isinstance(model, TimeStepped):
         raise SpecError("learning = \"online\" needs a spiking population")
     if model.delays:
         raise SpecError("online learning does not support synaptic delays yet")
-    _layers(model)
+    return _layers(model)
 
 
 @torch.no_grad()
@@ -128,20 +129,15 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
     backprop through time's dL/dW} on one batch, with the same random draws (a Poisson
     encoder); nothing is written into ``.grad``."""
     from .convert import synapses
-    from .metrics import angle, backprop
+    from .metrics import angle, backprop, same_draws
     from .synapses import plasticity_paused
 
-    check_online(model)
-    with torch.random.fork_rng(devices=[]):
-        seed = int(torch.randint(0, 2**62, (1,)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    replay = same_draws()
+    with replay():
         _, layers, gw, _ = _online_updates(model, x, target, label_smoothing)
     names = {id(s): n for n, s in synapses(model)}
     hidden = [(names[id(s)], s, g) for (s, _), g in zip(layers, gw) if not s.is_output]
-    with backprop(model), plasticity_paused(), torch.enable_grad(), \
-            torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with backprop(model), plasticity_paused(), torch.enable_grad(), replay():
         bp = torch.autograd.grad(loss_fn(model(x), target), [s.weight for _, s, _ in hidden],
                                  allow_unused=True)
     return {n: angle(g, b) if b is not None else float("nan")
@@ -151,8 +147,7 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
 @torch.no_grad()
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
     """(readout averaged over steps, layers, weight updates, bias updates) of one batch."""
-    check_online(model)
-    layers = _layers(model)
+    layers = check_online(model)
     seq, const = model.encode(x)
     t_steps, b = model.steps, x.shape[0]
     classes = layers[-1][0].out_features

@@ -108,6 +108,20 @@ def preserved_buffers(model: nn.Module):
                     v.copy_(saved[k])
 
 
+def same_draws():
+    """A context manager factory: every ``with replay():`` block sees the same random draws, and
+    the caller's random stream is left as it was (for comparing two passes on one batch)."""
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(0, 2**62, (1,)))
+
+    @contextlib.contextmanager
+    def replay():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    return replay
+
+
 def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
                   include_output: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Two angles per synapse between what the rule delivers and what backprop would deliver on
@@ -142,14 +156,11 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
 
     # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's
     # random stream is left untouched
-    with torch.random.fork_rng(devices=[]):
-        seed = int(torch.randint(0, 2**62, (1,)))
+    replay = same_draws()
     with preserved_buffers(model), plasticity_paused(), torch.enable_grad():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with replay():
             w_rule, s_rule = grads()
-        with backprop(model), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with backprop(model), replay():
             w_bp, s_bp = grads()
 
     def ang(a, b):

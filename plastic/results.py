@@ -147,10 +147,10 @@ class ResultsWriter:
         """A run killed between the resizes of one row (SIGKILL, out of memory) leaves some
         metric datasets a row longer than others: cut them back to the complete rows before
         resuming (that epoch has no checkpoint, so it is trained again)."""
-        for arm, g in self.h5["arms"].items():
-            m = g.get("metrics")
-            n = _complete_rows(m) if m is not None else None
-            for _, ds in (_datasets(m) if n is not None else ()):
+        for g in self.h5["arms"].values():
+            stored = dict(_datasets(g["metrics"])) if "metrics" in g else {}
+            n = _complete_rows(stored)
+            for ds in stored.values():
                 if len(ds) != n:
                     ds.resize((n,))
 
@@ -265,11 +265,11 @@ def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict
         return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
 
 
-def _complete_rows(metrics) -> int | None:
-    """The number of rows every metric dataset has: fewer than the longest only if the run was
-    killed (SIGKILL, out of memory) between the datasets' resizes of one row.  None: no rows."""
-    lengths = [len(ds) for _, ds in _datasets(metrics)]
-    return min(lengths) if lengths else None
+def _complete_rows(stored: dict) -> int | None:
+    """The number of rows every metric dataset ({name: dataset}) has: fewer than the longest only
+    if the run was killed (SIGKILL, out of memory) between the datasets' resizes of one row.
+    None: no datasets."""
+    return min((len(ds) for ds in stored.values()), default=None)
 
 
 def read(path: str | Path) -> dict:
@@ -289,9 +289,10 @@ def read(path: str | Path) -> dict:
                     raise ValueError(f"arm {arm!r} has no metrics group")
                 attrs = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v)
                          for k, v in g.attrs.items()}
-                n = _complete_rows(g["metrics"])
-                metrics = {k: ds[:n] for k, ds in _datasets(g["metrics"])}
-                if any(len(ds) != n for _, ds in _datasets(g["metrics"])):
+                stored = dict(_datasets(g["metrics"]))
+                n = _complete_rows(stored)
+                metrics = {k: ds[:n] for k, ds in stored.items()}
+                if any(len(ds) != n for ds in stored.values()):
                     warnings.warn(f"{path}: arm {arm!r} has a half-written last row (the run was "
                                   f"killed while writing it); reading its {n} complete rows",
                                   stacklevel=2)
@@ -449,8 +450,7 @@ def _row(name: str, g: dict) -> dict:
 
 def _seeds_cell(r: dict) -> str:
     """The seeds pooled; ``done/planned`` while any seed of the spec is unfinished or unstarted."""
-    planned = max(r.get("planned", r["seeds"]), r["seeds"])
-    return f"{r['done']}/{planned}" if r["done"] < planned else str(r["seeds"])
+    return f"{r['done']}/{r['planned']}" if r["done"] < r["planned"] else str(r["seeds"])
 
 
 def _has_stats(rows) -> bool:
