@@ -26,8 +26,15 @@ __all__ = [
 ]
 
 
-def _rms(w: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(w.detach()) / math.sqrt(max(w.numel(), 1))
+def _sign_scale(w: torch.Tensor) -> torch.Tensor:
+    """RMS of W's nonzero entries: the scale that gives sign(W) (and |R| o sign(W), E R² = 1) W's
+    norm.  On a dense W it is RMS(W); absent synapses (W = 0 under a sparse mask or Dale's law)
+    carry no feedback, so they do not dilute it."""
+    w = w.detach()
+    n = max(w.numel(), 1)
+    # RMS(W) times sqrt(n / nonzero), which is exactly 1 on a dense W (no host sync on a GPU)
+    return (torch.linalg.vector_norm(w) / math.sqrt(n)) * (
+        n / torch.count_nonzero(w).clamp_min(1).to(w.dtype)).sqrt()
 
 
 def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
@@ -121,32 +128,33 @@ class FixedRandom(FeedbackSynapse):
 
 class UniformSignSymmetry(FeedbackSynapse):
     """uSF (Liao, Leibo & Poggio 2016, AAAI; Xiao et al. 2018): B = s * sign(W) with one scalar
-    s = RMS(W), so that ||B|| = ||W||.  Reads the sign of W, hence not strictly local."""
+    s = RMS of W's nonzero entries, so that ||B|| = ||W||.  Reads the sign of W, hence not
+    strictly local."""
 
     kind = "usf"
     local = False
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return torch.sign(w).mul_(_rms(w))
+        return torch.sign(w).mul_(_sign_scale(w))
 
 
 class BatchRandomSignSymmetry(FeedbackSynapse):
-    """brSF (Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W), R ~ N(0, RMS(W)^2)
-    redrawn for every batch (every backward pass).  (Computed as copysign(R, W): where W is
-    exactly 0 the entry is ±|R| rather than 0.)"""
+    """brSF (Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W), R ~ N(0, s^2) redrawn
+    for every batch (every backward pass), s the RMS of W's nonzero entries (``||B|| ≈ ||W||``).
+    Where W is 0 (an absent synapse) B is 0, as for uSF and frSF."""
 
     kind = "brsf"
     local = False
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return torch.randn_like(w).copysign_(w).mul_(_rms(w))
+        return torch.randn_like(w).abs_().mul_(torch.sign(w)).mul_(_sign_scale(w))
 
 
 class FixedRandomSignSymmetry(FeedbackSynapse):
     """frSF (Moskovitz et al. 2018): B = |R| o sign(W) with R ~ N(0, 1) fixed at construction and
-    scaled by RMS(W)."""
+    scaled by the RMS of W's nonzero entries."""
 
     kind = "frsf"
     local = False
@@ -158,18 +166,69 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return torch.sign(w).mul_(self.magnitude).mul_(_rms(w))
+        return torch.sign(w).mul_(self.magnitude).mul_(_sign_scale(w))
+
+
+class _Pass:
+    """One forward pass through a direct-feedback circuit: the hidden synapses' uses, then the
+    output synapse's.  Held by the autograd graph of that pass (and by the hub until the next
+    pass starts), so a hidden synapse takes the output error of its own pass, never another's."""
+
+    __slots__ = ("uses", "outputs", "errors")
+
+    def __init__(self):
+        self.uses: dict[int, int] = {}  # id(hidden synapse) -> how many times it ran
+        self.outputs = 0  # how many times the output synapse ran
+        self.errors: dict[int, torch.Tensor] = {}  # output use -> its error, set in backward
 
 
 class DirectFeedbackHub:
-    """Shared by the synapses of one circuit that use direct feedback.  The output synapse writes
-    the output error e = dL/dy_out here in its backward pass; autograd runs it before any hidden
-    synapse's backward, which then read it.  It is overwritten by every backward pass, so there is
-    nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+    """Shared by the synapses of one circuit that use direct feedback.  A forward pass is the
+    hidden synapses' forwards followed by the output synapse's; a hidden synapse running after
+    the output starts the next pass.  In the backward pass the output synapse records its error
+    e = dL/dy_out in its pass (autograd runs it before the hidden synapses' backward), and each
+    hidden synapse reads the error of its own pass.  Two passes run one after the other and
+    back-propagated together each get their own error; two passes interleaved layer by layer (each
+    layer on both inputs before the next layer) are paired use by use.  No backward through the
+    output synapse of a pass is an error, not a stale error of an earlier pass.  (A forward pass
+    that stops before the output synapse, e.g. features read with gradients on, joins the next
+    pass; back-propagated on its own it is the error above.)  Nothing to reset.  Not an
+    ``nn.Module``: it holds no weights."""
 
     def __init__(self):
-        self.error: torch.Tensor | None = None
         self.n_outputs: int | None = None
+        self._pass: _Pass | None = None
+        self._closed = True  # the current pass's output synapse has run
+
+    def forward_of(self, synapse, is_output: bool) -> tuple[_Pass, int]:
+        """Note a synapse's forward: (its pass, which use of the synapse in that pass)."""
+        if is_output:
+            p = self._pass if self._pass is not None else _Pass()
+            self._pass, self._closed = p, True
+            p.outputs += 1
+            return p, p.outputs - 1
+        if self._closed:
+            self._pass, self._closed = _Pass(), False
+        p = self._pass
+        k = p.uses.get(id(synapse), 0)
+        p.uses[id(synapse)] = k + 1
+        return p, k
+
+    @staticmethod
+    def error_of(p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
+        """The output error of the pass ``p`` for use ``k`` of a hidden ``synapse``."""
+        n, uses = p.outputs, p.uses.get(id(synapse), 0)
+        if n > 1 and uses != n:
+            raise RuntimeError(
+                f"direct feedback at {name}: the output synapse ran {n} times after it ran {uses} "
+                "times, so which output error belongs to which use is ambiguous; run each forward "
+                "pass up to the output before the next one starts")
+        e = p.errors.get(k if n > 1 else 0)
+        if e is None:
+            raise RuntimeError(
+                f"direct feedback at {name}: no output error for this forward pass; the loss "
+                "must be computed from the circuit's output synapse")
+        return e
 
     def __repr__(self):
         return f"DirectFeedbackHub(n_outputs={self.n_outputs})"
@@ -219,7 +278,10 @@ class DirectRandom(FeedbackSynapse):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
-            self.weight = torch.empty_like(state_dict[key], device=self.weight.device)
+            # shaped like the checkpoint's, in this module's device and dtype (load_state_dict
+            # casts), as for any other buffer
+            self.weight = torch.empty(state_dict[key].shape, device=self.weight.device,
+                                      dtype=self.weight.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
@@ -229,6 +291,7 @@ class DirectRandom(FeedbackSynapse):
 FEEDBACK_KINDS = {
     "transpose": "backprop: B = W^T",
     "bp": "alias of transpose",
+    "backprop": "alias of transpose",
     "fa": "feedback alignment: fixed random B",
     "usf": "uniform sign symmetry: B = RMS(W) sign(W)",
     "brsf": "batchwise random-magnitude sign symmetry: |R| o sign(W), R redrawn per batch",

@@ -29,26 +29,35 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(float(c)))
 
 
-def weight_angles(model: nn.Module) -> dict[str, float]:
-    """{synapse name: angle(B, W^T) in degrees} for every synapse whose B has W's shape.
-    (Direct-feedback matrices of hidden layers project from the output and have no W^T to
-    compare with; they are left out.)"""
-    out = {}
-    for name, syn in synapses(model):
-        b = syn.feedback.matrix(syn.weight)
-        if b.shape == syn.weight.shape:
-            out[name] = angle(b, syn.weight)
+def _compared(model: nn.Module):
+    """(name, synapse, B) for every synapse whose B stands in for W^T: B has W's shape and is
+    not a hidden layer's direct-feedback matrix (which projects from the output and has no W^T
+    to compare with, whatever its shape).  B is drawn with the random stream forked, so a kind
+    that redraws B (brsf) neither moves the training's stream nor differs between two calls."""
+    out = []
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        for name, syn in synapses(model):
+            if syn.feedback.direct and not syn.is_output:
+                continue
+            b = syn.feedback.matrix(syn.weight)
+            if b.shape == syn.weight.shape:
+                out.append((name, syn, b))
     return out
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def weight_angles(model: nn.Module) -> dict[str, float]:
+    """{synapse name: angle(B, W^T) in degrees} for every synapse whose B stands in for W^T."""
+    return {name: angle(b, syn.weight) for name, syn, b in _compared(model)}
 
 
 def norm_ratios(model: nn.Module) -> dict[str, float]:
-    """{synapse name: ||B|| / ||W||} for every synapse whose B has W's shape."""
-    out = {}
-    for name, syn in synapses(model):
-        b = syn.feedback.matrix(syn.weight)
-        if b.shape == syn.weight.shape:
-            out[name] = float(b.norm() / syn.weight.detach().norm().clamp_min(1e-30))
-    return out
+    """{synapse name: ||B|| / ||W||} for every synapse whose B stands in for W^T."""
+    return {name: float(b.norm() / syn.weight.detach().norm().clamp_min(1e-30))
+            for name, syn, b in _compared(model)}
 
 
 @torch.no_grad()
@@ -108,15 +117,17 @@ def preserved_buffers(model: nn.Module):
                     v.copy_(saved[k])
 
 
-def same_draws():
+def same_draws(model: nn.Module | None = None):
     """A context manager factory: every ``with replay():`` block sees the same random draws, and
-    the caller's random stream is left as it was (for comparing two passes on one batch)."""
-    with torch.random.fork_rng(devices=[]):
+    the caller's random stream (the CPU's, and those of the GPUs ``model`` is on) is left as it
+    was (for comparing two passes on one batch)."""
+    devices = _cuda_devices(model) if model is not None else []
+    with torch.random.fork_rng(devices=devices):
         seed = int(torch.randint(0, 2**62, (1,)))
 
     @contextlib.contextmanager
     def replay():
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
     return replay
@@ -148,15 +159,17 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
         finally:
             for h in hooks:
                 h.remove()
-        # a synapse the forward pass did not use (an auxiliary head) has no error: NaN
-        used = [n for n, _ in named if n in outs]
-        g = torch.autograd.grad(loss, params + [outs[n] for n in used], allow_unused=True)
-        sig = dict(zip(used, g[len(params):]))
-        return g[:len(params)], [sig.get(n) for n, _ in named]
+        # a synapse the forward pass did not use (an auxiliary head) has no error, and a frozen
+        # one (requires_grad False) no update: NaN
+        want = params + [outs.get(n) for n, _ in named]
+        live = [t for t in want if t is not None and t.requires_grad]
+        g = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else ())
+        g = [next(g) if t is not None and t.requires_grad else None for t in want]
+        return g[:len(params)], g[len(params):]
 
     # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's
     # random stream is left untouched
-    replay = same_draws()
+    replay = same_draws(model)
     with preserved_buffers(model), plasticity_paused(), torch.enable_grad():
         with replay():
             w_rule, s_rule = grads()

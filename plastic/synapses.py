@@ -46,6 +46,11 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, learned, synapse):
         ctx.synapse = synapse
+        hub = synapse.hub
+        # direct feedback: note the pass, so the backward pairs each hidden synapse with its
+        # own pass's output error
+        ctx.direct = (hub.forward_of(synapse, synapse.is_output) if hub is not None and
+                      (synapse.is_output or synapse.feedback.direct) else None)
         y = synapse._forward_op(x, weight, bias)
         if synapse.feedback.reads_post:  # the rule reuses the forward pre-activation
             ctx.save_for_backward(x, weight, y)
@@ -73,7 +78,8 @@ class _Route(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         hub = syn.hub
         if hub is not None and syn.is_output:
-            hub.error = dy.detach()
+            run, use = ctx.direct
+            run.errors[use] = dy.detach()
         # under autocast the forward ran in a lower precision (dy's dtype): so does the backward,
         # and each gradient goes back in its own input's dtype, as autocast's casts would give
         cdt, x_dtype, w_dtype = dy.dtype, x.dtype, weight.dtype
@@ -81,11 +87,16 @@ class _Route(torch.autograd.Function):
         xc, wc = (x.to(cdt), weight.to(cdt)) if mixed else (x, weight)
         if fb.direct:
             if need_x:
-                if hub is None or hub.error is None or hub.error.shape[0] != dy.shape[0]:
-                    raise RuntimeError(
-                        f"direct feedback at {syn.name or type(syn).__name__}: no output error "
-                        "for this batch; the loss must be computed from the circuit's output synapse")
-                dx = fb.project(hub.error.to(fb.weight.dtype), x.shape)
+                name = syn.name or type(syn).__name__
+                if hub is None:
+                    raise RuntimeError(f"direct feedback at {name}: the synapse has no hub to "
+                                       "take the output error from (use plastic.convert)")
+                run, use = ctx.direct
+                error = dy.detach() if syn.is_output else hub.error_of(run, syn, use, name)
+                if error.shape[0] != dy.shape[0]:
+                    raise RuntimeError(f"direct feedback at {name}: the output error has "
+                                       f"{error.shape[0]} samples, the synapse {dy.shape[0]}")
+                dx = fb.project(error.to(fb.weight.dtype), x.shape)
             else:
                 dx = None
             _, dw, db = syn._backward_op(dy, xc, wc, False, need_w, need_b)
@@ -248,6 +259,9 @@ class Conv2d(Synapse):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.dilation, self.groups = _pair(dilation), int(groups)
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise SpecError(f"Conv2d: in_channels ({self.in_channels}) and out_channels "
+                            f"({self.out_channels}) must be divisible by groups ({self.groups})")
         self.padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
                                                device=device, dtype=dtype))

@@ -101,3 +101,37 @@ def test_angles_of_a_circuit_with_a_synapse_the_forward_pass_does_not_use():
     assert update["aux"] != update["aux"] and signal["aux"] != signal["aux"]  # NaN
     assert set(plastic.metrics.rule_values(m, x)) == {f"{k}/{n}" for k in ("amp", "null", "decay")
                                                       for n in ("body", "out")}
+
+
+def test_angles_of_a_circuit_with_a_frozen_synapse():
+    """A frozen synapse (fine-tuning) has no update angle (NaN); it was a bare autograd error."""
+    torch.manual_seed(0)
+    m = plastic.convert(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(),
+                                            torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                                            torch.nn.Linear(5, 3)), "fa")
+    m[0].weight.requires_grad_(False)
+    update, signal = plastic.hidden_angles(m, F.cross_entropy, torch.randn(4, 8),
+                                           torch.randint(0, 3, (4,)))
+    assert update["0"] != update["0"] and 1 < update["2"] < 179
+    assert 1 < signal["0"] < 179
+
+
+def test_weight_angles_leave_out_hidden_dfa_and_keep_the_random_stream():
+    """A hidden DFA matrix shaped like W (width = classes) has no W^T to compare with; brsf's B,
+    redrawn for every batch, is drawn without moving the training's random stream, so two
+    measurements agree."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4),
+                              torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    m = plastic.convert(net, "dfa")
+    m(torch.randn(2, 6))
+    assert m[0].feedback.weight.shape == m[0].weight.shape
+    assert set(plastic.metrics.weight_angles(m)) == set(plastic.metrics.norm_ratios(m)) == {"4"}
+    m = plastic.convert(net, "brsf")
+    torch.manual_seed(1)
+    first = plastic.metrics.weight_angles(m)
+    assert plastic.metrics.norm_ratios(m)
+    drawn = torch.randn(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.randn(3), drawn)  # the stream did not move
+    torch.manual_seed(1)
+    assert plastic.metrics.weight_angles(m) == first

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 import plastic
-from plastic.feedback import _rms
+from plastic.errors import SpecError
 
 KINDS = ["transpose", "fa", "usf", "brsf", "frsf", "dfa"]
 
@@ -204,6 +204,75 @@ def test_dfa_state_dict_roundtrip():
     b = plastic.convert(plain, "dfa", seed=2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.conv2.feedback.weight, b.conv2.feedback.weight)
+
+
+def test_dfa_state_dict_into_a_double_model_keeps_its_dtype():
+    a = plastic.convert(_mlp(dims=(6, 5, 3)).float(), "dfa", seed=1)
+    a(torch.randn(2, 6))  # B materialised in float32
+    b = plastic.convert(_mlp(dims=(6, 5, 3)).float(), "dfa", seed=2).double()
+    b.load_state_dict(a.state_dict())
+    assert b[0].feedback.weight.dtype == torch.float64
+    assert torch.equal(b[0].feedback.weight, a[0].feedback.weight.double())
+
+
+def _dfa_grads(m, batches, how):
+    """W0's gradient from the (x, y) batches: one backward each ("apart"), the forward passes in
+    turn and one backward ("together"), or layer by layer over all batches ("interleaved")."""
+    m.zero_grad()
+    if how == "apart":
+        for x, y in batches:
+            F.cross_entropy(m(x), y).backward()
+    elif how == "together":
+        sum(F.cross_entropy(m(x), y) for x, y in batches).backward()
+    else:
+        hs = [x for x, _ in batches]
+        for layer in m:
+            hs = [layer(h) for h in hs]
+        sum(F.cross_entropy(h, y) for h, (_, y) in zip(hs, batches)).backward()
+    return m[0].weight.grad.clone()
+
+
+def test_dfa_pairs_each_forward_pass_with_its_own_output_error():
+    torch.manual_seed(0)
+    m = plastic.convert(_mlp(dims=(6, 12, 8, 5)), "dfa", seed=0)
+    batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,)))
+               for _ in range(2)]
+    ref = _dfa_grads(m, batches, "apart")
+    assert torch.allclose(_dfa_grads(m, batches, "together"), ref, atol=1e-12)
+    assert torch.allclose(_dfa_grads(m, batches, "interleaved"), ref, atol=1e-12)
+
+
+def test_dfa_without_this_pass_s_output_error_is_an_error_not_a_stale_one():
+    torch.manual_seed(0)
+    m = plastic.convert(_mlp(dims=(6, 12, 8, 5)), "dfa", seed=0)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+    F.cross_entropy(m(x), y).backward()  # an ordinary step leaves its error behind
+    with pytest.raises(RuntimeError, match="no output error for this forward pass"):
+        m[:3](torch.randn(4, 6, dtype=torch.float64)).pow(2).sum().backward()  # a loss on a hidden layer only
+    # the output synapse run twice after the hidden ones ran once: which error is whose?
+    m = plastic.convert(_mlp(dims=(6, 12, 8, 5)), "dfa", seed=0)
+    h = m[:4](x)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        (m[4](h).sum() + m[4](h * 2).sum()).backward()
+
+
+def test_sign_symmetry_leaves_absent_synapses_without_feedback_and_keeps_the_norm():
+    from plastic.constraints import SparseMask, constrain, random_mask
+    for kind in ("usf", "brsf", "frsf"):
+        syn = plastic.Dense(40, 30, feedback=kind)
+        constrain(syn, SparseMask(random_mask(syn.weight.shape, 0.1,
+                                              torch.Generator().manual_seed(0))))
+        absent = syn.weight.detach() == 0
+        assert absent.float().mean() > 0.8
+        b = syn.feedback.matrix(syn.weight)
+        assert torch.count_nonzero(b[absent]) == 0, kind
+        assert torch.equal(torch.sign(b), torch.sign(syn.weight.detach())), kind
+        assert abs(float(b.norm() / syn.weight.norm()) - 1) < (1e-5 if kind == "usf" else 0.2), kind
+
+
+def test_conv2d_refuses_channels_not_divisible_by_groups():
+    with pytest.raises(SpecError, match="divisible by groups"):
+        plastic.Conv2d(5, 4, 3, groups=2)
 
 
 def test_usf_scale_matches_norm():
