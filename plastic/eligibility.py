@@ -83,6 +83,14 @@ def _layers(model: TimeStepped):
         elif isinstance(m, LIFPopulation):
             if not out or out[-1][1] is not None:
                 raise SpecError("online learning: every population must follow a synapse")
+            if m.kind not in ("lif", "lif_box"):
+                raise SpecError(f"online learning supports lif and lif_box populations, not "
+                                f"{m.kind!r}")
+            per_neuron = [f for f in ("tau_syn_inv", "tau_mem_inv") if f in m.p._fields
+                          and torch.as_tensor(getattr(m.p, f)).numel() > 1]
+            if per_neuron:  # the traces filter each input by the post neurons' time constants
+                raise SpecError(f"online learning needs one {' and one '.join(per_neuron)} per "
+                                "population, not one per neuron")
             out[-1][1] = m
         else:
             raise SpecError(f"online learning supports Flatten, Dense and LIF populations, not "
@@ -132,7 +140,7 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
     from .metrics import angle, backprop, same_draws
     from .synapses import plasticity_paused
 
-    replay = same_draws()
+    replay = same_draws(model)
     with replay():
         _, layers, gw, _ = _online_updates(model, x, target, label_smoothing)
     names = {id(s): n for n, s in synapses(model)}

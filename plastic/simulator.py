@@ -116,6 +116,7 @@ class TimeStepped(nn.Module):
         for i, m in enumerate(circuit):
             if isinstance(m, LIFPopulation):
                 m.dt = self.dt
+                m.check()
         if encoder != "constant":
             if input_mean is None or input_std is None:
                 raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "
@@ -148,6 +149,11 @@ class TimeStepped(nn.Module):
         """Simulate the circuit on a batch ``x`` (B, ...): (readout (B, classes), Recording).
         ``record``: any of "spikes", "voltages"; ``stats``: count firing and synaptic operations
         and keep the per-step readout."""
+        if not (isinstance(every, int) and every >= 1):
+            raise SpecError(f"record every must be a positive number of steps, got {every!r}")
+        unknown = sorted(set(record) - {"spikes", "voltages"})
+        if isinstance(record, str) or unknown:
+            raise SpecError(f"record takes a tuple of 'spikes' and 'voltages', got {record!r}")
         t, b = self.steps, x.shape[0]
         seq, const = self.encode(x)
         rec = Recording()
@@ -170,25 +176,25 @@ class TimeStepped(nn.Module):
                     seq, const = seq.expand(t, *seq.shape), False
                 if "voltages" in record:
                     seq, v = self._with_voltages(m, seq)
-                    rec.voltages[name] = v[::every].detach()
+                    rec.voltages[name] = _thinned(v, every)
                 else:
                     seq, _ = m(seq)
                 spiking_input = True
                 if "spikes" in record:
-                    rec.spikes[name] = seq[::every].detach()
+                    rec.spikes[name] = _thinned(seq, every)
                 if stats:
-                    rec.spike_count += float(seq.sum()) / b
+                    rec.spike_count += float(seq.detach().sum()) / b
                     rec.neuron_steps += seq[0, 0].numel() * t
             else:
                 seq = self._through(m, seq, const, False)
                 if isinstance(m, RatePopulation) and stats:
                     # a rate population inside a time-stepped circuit: its rate counts as firing
-                    rec.spike_count += float(seq.sum()) / b * (t if const else 1)
+                    rec.spike_count += float(seq.detach().sum()) / b * (t if const else 1)
                     rec.neuron_steps += seq[0].numel() * t if const else seq[0, 0].numel() * t
         if const:
             out = seq
             if stats:
-                rec.outputs = seq.unsqueeze(0).expand(t, *seq.shape)
+                rec.outputs = seq.detach().unsqueeze(0).expand(t, *seq.shape)
         else:
             out = seq.mean(0)
             if stats:
@@ -228,6 +234,12 @@ class TimeStepped(nn.Module):
         return f"steps={self.steps}, dt={self.dt:g}, encoder={self.encoder!r}{d}"
 
 
+def _thinned(seq: torch.Tensor, every: int) -> torch.Tensor:
+    """Every ``every``-th step of a (T, ...) sequence, detached; a copy when thinned, so the
+    recording does not keep the whole sequence alive."""
+    return seq.detach() if every == 1 else seq[::every].detach().clone()
+
+
 def is_time_stepped(model: nn.Module) -> bool:
     return isinstance(model, TimeStepped)
 
@@ -245,10 +257,47 @@ def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: fl
     new = copy.deepcopy(model)
     if not isinstance(new, nn.Sequential):
         raise SpecError("spiking_version needs a sequential circuit (mlp, convnet)")
+    converted = 0
     for i, m in enumerate(new):
-        if isinstance(m, RatePopulation):
+        if isinstance(m, (RatePopulation, nn.ReLU)):
             new[i] = LIFPopulation(params, dt, kind)
+            converted += 1
+        elif isinstance(m, _ACTIVATIONS):
+            raise SpecError(f"spiking_version: module {i} is a torch {type(m).__name__}; only "
+                            "rate populations and nn.ReLU become spiking populations")
+    if not converted:
+        raise SpecError("spiking_version: the circuit has no rate population (or nn.ReLU) to "
+                        "make spiking")
     return TimeStepped(new, steps, dt, **options)
+
+
+# torch activations that are not a ReLU: a spiking population's rate is not one of them
+_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SELU, nn.SiLU, nn.LeakyReLU, nn.Softplus,
+                nn.Hardtanh, nn.Mish, nn.PReLU, nn.CELU)
+
+
+@torch.no_grad()
+def _fold_batch_norm(seq: nn.Sequential) -> None:
+    """Fold every batch norm of a sequential circuit into the synapse just before it, with its
+    running statistics (W' = W γ/σ, b' = (b − μ) γ/σ + β), and replace it by Identity: the same
+    currents at inference, and a synapse whose scaling then scales all of them."""
+    for i, m in enumerate(seq):
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        syn = seq[i - 1] if i else None
+        if not isinstance(syn, SYNAPSES) or m.running_mean is None:
+            raise SpecError(f"calibrate_conversion: batch norm {i} must follow a synapse and keep "
+                            "running statistics, to be folded into it")
+        scale = (m.running_var + m.eps).rsqrt()
+        shift = -m.running_mean * scale
+        if m.affine:
+            scale, shift = scale * m.weight, shift * m.weight + m.bias
+        w = syn.weight
+        w.mul_(scale.to(w).view(-1, *([1] * (w.dim() - 1))))
+        if syn.bias is None:
+            syn.bias = nn.Parameter(w.new_zeros(w.shape[0]))
+        syn.bias.mul_(scale.to(w)).add_(shift.to(w))
+        seq[i] = nn.Identity()
 
 
 @torch.no_grad()
@@ -293,7 +342,8 @@ def calibrate_conversion(snn: TimeStepped, rate: nn.Module, x: torch.Tensor, y: 
     percentile of population l's rate activity on the calibration batch x (λ_0 = 1), so the
     activity of every population is about 1 at its percentile; then one gain g on the hidden
     synapses, chosen from ``gains`` by accuracy on (x, y), sets where that activity falls on the
-    LIF neurons' rate curve.  Changes ``snn`` in place; returns {"lambdas", "gain", "accuracy"}."""
+    LIF neurons' rate curve.  Batch norms are folded into the synapses before them first.
+    Changes ``snn`` in place; returns {"lambdas", "gain", "accuracy"}."""
     rate_seq = rate.circuit if isinstance(rate, TimeStepped) else rate
     acts, hooks = [], []
     for m in rate_seq:
@@ -309,6 +359,7 @@ def calibrate_conversion(snn: TimeStepped, rate: nn.Module, x: torch.Tensor, y: 
         rate.train(was)
     lambdas = [float(torch.quantile(a.flatten()[:1_000_000].float(), percentile / 100)) or 1.0
                for a in acts]
+    _fold_batch_norm(snn.circuit)
     syns = [m for m in snn.circuit if isinstance(m, SYNAPSES)]
     if len(syns) != len(lambdas) + 1:
         raise SpecError("calibrate_conversion: expected one population after every hidden synapse")

@@ -149,6 +149,30 @@ class LIFPopulation(nn.Module):
         self.kind = kind
         self._step, default, self._state = SPIKING_KINDS[kind]
         self.p, self.dt = (default if p is None else p), float(dt)
+        self.check()
+
+    def check(self) -> None:
+        """A one-line error for parameters of another kind of neuron, or for a step ``dt`` that
+        the forward-Euler integration does not take (0 <= dt/τ < 2 for every time constant, as
+        for rate populations; beyond, the state diverges silently)."""
+        from .errors import SpecError
+        fields = SPIKING_KINDS[self.kind][1]._fields
+        missing = [f for f in fields if not hasattr(self.p, f)]
+        if missing:
+            raise SpecError(f"{self.kind!r} population: its parameters ({type(self.p).__name__}) "
+                            f"lack {', '.join(missing)}; they are another kind's "
+                            f"(use {type(SPIKING_KINDS[self.kind][1]).__name__})")
+        if not self.dt > 0:
+            raise SpecError(f"{self.kind!r} population: dt must be > 0, got {self.dt}")
+        for name in ("tau_syn_inv", "tau_mem_inv", "tau_adapt_inv"):
+            if name in fields:
+                v = torch.as_tensor(getattr(self.p, name), dtype=torch.float64)
+                lo, hi = float(v.min()) * self.dt, float(v.max()) * self.dt
+                if not (lo >= 0 and hi < 2):
+                    raise SpecError(
+                        f"{self.kind!r} population: dt {self.dt:g} s and {name} give "
+                        f"dt/τ in [{lo:g}, {hi:g}]; the Euler step needs 0 <= dt/τ < 2 "
+                        f"(it diverges otherwise): take a smaller dt or a longer τ")
 
     def initial_state(self, input_current: torch.Tensor):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's

@@ -95,6 +95,7 @@ def _set_population_params(model: nn.Module, params: dict) -> None:
                        for v in params.values()):
                 raise SpecError(f"circuit.population_params must be numbers, got {params}")
             m.p = m.p._replace(**{k: torch.as_tensor(float(v)) for k, v in params.items()})
+            m.check()
 
 
 def _encoder_options(t: dict) -> dict:

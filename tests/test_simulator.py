@@ -13,7 +13,7 @@ from plastic import models
 from plastic.errors import SpecError
 from plastic.simulator import TimeStepped, decision_steps, inference_stats
 from plastic.spec import resolve_protocol
-from plastic.spiking import LIFPopulation, LIFState, lif_step
+from plastic.spiking import LIFParameters, LIFPopulation, LIFState, lif_step
 from plastic.train import build_circuit
 
 
@@ -462,3 +462,87 @@ def test_online_kolen_pollack_gives_B_the_update_of_W():
     for _, s in plastic.synapses(net):
         assert s.weight.grad.abs().sum() > 0
         assert torch.equal(s.feedback.weight.grad, s.weight.grad)
+
+
+def test_conversion_folds_batch_norm_so_each_population_gets_the_scaled_rate_current():
+    """Rueckauer et al. 2017: the current into population l is (g/λ_l) times the rate circuit's
+    pre-activation; a batch norm after the conv used to add its unscaled shift (5.9 off)."""
+    from plastic.populations import RatePopulation
+    from plastic.simulator import calibrate_conversion, spiking_version
+    torch.manual_seed(0)
+    rate = plastic.convert(models.convnet(1, (4, 8), 3, "relu", True, 8), "transpose", seed=0)
+    with torch.no_grad():
+        for _ in range(20):
+            rate(torch.randn(16, 1, 8, 8) + 0.5)  # running statistics
+        for m in rate.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_(), m.weight.uniform_(0.5, 2)
+    rate.eval()
+    x, y = torch.randn(32, 1, 8, 8) + 0.5, torch.randint(0, 3, (32,))
+    snn = spiking_version(rate, "lif", steps=5)
+    lam = calibrate_conversion(snn, rate, x, y, gains=(1.0,))["lambdas"][0]
+
+    def current(model, cls):
+        got = []
+        pop = next(m for m in model.modules() if isinstance(m, cls))
+        h = pop.register_forward_pre_hook(lambda m, i: got.append(i[0]))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        return got[0]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in snn.modules())
+    assert torch.allclose(current(snn, LIFPopulation)[0], current(rate, RatePopulation) / lam,
+                          atol=1e-5)
+
+
+def test_spiking_version_takes_torch_relus_and_refuses_other_activations():
+    from plastic.simulator import spiking_version
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
+                                              torch.nn.Linear(6, 3)), "fa")
+    assert isinstance(spiking_version(net).circuit[1], LIFPopulation)
+    net[1] = torch.nn.Tanh()
+    with pytest.raises(SpecError, match="Tanh"):
+        spiking_version(net)
+    with pytest.raises(SpecError, match="no rate population"):
+        spiking_version(torch.nn.Sequential(net[0], net[2]))
+
+
+def test_lif_populations_refuse_unstable_steps_and_another_kind_s_parameters():
+    from plastic.spiking import AdaptiveLIFParameters, LIFBoxParameters
+    circuit = lambda: torch.nn.Sequential(plastic.Dense(4, 6), LIFPopulation(),
+                                          plastic.Dense(6, 3))
+    for dt in (0.02, -1e-3, 0.0):  # dt/τ_syn = 4 diverges; a negative dt too
+        with pytest.raises(SpecError, match="dt"):
+            TimeStepped(circuit(), steps=5, dt=dt)
+    with pytest.raises(SpecError, match="lack tau_syn_inv"):
+        LIFPopulation(LIFBoxParameters(), kind="lif")
+    with pytest.raises(SpecError, match="lack tau_adapt_inv"):
+        LIFPopulation(LIFParameters(), kind="adaptive_lif")
+    LIFPopulation(AdaptiveLIFParameters(), kind="adaptive_lif")
+
+
+def test_recordings_hold_only_what_they_keep():
+    """A thinned recording is a copy (a strided view kept all T steps alive), and the outputs of a
+    constant-current run hold no autograd graph."""
+    torch.manual_seed(0)
+    net = TimeStepped(torch.nn.Sequential(plastic.Dense(5, 8), LIFPopulation(),
+                                          plastic.Dense(8, 3)), steps=200)
+    _, rec = net.run(torch.rand(4, 5) * 3, record=("spikes", "voltages"), every=50)
+    for seq in (*rec.spikes.values(), *rec.voltages.values()):
+        assert seq.shape[0] == 4 and seq.untyped_storage().nbytes() == seq.numel() * 4
+    rate = TimeStepped(torch.nn.Sequential(plastic.Dense(5, 3)), steps=3)
+    _, rec = rate.run(torch.rand(2, 5), stats=True)
+    assert rec.outputs.grad_fn is None
+    for bad in ({"every": 0}, {"record": ("voltage",)}, {"record": "spikes"}):
+        with pytest.raises(SpecError):
+            net.run(torch.rand(2, 5), **bad)
+
+
+def test_online_learning_refuses_adaptive_and_per_neuron_time_constants():
+    from plastic.eligibility import check_online
+    for pop in (LIFPopulation(kind="adaptive_lif"),
+                LIFPopulation(LIFParameters(tau_mem_inv=torch.full((6,), 100.0)))):
+        net = TimeStepped(torch.nn.Sequential(plastic.Dense(4, 6), pop, plastic.Dense(6, 3)),
+                          steps=5)
+        with pytest.raises(SpecError, match="adaptive_lif|per neuron"):
+            check_online(net)
