@@ -45,9 +45,15 @@ def _cmd_run(args):
         again = ["plastic", "run", *([args.protocol] if args.protocol else []), "--out", str(out),
                  *(["--arms", args.arms] if args.arms else []),
                  *(["--set", *args.set] if args.set else []), "--resume"]
-        print(f"\nplastic: interrupted; finished epochs are kept in {rp} "
-              f"(continue with: {shlex.join(again)})", file=sys.stderr)
+        kept = (f"finished epochs are kept in {rp}" if rp.exists() else
+                "nothing was written yet")
+        print(f"\nplastic: interrupted; {kept} (continue with: {shlex.join(again)})",
+              file=sys.stderr)
         return 130
+    except FloatingPointError:  # an arm diverged: the others' table and figures all the same
+        if rp.exists():
+            _report([rp], args.markdown, figures=True)
+        raise
     _report([rp], args.markdown, figures=True)
     return 0
 

@@ -111,6 +111,9 @@ class ResultsWriter:
         if self.dir.exists() and not self.dir.is_dir():
             raise ResultsError(f"cannot write results to {self.dir}: it is a file, and --out "
                                "takes a directory")
+        if self.dir.suffix == ".h5" and not self.dir.is_dir():
+            raise ResultsError(f"--out takes a directory (the run writes DIR/results.h5 and its "
+                               f"figures there), not a file name: {self.dir}")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -128,6 +131,11 @@ class ResultsWriter:
             # more seeds of the same experiment join the same file
             merged["seeds"] = list(dict.fromkeys([*old.get("seeds", []), *spec["seeds"]]))
             differ = _spec_differences(old, spec, ignore=("seeds",))
+            # an arm recorded there must be the same arm (arms not yet there may join)
+            was = _resolved(old, like=spec).get("arms", {})
+            now = json.loads(json.dumps(spec["arms"]))
+            differ += [f"arms.{a}.{k}" for a in sorted(set(was) & set(now))
+                       for k in _differences(was[a], now[a])]
             if differ:
                 self.h5.close()
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "
@@ -170,6 +178,14 @@ class ResultsWriter:
         done = sorted(set(self.done_seeds(arm)) | {int(seed)})
         g.attrs["done_seeds"] = json.dumps(done)
         self.h5.flush()
+
+    def has_row(self, arm: str, seed: int, epoch: int) -> bool:
+        """Whether the file holds the row of (arm, seed, epoch)."""
+        g = self.h5["arms"].get(arm)
+        if g is None or "seed" not in g["metrics"]:
+            return False
+        m = g["metrics"]
+        return bool(((m["seed"][:] == seed) & (m["epoch"][:] == epoch)).any())
 
     def drop_rows(self, arm: str, seed: int, from_epoch: int = 0):
         """Remove rows of (arm, seed) with epoch >= from_epoch (restarting a partial run)."""
@@ -237,7 +253,7 @@ def _open(path: Path, mode="r"):
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        if "lock" not in str(e):
+        if "unable to lock" not in str(e).lower():
             raise ResultsError(f"{path}: not a readable HDF5 results file "
                                f"({str(e).split(';')[0]})") from None
         if mode != "r":
@@ -330,8 +346,16 @@ def _over_training(rows: dict) -> dict:
 
 
 def final_rows(metrics: dict) -> dict[int, dict]:
-    """{seed: {key: value at that seed's last epoch}}."""
-    return {s: _final(rows) for s, rows in _seed_slices(metrics).items()}
+    """{seed: {key: value at the last epoch}} of the seeds that reached the arm's furthest epoch:
+    a seed still behind (interrupted in a later seed) is not pooled with finished ones."""
+    return {s: _final(rows) for s, rows in _furthest(_seed_slices(metrics)).items()}
+
+
+def _furthest(slices: dict[int, dict]) -> dict[int, dict]:
+    """The seeds' rows, of the seeds whose last epoch is the furthest any of them reached."""
+    last = {s: int(np.max(r["epoch"])) for s, r in slices.items()}
+    top = max(last.values(), default=0)
+    return {s: r for s, r in slices.items() if last[s] == top}
 
 
 def _concat(slices: list[dict]) -> dict:
@@ -423,7 +447,8 @@ def _labels(groups: list[list[str]]) -> list[str]:
 
 
 def _row(name: str, g: dict) -> dict:
-    rows = [g["seeds"][s] for s in sorted(g["seeds"])]
+    pooled = _furthest(g["seeds"])  # seeds still behind are in progress, not pooled
+    rows = [pooled[s] for s in sorted(pooled)]
     per_seed = [_final(r) for r in rows]
     a = g["attrs"]
     ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")]) for f in per_seed]

@@ -199,6 +199,8 @@ def read_toml(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise SpecError(f"{path} is a directory, not a {what} file")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -254,8 +256,9 @@ def _check_type(where, value, typ):
     else:
         ok = isinstance(value, typ)
     if not ok:
-        name = {NUM: "a number", int: "an integer", str: "a string", bool: "true or false",
-                list: "a list", dict: "a table"}.get(typ, typ.__name__)
+        names = {NUM: "a number", int: "an integer", str: "a string", bool: "true or false",
+                 list: "a list", dict: "a table"}
+        name = names[typ] if typ in names else getattr(typ, "__name__", str(typ))
         raise SpecError(f"{where} must be {name}, got {value!r}")
 
 
@@ -344,6 +347,8 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
                                     and 0 <= s < 2**63 for s in spec["seeds"]):
         raise SpecError(f"seeds must be a non-empty list of integers in [0, 2^63), got "
                         f"{spec['seeds']}")
+    if len(set(spec["seeds"])) != len(spec["seeds"]):
+        raise SpecError(f"seeds lists a seed twice: {spec['seeds']}")
     for key in ("epochs", "batch_size", "test_batch_size"):
         if spec[key] < 1:
             raise SpecError(f"{key} must be at least 1, got {spec[key]}")
@@ -422,7 +427,9 @@ def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dic
     if path is None:
         path = PROTOCOLS_DIR / "quickstart.toml"
     p = Path(path)
-    if not p.exists() and p.suffix != ".toml" and (PROTOCOLS_DIR / f"{p}.toml").exists():
+    # a bare name is a built-in protocol unless a file of that name is here (a directory of
+    # that name, e.g. a run's --out, is not a protocol)
+    if not p.is_file() and p.suffix != ".toml" and (PROTOCOLS_DIR / f"{p}.toml").exists():
         p = PROTOCOLS_DIR / f"{p}.toml"
     raw = read_toml(p, "protocol")
     raw.setdefault("name", p.stem)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -220,10 +221,14 @@ class _Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    def epoch(self, msg):
+    def close(self):
+        """Take the bar off the terminal (an interrupt or an error leaves it mid-line)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def epoch(self, msg):
+        self.close()
         if self.enabled:
             print(msg, file=sys.stderr, flush=True)
 
@@ -297,8 +302,14 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     sleepers = sleep["every"] > 0 and bool(sleep_driven(model))
     start_epoch, wall = 1, 0.0
     ckpt = _checkpoint_path(out_dir, arm_name, seed)
+    state = None
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
+        if not writer.has_row(arm_name, seed, state["epoch"]):  # not this file's run
+            warnings.warn(f"{ckpt} is at epoch {state['epoch']}, but {writer.path} has no row "
+                          f"of it; [{arm_name} seed {seed}] starts from epoch 0")
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -506,6 +517,7 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
                     prog.epoch(f"[{a} seed {seed}] stopped: {e}")
                     diverged.append(str(e))
     finally:
+        prog.close()
         writer.close()
     if diverged:
         raise FloatingPointError("; ".join(diverged) + f" (the other arms are in {writer.path})")

@@ -206,6 +206,8 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
      "unknown feedback option 'normalise' (did you mean 'normalize'?)"),
     (['arms.fa.feedback={"3"="fa","*"={amp=1,decay="x"}}'],
      "arms.fa.feedback.*: coefficient of 'decay' must be a finite number, got 'x'"),
+    (["optimizer.lr=abc"], "optimizer.lr must be a number, got 'abc'"),
+    (["seeds=[0,0]"], "seeds lists a seed twice"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
     rc = main(["run", "--out", str(tmp_path / "x"), "--set", *sets])
@@ -456,10 +458,15 @@ def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
     rc = main(["run", "--out", str(out), "--arms", "fa,bp", "-q", "--set", *FAST, "epochs=1",
                "arms.fa.lr=1e37"])
     assert rc == 2
-    err = _err_line(capsys)
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("plastic: error: ") and "Traceback" not in cap.err
     assert "arm 'fa': training loss became " in err and "the other arms are in" in err
     r = results.read(out / "results.h5")
     assert r["arms"]["bp"]["metrics"]["epoch"][-1] == 1  # bp ran to the end after fa diverged
+    # and its table and figures are there all the same
+    assert any(ln.split()[:1] == ["bp"] for ln in cap.out.splitlines())
+    assert (out / "learning_curves.png").exists()
 
 
 @pytest.mark.parametrize("arm", ["mirror", "fa"])
@@ -586,3 +593,82 @@ def test_report_counts_seeds_not_yet_started_and_takes_completion_with_the_rows(
     legend = [t.get_text() for t in saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()]
     mean_bp = 100 * np.mean(rows["bp"]["test_accuracy"])
     assert legend[0] == f"bp ({mean_bp:.2f}%)"
+
+
+def test_resume_refuses_an_arm_whose_settings_changed(tmp_path, capsys):
+    """Resuming bp as usf trained epochs 1-2 as bp and the rest as usf, under usf's name."""
+    out = str(tmp_path / "r")
+    assert main(["run", "--out", out, "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    capsys.readouterr()
+    for change in ("arms.bp.feedback=usf", "arms.bp.lr=0.2"):
+        rc = main(["run", "--out", out, "--arms", "bp", "-q", "--resume", "--set", *FAST,
+                   "epochs=1", change])
+        assert rc == 2
+        assert f"({change.split('=')[0]})" in _err_line(capsys)
+    # another arm may still join the file
+    assert main(["run", "--out", out, "--arms", "fa", "-q", "--resume", "--set", *FAST,
+                 "epochs=1"]) == 0
+
+
+def test_resume_ignores_a_checkpoint_the_results_file_has_no_row_of(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A leftover checkpoint beside a new results file was loaded: the run 'resumed after epoch
+    2' of another run, and wrote only the later epochs."""
+    from plastic import train as T
+    monkeypatch.setattr(T, "_save_weights", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST]) == 130
+    assert (out / "checkpoints" / "fa-seed0.pt").exists()
+    (out / "results.h5").unlink()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"has no row of it; \[fa seed 0\] starts from epoch 0"):
+        assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST,
+                     "epochs=1"]) == 0
+    assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1]
+
+
+def test_a_seed_stopped_at_epoch_0_is_not_pooled_with_finished_ones(tmp_path, monkeypatch):
+    from plastic import spec as S, train as T
+    real = T._Progress.epoch
+
+    def stop(self, msg):
+        real(self, msg)
+        if msg.startswith("[fa seed 1] epoch 0:"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T._Progress, "epoch", stop)
+    spec = S.load_protocol("quickstart", [*FAST, "epochs=1", "seeds=[0,1]"])
+    with pytest.raises(KeyboardInterrupt):
+        T.run_protocol(spec, tmp_path / "r", arms=["fa"], progress=False)
+    r = results.read(tmp_path / "r")
+    m = r["arms"]["fa"]["metrics"]
+    assert sorted(zip(m["seed"], m["epoch"])) == [(0, 0), (0, 1), (1, 0)]
+    (row,) = results.summary([r])
+    seed0 = float(m["test_accuracy"][(m["seed"] == 0) & (m["epoch"] == 1)][0])
+    assert row["test_accuracy"] == [seed0] and row["epochs"] == 1
+    assert results.format_table([row]).splitlines()[2].split()[3] == "1/2"
+
+
+def test_out_naming_a_file_and_a_directory_named_like_a_protocol(tmp_path, monkeypatch, capsys):
+    """--out x.h5 was a traceback that left a directory behind; a directory named like a
+    protocol (a run's --out) hid the built-in protocol (IsADirectoryError)."""
+    from plastic import spec as S
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", "x.h5", "-q", "--set", *FAST]) == 2
+    assert "--out takes a directory" in _err_line(capsys)
+    assert not (tmp_path / "x.h5").exists()
+    (tmp_path / "quickstart").mkdir()
+    assert S.load_protocol("quickstart")["name"] == "quickstart"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(S.SpecError, match="mine is a directory, not a protocol file"):
+        S.load_protocol("mine")
+
+
+def test_a_truncated_results_file_is_reported_damaged_not_busy(tmp_path, capsys):
+    """h5py's 'sblock' (superblock) message matched "lock": the file was said to be busy."""
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "results.h5").write_bytes((out / "results.h5").read_bytes()[:3000])
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "d")]) == 2
+    assert "not a readable HDF5 results file (" in _err_line(capsys)
