@@ -10,6 +10,7 @@ so it lands in ``B.grad`` and any optimizer, LR schedule and DDP update it like 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -75,8 +76,10 @@ class LearnedFeedback(FeedbackSynapse):
         coefficients and the layer's activity (e.g. Amp + Decay gives B ∝ W Σ_x), and in a deep
         net that scale multiplies every earlier layer's error; off by default.
     every, subsample: cheaper, approximate variants (off by default and reported separately):
-        apply the rule only on every ``every``-th backward pass, or to the first ``subsample``
-        fraction of each batch.
+        apply the rule only on every ``every``-th backward pass (one ``loss.backward()`` counts
+        once, however many times it passes through the synapse), or to a ``subsample`` fraction
+        of each batch (every m-th sample: in a circuit simulated in time, whose steps are
+        folded into the batch, the same samples at every step).
     """
 
     plastic = True
@@ -106,7 +109,8 @@ class LearnedFeedback(FeedbackSynapse):
             raise SpecError(f"feedback option every must be a positive integer, got {every!r}")
         if not 0 < float(subsample) <= 1:
             raise SpecError(f"feedback option subsample must be in (0, 1], got {subsample!r}")
-        if not float(noise) >= 0 or not float(sigma) > 0:
+        if not (math.isfinite(noise) and math.isfinite(sigma)) or not (
+                float(noise) >= 0 and float(sigma) > 0):
             raise SpecError(f"feedback options noise must be >= 0 and sigma > 0 (standard "
                             f"deviations), got noise={noise!r}, sigma={sigma!r}")
         if drive == "data" and float(sigma) != 1.0:
@@ -126,6 +130,7 @@ class LearnedFeedback(FeedbackSynapse):
         self.center = center
         self.register_buffer("initial_norm", self.weight.detach().norm().clone())
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
+        self._pass = None  # the backward pass ``updates`` last counted (``every``)
         self._wake_without_sleep = 0  # a diagnostic: sleep-driven B that never sleeps stays random
 
     @property
@@ -164,11 +169,17 @@ class LearnedFeedback(FeedbackSynapse):
         options.  Both ``grad`` and ``values`` read it, so the recorded primitive values are those
         of the objective being minimised."""
         fresh = self.center == "batch"  # x and y are then new tensors, free to rescale in place
+        if fresh and x.shape[0] == 1 and not getattr(self, "_warned_single", False):
+            self._warned_single = True
+            warnings.warn(f"{self.kind} feedback: center = 'batch' on a batch of one sample "
+                          "leaves no activity (x minus its batch mean is 0); the activity "
+                          "terms do nothing on such batches", stacklevel=2)
         if fresh:
             x = _batch_centred(x)
             y = None if y is None else _batch_centred(y)
         if self.normalize_input:
-            inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).reciprocal()
+            tiny = max(1e-12, torch.finfo(x.dtype).tiny)  # 1e-12 is 0 in float16: 0 * inf
+            inv = _storage_order(x).reshape(x.shape[0], -1).norm(dim=1).clamp_min(tiny).reciprocal()
             ix = inv.view(-1, *([1] * (x.dim() - 1)))
             x = x.mul_(ix) if fresh else x * ix
             if y is not None:
@@ -178,7 +189,9 @@ class LearnedFeedback(FeedbackSynapse):
 
     def grad(self, synapse, x, y, delta=None) -> torch.Tensor:
         x, y = self.prepare(x, y)
-        g = fused_grad(self.scaled_rule(y), self.signals(synapse, x, y, delta))
+        # the output's shape: y's, or the error's (the same) for a rule that does not read y
+        g = fused_grad(self.scaled_rule(y if y is not None else delta),
+                       self.signals(synapse, x, y, delta))
         if self.noise:
             g = g + self.noise * torch.randn_like(g)
         return g
@@ -197,15 +210,22 @@ class LearnedFeedback(FeedbackSynapse):
                               "between steps (or set [sleep] every in a protocol).",
                               stacklevel=2)
             return None
-        self.updates += 1
+        task = _backward_pass()
+        if task is None or task != self._pass:  # a synapse used twice in one pass counts once
+            self._pass = task
+            self.updates += 1
         if self.every > 1 and int(self.updates) % self.every:
             # a zero change, not None: B.grad is then 0 as DDP's reducer makes it, so momentum
             # and weight decay move B alike on one process and on many
             return torch.zeros_like(self.weight)
         if self.subsample < 1:
-            k = max(1, math.ceil(self.subsample * x.shape[0]))
-            x, delta = x[:k], delta[:k]
-            y = None if y is None else y[:k]
+            # every m-th sample: in time-stepped circuits (steps folded into the batch, step
+            # major) the same samples at every step, not the first steps of all samples
+            n = x.shape[0]
+            k = max(1, math.ceil(self.subsample * n))
+            m = max(1, n // k)
+            x, delta = x[::m][:k], delta[::m][:k]
+            y = None if y is None else y[::m][:k]
         if self.drive == "noise":
             x = torch.randn_like(x).mul_(self.sigma)
             y, delta = synapse.operator().forward(x, synapse.weight.detach()), None
@@ -243,8 +263,9 @@ class KolenPollack(FeedbackSynapse):
         return self.weight.detach()
 
     def plasticity(self, synapse, x, y, delta, dw):
-        # a copy: dw is also W's gradient, and the two .grad must not share storage
-        return synapse.operator().weight_grad(x, delta) if dw is None else dw.clone()
+        # W's own update, copied (dw is also W's gradient: the two .grad must not share storage);
+        # a frozen W (dw None) gets none, so neither does B
+        return None if dw is None else dw.clone()
 
 
 @torch.no_grad()
@@ -255,20 +276,34 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     torch.distributed, every process draws its own noise and the updates are averaged over
     processes, so replicas stay identical (B takes no part in the wake pass: wrap the model in
     DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
-    sleepers = sleep_driven(model)
-    for _, syn in sleepers:
-        fb = syn.feedback
-        if fb.pre_shape is None:
-            raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
-                            "run one forward pass first")
-        x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
-                        dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
-        y = syn.operator().forward(x, syn.weight.detach())
-        fb._wake_without_sleep = 0
-        g = fb.grad(syn, x, y)
-        mean_over_processes([g])  # each process dreams its own noise; replicas take the mean
-        fb.accumulate(fb.weight, g)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpecError(f"sleep_step: batch_size must be a positive integer, got {batch_size!r}")
+    # a frozen B (requires_grad False) does not learn in sleep, as it does not in the wake pass
+    sleepers = [(n, s) for n, s in sleep_driven(model) if s.feedback.weight.requires_grad]
+    with contextlib.ExitStack() as stack:  # the rule runs at B's precision, autocast or not
+        for dev in {s.weight.device.type for _, s in sleepers}:
+            stack.enter_context(torch.autocast(dev, enabled=False))
+        for _, syn in sleepers:
+            fb = syn.feedback
+            if fb.pre_shape is None:
+                raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
+                                "run one forward pass first")
+            x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
+                            dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
+            y = syn.operator().forward(x, syn.weight.detach())
+            fb._wake_without_sleep = 0
+            g = fb.grad(syn, x, y)
+            mean_over_processes([g])  # each process dreams its own noise; replicas take the mean
+            fb.accumulate(fb.weight, g)
     return len(sleepers)
+
+
+def _backward_pass():
+    """An id of the backward pass running now (autograd's graph task), or None outside one or
+    where torch does not say."""
+    f = getattr(torch._C, "_current_graph_task_id", None)
+    task = f() if f is not None else -1
+    return None if task == -1 else task
 
 
 def sleep_driven(model: nn.Module) -> list[tuple[str, nn.Module]]:

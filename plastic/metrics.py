@@ -69,24 +69,31 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     named = [(n, s) for n, s in synapses(model) if isinstance(s.feedback, LearnedFeedback)]
     if not named:
         return {}
-    seen = {}
-    hooks = [s.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
-             for n, s in named]
+    seen: dict[str, list] = {}
+
+    def keep(n, syn, i, o):
+        # a copy of the output: a later in-place operation (ReLU(inplace=True)) overwrites it;
+        # one sample without a batch dimension is a batch of one, as the synapse takes it
+        x, y = i[0].detach(), o.detach().clone()
+        if x.dim() == syn.unbatched_dim:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        seen.setdefault(n, []).append((x, y))
+    hooks = [s.register_forward_hook(lambda m, i, o, n=n: keep(n, m, i, o)) for n, s in named]
     try:
         # with grad enabled, as in training: without it a time-stepped circuit propagates spikes
-        # event by event around the synapse modules, and their hooks would see nothing
-        with preserved_buffers(model), torch.enable_grad():
+        # event by event around the synapse modules, and their hooks would see nothing; the
+        # random stream (dropout, a Poisson encoder) is left as it was
+        with preserved_buffers(model), torch.enable_grad(), \
+                torch.random.fork_rng(devices=_cuda_devices(model)):
             model(x)
     finally:
         for h in hooks:
             h.remove()
     out = {}
     for n, s in named:
-        if n not in seen:  # not used by the forward pass
-            continue
-        xin, y = (t.detach() for t in seen[n])
-        for k, v in s.feedback.values(s, xin, s.without_bias(y)).items():
-            out[f"{k}/{n}"] = v
+        for xin, y in seen.get(n, ()):  # a synapse used twice: the rule descends the sum
+            for k, v in s.feedback.values(s, xin, s.without_bias(y)).items():
+                out[f"{k}/{n}"] = out.get(f"{k}/{n}", 0.0) + v
     return out
 
 

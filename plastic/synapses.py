@@ -138,6 +138,10 @@ class Synapse(nn.Module):
         if not isinstance(feedback, FeedbackSynapse):
             raise SpecError(f"feedback must be a kind name, a rule or a FeedbackSynapse, "
                             f"got {feedback!r}")
+        b = getattr(feedback, "weight", None)
+        if not feedback.direct and isinstance(b, torch.Tensor) and b.shape != self.weight.shape:
+            raise SpecError(f"feedback weight of shape {tuple(b.shape)} for a synapse whose W "
+                            f"is {tuple(self.weight.shape)}: B is stored in W's layout")
         self.feedback = feedback
         if feedback.direct:
             self.hub = feedback.hub

@@ -465,3 +465,120 @@ def test_a_weight_mirror_that_never_sleeps_warns(monkeypatch):
             net(x).sum().backward()
     assert len(w) == 2  # one per synapse, once
     assert "learns only in sleep phases" in str(w[0].message)
+
+
+@pytest.mark.parametrize("rule", [{"sparse": 1.0}, {"decay": 1.0}, "symmetric"])
+def test_average_over_positions_for_rules_that_do_not_read_the_output(rule):
+    """y is None for these (it was an AttributeError); the output's shape comes from the error."""
+    syn, x = _conv()
+    for average in ("positions", "batch"):
+        fb = LearnedFeedback(syn.weight, rule, average=average)
+        syn.set_feedback(fb)
+        syn(x.requires_grad_()).sum().backward()
+        y = syn.operator().forward(x.detach(), syn.weight.detach())
+        assert torch.allclose(fb.weight.grad, fb.grad(syn, x.detach(), y, torch.ones_like(y)))
+
+
+def test_every_counts_backward_passes_not_uses_of_a_shared_synapse():
+    """A synapse used twice per step with every = 2 learned from its first use on every step
+    and never from its second; it learns from both on every second step."""
+    syn, x = _dense()
+    x1, x2 = x[:5], x[5:]
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, every=2)
+    syn.set_feedback(fb)
+    both = (rules.primitive_grad("amp", _signals(syn, x1, fb.weight.detach()))
+            + rules.primitive_grad("amp", _signals(syn, x2, fb.weight.detach())))
+    for step in range(4):
+        fb.weight.grad = None
+        (syn(x1).sum() + syn(x2).sum()).backward()
+        expected = both if step % 2 else torch.zeros_like(both)
+        assert torch.allclose(fb.weight.grad, expected), step
+    assert int(fb.updates) == 4
+
+
+def test_subsample_takes_every_mth_sample_so_time_steps_keep_all_of_them():
+    """Rows of a time-stepped circuit's activity are (step, sample), step major: the first half
+    of the rows were the first half of the steps."""
+    syn = plastic.Dense(7, 5, feedback="fa").double()
+    steps, batch = 6, 4
+    x = torch.randn(steps * batch, 7)
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0.5)
+    syn.set_feedback(fb)
+    syn(x.requires_grad_()).sum().backward()
+    rows = x.detach().reshape(steps, batch, 7)[:, ::2].reshape(-1, 7)  # samples 0, 2, all steps
+    assert torch.allclose(fb.weight.grad,
+                          rules.primitive_grad("amp", _signals(syn, rows, fb.weight.detach())))
+
+
+def test_normalize_input_of_a_silent_sample_in_float16_stays_finite():
+    syn = plastic.Dense(7, 5).half()
+    syn.set_feedback(LearnedFeedback(syn.weight, "information", normalize_input=True))
+    x = torch.randn(4, 7, dtype=torch.float16)
+    x[0] = 0  # 1e-12, the clamp of its norm, is 0 in float16: 0 * inf
+    syn(x.requires_grad_()).sum().backward()
+    assert torch.isfinite(syn.feedback.weight.grad).all()
+
+
+def test_infinite_noise_and_sigma_are_refused():
+    syn, _ = _dense()
+    for bad in ({"noise": float("inf")}, {"sigma": float("inf"), "drive": "noise"},
+                {"noise": float("nan")}):
+        with pytest.raises(plastic.SpecError, match="noise must be >= 0 and sigma > 0"):
+            LearnedFeedback(syn.weight, {"amp": 1.0}, **bad)
+
+
+def test_sleep_leaves_a_frozen_B_and_checks_its_batch_size_and_ignores_autocast():
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(),
+                                              torch.nn.Linear(12, 2)), "mirror").float()
+    net(torch.randn(1, 2, 4, 4, dtype=torch.float32))
+    frozen = net[0].feedback.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the rule runs at B's precision
+        assert sleep_step(net, 4) == 1
+    assert frozen.grad is None and net[2].feedback.weight.grad.dtype == torch.float32
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(plastic.SpecError, match="batch_size must be a positive integer"):
+            sleep_step(net, bad)
+
+
+def test_kolen_pollack_gives_B_no_update_when_W_is_frozen():
+    syn, x = _dense()
+    syn.set_feedback(KolenPollack(syn.weight))
+    syn.weight.requires_grad_(False)
+    syn(x.requires_grad_()).sum().backward()
+    assert syn.weight.grad is None and syn.feedback.weight.grad is None
+
+
+def test_rule_values_of_shared_unbatched_and_in_place_activity():
+    """The sum over a shared synapse's uses (only the last was reported), one sample as a
+    batch of one (R was divided by its features), the output before an in-place ReLU (Amp read
+    relu(Wx + b) - b), and the random stream left as it was."""
+    from plastic.metrics import rule_values
+    syn, x = _dense()
+    syn.set_feedback(LearnedFeedback(syn.weight, {"amp": 1.0, "null": 0.5}))
+    R = lambda v: syn.feedback.values(syn, v, syn.operator().forward(v, syn.weight.detach()))
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = syn
+
+        def forward(self, v):
+            return self.d(v[:5]).sum() + self.d(v[5:]).sum()
+    got = rule_values(Twice(), x)
+    for k in ("amp", "null"):
+        assert got[f"{k}/d"] == pytest.approx(R(x[:5])[k] + R(x[5:])[k], rel=1e-12)
+    one = rule_values(torch.nn.Sequential(syn), x[0])
+    assert one["amp/0"] == pytest.approx(R(x[:1])["amp"], rel=1e-12)
+    inplace = rule_values(torch.nn.Sequential(syn, torch.nn.ReLU(inplace=True)), x)
+    assert inplace["amp/0"] == pytest.approx(R(x)["amp"], rel=1e-12)
+    drop = torch.nn.Sequential(torch.nn.Dropout(0.5), syn)
+    torch.manual_seed(3)
+    rule_values(drop, x)
+    drawn = torch.rand(2)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(2), drawn)
+
+
+def test_a_feedback_weight_of_the_wrong_shape_is_refused():
+    with pytest.raises(plastic.SpecError, match="stored in W's layout"):
+        plastic.Dense(4, 3).set_feedback(KolenPollack(torch.zeros(5, 4)))
