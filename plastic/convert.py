@@ -39,6 +39,10 @@ def resolve_kind(name: str, feedback):
         raise SpecError(f"feedback must be a kind, a rule or a mapping of synapses to kinds, "
                         f"got {type(feedback).__name__}")
     else:
+        bad = [k for k in feedback if not isinstance(k, str)]
+        if bad:
+            raise SpecError(f"feedback mapping keys must be synapse names or patterns (strings), "
+                            f"got {bad}")
         if name in feedback:
             kind = feedback[name]
         else:
@@ -90,10 +94,14 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         raise SpecError(f"convert needs a torch.nn.Module, got {type(module).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SpecError(f"convert: seed must be an integer, got {seed!r}")
+    # what cannot be converted is refused before the copy (which some of it breaks)
+    layers = (nn.Linear, nn.Conv2d, Synapse)
+    for n, m in module.named_modules():
+        if isinstance(m, layers):
+            _check_convertible(n or "(root)", m)
     root = module if inplace else copy.deepcopy(module)
-    targets = [(n, m) for n, m in root.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d, Synapse)) and n != ""]
-    if isinstance(root, (nn.Linear, nn.Conv2d, Synapse)):
+    targets = [(n, m) for n, m in root.named_modules() if isinstance(m, layers) and n != ""]
+    if isinstance(root, layers):
         targets.insert(0, ("", root))
     if not targets:
         raise SpecError("convert: the module has no Linear or Conv2d layer to make plastic")
@@ -102,8 +110,6 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     for n, m in root.named_modules(remove_duplicate=False):
         if n and isinstance(m, (nn.Linear, nn.Conv2d, Synapse)):
             places.setdefault(id(m), []).append(n)
-    for n, m in targets:
-        _check_convertible(n or "(root)", m)
     exact = [f"{n or '(root)'} ({type(m).__name__})" for n, m in root.named_modules()
              if isinstance(m, _UNCONVERTED)]
     if exact:
@@ -117,6 +123,12 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
                   if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)]
         if unused:  # a misspelt synapse name would otherwise leave that synapse on '*'
             raise SpecError(f"feedback entries {unused} match no synapse; synapses: {names}")
+        shadowed = [k for k in feedback if k not in names and not any(
+            _deciding_pattern(n, feedback) == k for n in names)]
+        if shadowed:  # a pattern after "*" matches synapses that "*" has already taken
+            raise SpecError(f"feedback entries {shadowed} apply to no synapse: an earlier pattern "
+                            "takes every synapse they match (patterns apply in order; put "
+                            "'*' last)")
     if options and not any(is_learned(k) for k in kinds.values()):
         raise SpecError(f"feedback options {sorted(options)} apply to learned feedback only; "
                         "no synapse here learns its feedback")
@@ -155,6 +167,13 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     return new_root if new_root is not None else root
 
 
+def _deciding_pattern(name: str, feedback: Mapping) -> str | None:
+    """The entry of ``feedback`` that gives synapse ``name`` its kind (``resolve_kind``)."""
+    if name in feedback:
+        return name
+    return next((p for p in feedback if fnmatch.fnmatchcase(name, p)), None)
+
+
 def _check_convertible(name: str, m: nn.Module) -> None:
     """What convert cannot carry over is an error or a warning, not silently lost."""
     from torch.nn.utils import parametrize
@@ -164,12 +183,23 @@ def _check_convertible(name: str, m: nn.Module) -> None:
         raise SpecError(f"convert: {name} ({type(m).__name__}) is lazy and has no weights yet; "
                         "run one forward pass before converting")
     hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
-    norms = [type(h).__name__ for h in hooks if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    norms = [type(h).__name__ for h in hooks
+             if type(h).__name__ in ("WeightNorm", "SpectralNorm") or hasattr(h, "compute_mask")]
     if parametrize.is_parametrized(m) or norms:
         raise SpecError(f"convert: {name} ({type(m).__name__}) has a weight parametrization "
                         f"({', '.join(norms) or 'torch.nn.utils.parametrize'}: weight_norm, "
-                        "spectral_norm, ...) that its plastic synapse would drop; remove it, or "
-                        "apply it to the converted synapse")
+                        "spectral_norm, pruning, ...) that its plastic synapse would drop; "
+                        "remove it (prune.remove), or apply it to the converted synapse")
+    base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+    own = sorted({k for k, _ in m.named_parameters(recurse=False)} - {"weight", "bias"}
+                 | {k for k, _ in m.named_buffers(recurse=False)})
+    if type(m).forward is not base.forward or own:
+        raise SpecError(f"convert: {name} is a {type(m).__name__}, a {base.__name__} with "
+                        + ("its own forward" if type(m).forward is not base.forward
+                           else f"its own parameters or buffers ({', '.join(own)})")
+                        + f"; its plastic synapse would compute a plain {base.__name__}'s "
+                        "output, so it is not converted (use a plain layer, or plastic's "
+                        "synapses and a feedback synapse of your own)")
     if hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
         warnings.warn(f"convert: the hooks registered on {name} ({type(m).__name__}) are not "
                       "carried over to its plastic synapse; register them on the converted "

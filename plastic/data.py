@@ -87,7 +87,7 @@ def dataset_path(name: str) -> Path:
     if name in SAMPLES:
         return REPO_DATA / SAMPLES[name]
     p = Path(name)
-    if p.suffix == ".h5":
+    if p.suffix in (".h5", ".hdf5"):
         return p
     return data_dir() / f"{name}.h5"
 
@@ -510,6 +510,13 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
         if len(y) and int(y.max()) >= len(classes):
             raise DataError(f"{path}: /{part} has label {int(y.max())}, but the file names "
                             f"{len(classes)} classes")
+    channels = parts["train"][0].shape[1]
+    if parts["test"][0].shape[1:] != parts["train"][0].shape[1:] or not (
+            mean.numel() == std.numel() and mean.numel() in (1, channels)):
+        raise DataError(f"{path}: images must be (N, C, H, W), the same shape in /train and "
+                        f"/test, with one mean and std per channel; got train "
+                        f"{tuple(parts['train'][0].shape)}, test {tuple(parts['test'][0].shape)}, "
+                        f"{mean.numel()} mean(s), {std.numel()} std(s)")
     (trx, try_), (tex, tey) = parts["train"], parts["test"]
     if train_limit:
         trx, try_ = trx[:train_limit], try_[:train_limit]

@@ -7,6 +7,7 @@ is checked against the schema below, so a typo is an error, never a silently ign
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,8 @@ def _check_type(where, value, typ):
         return
     if typ is NUM:
         ok = isinstance(value, NUM) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise SpecError(f"{where} must be a finite number, got {value!r}")
     elif typ is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -329,8 +332,6 @@ def resolve_circuit(circuit) -> dict:
 def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True) -> dict:
     """Defaults, overrides and validation: the fully resolved spec recorded with the results.
     ``warn``: report settings that have no effect (off when a recorded spec is re-read)."""
-    from .feedback import FEEDBACK_KINDS, check_meant_as_rule, is_rule
-    from .rules import parse_rule
 
     raw, sets = dict(raw), list(sets or [])
     # a whole circuit (circuit=NAME or a table) first, then its settings (circuit.KEY=...) on
@@ -373,6 +374,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
     if warn:
         _warn_unread(spec)
     arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
+    _check_feedback("feedback", spec["feedback"])
+    if (spec["feedback"] != PROTOCOL_SCHEMA["feedback"][1] and warn
+            and all(isinstance(a, dict) and "feedback" in a for a in arms.values())):
+        warnings.warn(f"feedback = {spec['feedback']!r} is not read: every arm sets its own "
+                      "(set arms.NAME.feedback)", UserWarning, stacklevel=2)
     resolved = {}
     for name, arm in arms.items():
         if not isinstance(arm, dict):
@@ -401,26 +407,32 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
                 raise SpecError(f"arms.{name}.convert_from names unknown arm {a['convert_from']!r}")
             if list(arms).index(a["convert_from"]) > list(arms).index(name):
                 raise SpecError(f"arms.{name}.convert_from must name an earlier arm")
-        fb = a["feedback"]
-        check_meant_as_rule(f"arms.{name}.feedback", fb)
-        kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \
-            if isinstance(fb, dict) else None
-        for synapse, k in (fb.items() if isinstance(fb, dict) and not is_rule(fb) else ()):
-            check_meant_as_rule(f"arms.{name}.feedback.{synapse}", k)
-        if kinds is None:
-            raise SpecError(f"arms.{name}.feedback must be a kind, a rule or a table of kinds")
-        for k in kinds:
-            if is_rule(k):
-                try:
-                    parse_rule(k)
-                except SpecError as e:
-                    raise SpecError(f"arms.{name}.feedback: {e}") from None
-            elif not isinstance(k, str) or k.lower() not in FEEDBACK_KINDS:
-                raise SpecError(f"unknown rule {k!r} in arms.{name}.feedback; known: "
-                                f"{', '.join(sorted(FEEDBACK_KINDS))}")
+        _check_feedback(f"arms.{name}.feedback", a["feedback"])
         resolved[name] = a
     spec["arms"] = resolved
     return spec
+
+
+def _check_feedback(where: str, fb) -> None:
+    """A feedback setting is a kind, a rule, or a table of synapse patterns to those."""
+    from .feedback import FEEDBACK_KINDS, check_meant_as_rule, is_rule
+    from .rules import parse_rule
+    check_meant_as_rule(where, fb)
+    kinds = [fb] if isinstance(fb, str) or is_rule(fb) else list(fb.values()) \
+        if isinstance(fb, dict) else None
+    for synapse, k in (fb.items() if isinstance(fb, dict) and not is_rule(fb) else ()):
+        check_meant_as_rule(f"{where}.{synapse}", k)
+    if kinds is None:
+        raise SpecError(f"{where} must be a kind, a rule or a table of kinds")
+    for k in kinds:
+        if is_rule(k):
+            try:
+                parse_rule(k)
+            except SpecError as e:
+                raise SpecError(f"{where}: {e}") from None
+        elif not isinstance(k, str) or k.lower() not in FEEDBACK_KINDS:
+            raise SpecError(f"unknown rule {k!r} in {where}; known: "
+                            f"{', '.join(sorted(FEEDBACK_KINDS))}")
 
 
 def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dict:

@@ -207,6 +207,9 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     (['arms.fa.feedback={"3"="fa","*"={amp=1,decay="x"}}'],
      "arms.fa.feedback.*: coefficient of 'decay' must be a finite number, got 'x'"),
     (["optimizer.lr=abc"], "optimizer.lr must be a number, got 'abc'"),
+    (["optimizer.lr=inf"], "optimizer.lr must be a finite number, got inf"),
+    (["arms.bp.lr=nan"], "arms.bp.lr must be a finite number, got nan"),
+    (["feedback=banana"], "unknown rule 'banana' in feedback"),
     (["seeds=[0,0]"], "seeds lists a seed twice"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, sets, message):
@@ -672,3 +675,9 @@ def test_a_truncated_results_file_is_reported_damaged_not_busy(tmp_path, capsys)
     capsys.readouterr()
     assert main(["report", str(tmp_path / "d")]) == 2
     assert "not a readable HDF5 results file (" in _err_line(capsys)
+
+
+def test_a_top_level_feedback_that_no_arm_reads_is_reported(tmp_path):
+    from plastic import spec as S
+    with pytest.warns(UserWarning, match="feedback = 'fa' is not read: every arm sets its own"):
+        S.load_protocol("quickstart", ["feedback=fa"])

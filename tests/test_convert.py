@@ -220,3 +220,36 @@ def test_conv2d_takes_same_and_valid_padding_as_torch_does():
         assert torch.allclose(syn(x), ref(x), atol=1e-6), padding
     with pytest.raises(plastic.SpecError, match="padding='same' with an even kernel"):
         plastic.Conv2d(3, 4, 2, padding="same")
+
+
+def test_convert_refuses_layers_it_would_compute_wrongly():
+    """A Linear subclass with its own forward or buffers was swapped for a plain Linear (output
+    off by 1.0); old-style weight_norm and pruning crashed in the copy or froze the layer; a
+    pattern after "*" never applied; a non-string key was a TypeError."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Masked(nn.Linear):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.register_buffer("mask", torch.ones_like(self.weight))
+    for layer, what in ((Scaled(4, 3), "its own forward"), (Masked(4, 3), r"buffers \(mask\)")):
+        with pytest.raises(plastic.SpecError, match=what):
+            plastic.convert(nn.Sequential(layer), "fa")
+    from torch.nn.utils import prune
+    with pytest.warns(FutureWarning):  # deprecated, and still in use
+        old_style = nn.utils.weight_norm(nn.Linear(4, 3))
+    pruned = prune.l1_unstructured(nn.Linear(4, 3), "weight", amount=0.5)
+    for layer in (old_style, pruned):
+        for inplace in (False, True):
+            with pytest.raises(plastic.SpecError, match="weight parametrization"):
+                plastic.convert(nn.Sequential(layer), "fa", inplace=inplace)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(plastic.SpecError, match=r"\['\[2\]'\] apply to no synapse"):
+        plastic.convert(net, {"*": "fa", "[2]": "usf"})
+    for order in ({"[2]": "usf", "*": "fa"}, {"*": "fa", "2": "usf"}):  # an exact name wins
+        assert [s.feedback.kind for _, s in plastic.synapses(
+            plastic.convert(net, order))] == ["fa", "usf"]
+    with pytest.raises(plastic.SpecError, match="keys must be synapse names"):
+        plastic.convert(net, {2: "usf", "*": "fa"})

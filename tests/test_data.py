@@ -195,3 +195,16 @@ def test_a_data_set_refuses_what_it_would_get_wrong(tmp_path):
                   classes=["a", "b", "c"])
     with pytest.raises(DataError, match="has label 42, but the file names 3 classes"):
         data.load(str(out))
+
+
+def test_images_must_be_channels_first_with_a_mean_per_channel_and_hdf5_paths_load(tmp_path):
+    """Channels-last images loaded and failed at the first batch with a bare shape error; a
+    file written as .hdf5 could not be named as data."""
+    split = {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
+             "test": (np.zeros((2, 1, 4, 4)), np.array([0, 1]))}
+    data.write_h5(tmp_path / "ok.hdf5", "ok", "test", split, classes=["a", "b", "c"])
+    assert data.load(str(tmp_path / "ok.hdf5")).train_x.shape == (3, 1, 4, 4)
+    with h5py.File(tmp_path / "ok.hdf5", "a") as h:
+        h.attrs["mean"], h.attrs["std"] = [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]  # three channels?
+    with pytest.raises(DataError, match=r"\(N, C, H, W\).*one mean and std per channel"):
+        data.load(str(tmp_path / "ok.hdf5"))
