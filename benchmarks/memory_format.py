@@ -41,10 +41,15 @@ def main():
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help="arms of protocols/cifar10.toml, comma-separated")
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        ap.error("--rounds and --steps must be >= 1")
     spec = resolve_protocol(tomllib.loads((ROOT / "protocols/cifar10.toml").read_text()))
     unknown = [k for k in args.kinds.split(",") if k not in spec["arms"]]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; protocols/cifar10.toml has {', '.join(spec['arms'])}")
+    if "mirror" in args.kinds.split(","):  # its wake step is fa's; it learns in sleep phases
+        ap.error("mirror learns in sleep phases, which this benchmark does not time; "
+                 "overhead.py times the concurrent mirror (mirror-concurrent)")
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     out = {}
     for kind in args.kinds.split(","):

@@ -169,8 +169,9 @@ def parse_args(argv=None):
         p.error(f"unknown kind(s) {unknown}; known: {', '.join(CANDIDATES)}")
     if len(set(a.kinds)) != len(a.kinds):
         p.error("--kinds lists a kind twice")
-    if a.rounds < 1 or a.steps < 1 or a.batch < 1 or a.warmup < 0:
-        p.error("--rounds, --steps, --batch must be >= 1 and --warmup >= 0")
+    if a.rounds < 1 or a.steps < 1 or a.batch < 1 or a.warmup < 0 or (
+            a.threads is not None and a.threads < 1):
+        p.error("--rounds, --steps, --batch, --threads must be >= 1 and --warmup >= 0")
     return a
 
 

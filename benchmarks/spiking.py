@@ -291,10 +291,16 @@ def main(argv=None):
     ap.add_argument("--crossover", action="store_true",
                     help="measure event vs dense propagation instead of the workloads")
     args = ap.parse_args(argv)
-    if args.threads:
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not workloads or set(workloads) - {"a", "b"}:
+        ap.error(f"--workloads takes a and/or b (comma-separated), got {args.workloads!r}")
+    for opt in ("n", "rounds", "threads"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            ap.error(f"--{opt} must be >= 1")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds,
             "quick": args.quick}
     if args.crossover:
@@ -302,8 +308,8 @@ def main(argv=None):
     else:
         import norse
         meta["norse"] = getattr(norse, "__version__", "?")
-        n = args.n or (128 if args.quick else 1024)
-        todo = set(args.workloads.split(","))
+        n = args.n if args.n is not None else (128 if args.quick else 1024)
+        todo = set(workloads)
         a = workload_a(n, 16, 50 if args.quick else 500, rounds) if "a" in todo else {}
         b = workload_b(16 if args.quick else 32, 40 if args.quick else 100, rounds) \
             if "b" in todo else {}

@@ -27,8 +27,9 @@ import warnings
 import torch
 from torch import nn
 
-from .convert import _seed_for, synapses
+from .convert import _seed_for, circuit_name, synapses
 from .errors import SpecError
+from .feedback import FeedbackSynapse
 from .learned import KolenPollack
 from .synapses import Conv2d, Dense, Synapse
 
@@ -193,6 +194,45 @@ class Dale(Constraint):
     def extra_repr(self):
         n, e = self.signs.numel(), self.n_excitatory
         return f"n={n}, excitatory={e}, inhibitory={n - e}"
+
+
+class NonNegativeGain(Constraint):
+    """Dale's law through a batch norm after the synapse: the norm scales post neuron i's input
+    by γ_i/σ_i, so a negative γ_i would turn every synapse onto neuron i the other sign.  γ is
+    kept >= 0 (projected after every step, as W is).  Attached by ``apply_circuit_constraints``
+    together with ``Dale``; the norm is referenced, not owned (it stays where the circuit has
+    it, and in no second place of the state dict)."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        object.__setattr__(self, "norm", norm)  # not a submodule
+
+    @torch.no_grad()
+    def initialize_(self, synapse):
+        self.project_(synapse)
+
+    @torch.no_grad()
+    def project_(self, synapse):
+        if self.norm.weight is not None:
+            self.norm.weight.clamp_(min=0)
+
+    def mask_grad_(self, synapse):
+        pass
+
+    def extra_repr(self):
+        return f"norm={type(self.norm).__name__}({self.norm.num_features})"
+
+
+def _norm_after(model: nn.Module, synapse: nn.Module):
+    """The batch norm right after ``synapse`` in the circuit's module order (conv, norm), if its
+    features are the synapse's outputs; else None."""
+    mods = [m for m in model.modules() if not isinstance(m, (Constraint, FeedbackSynapse))]
+    i = next((k for k, m in enumerate(mods) if m is synapse), None)
+    nxt = mods[i + 1] if i is not None and i + 1 < len(mods) else None
+    if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == \
+            synapse.weight.shape[0]:
+        return nxt
+    return None
 
 
 # ----------------------------------------------------------------------------------- sparsity
@@ -390,6 +430,16 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
     if connectivity is not None:
         _check_density(connectivity, "connectivity")
     if excitatory is not None:
+        from .populations import RatePopulation
+        signed = sorted({m.activation_name for m in model.modules()
+                         if isinstance(m, RatePopulation) and m.activation_name in (
+                             "tanh", "identity", "linear", "gelu", "elu", "leaky_relu",
+                             "hardtanh", "silu")})
+        if signed:
+            warnings.warn(f"Dale's law with {', '.join(map(repr, signed))} populations: their "
+                          "rates go negative, and an excitatory neuron with a negative rate "
+                          "inhibits (use relu, sigmoid or softplus, or spiking populations)",
+                          stacklevel=2)
         from .models import BasicBlock
         if any(isinstance(m, BasicBlock) for m in model.modules()):
             warnings.warn("Dale's law constrains the synapses only: the identity skip connections "
@@ -400,8 +450,12 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
         cs = []
         if excitatory is not None and i > 0:
             cs.append(Dale(dale_signs(n_pre(syn), float(excitatory))))
+            norm = _norm_after(model, syn)
+            if norm is not None:  # its gain must not flip the synapses' signs
+                cs.append(NonNegativeGain(norm))
         if connectivity is not None and connectivity < 1.0:
-            g = torch.Generator().manual_seed(_seed_for(seed, "connectivity:" + name))
+            key = "connectivity:" + circuit_name(model, name)  # rate and spiking alike
+            g = torch.Generator().manual_seed(_seed_for(seed, key))
             cs.append(SparseMask(random_mask(syn.weight.shape, float(connectivity), g)))
         if cs:
             constrain(syn, *cs)

@@ -75,6 +75,14 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+def circuit_name(model: nn.Module, name: str) -> str:
+    """A synapse's name within its circuit: a circuit simulated in time (``TimeStepped``) holds
+    it as ``circuit.NAME``, and its random draws (feedback weights, masks) are keyed by NAME, so
+    the rate and the spiking version of one circuit get the same ones."""
+    from .simulator import TimeStepped
+    return name.removeprefix("circuit.") if isinstance(model, TimeStepped) else name
+
+
 def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", *,
             output: str | None = None, seed: int = 0, inplace: bool = False,
             options: dict | None = None) -> nn.Module:
@@ -146,7 +154,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
             raise SpecError("dfa: the output synapse must be dense (Linear)")
     new_root = None
     for name, m in targets:
-        s = _seed_for(seed, name)
+        s = _seed_for(seed, circuit_name(module, name))
         kw = dict(generator=torch.Generator().manual_seed(s), hub=hub, seed=s)
         if options and is_learned(kinds[name]):
             kw["options"] = dict(options)

@@ -144,9 +144,9 @@ class ResNet(nn.Module):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise SpecError(f"unknown ResNet stem {stem!r}; known: imagenet, cifar")
-        if len(blocks) != len(widths):
+        if len(blocks) != len(widths) or not len(widths):
             raise SpecError(f"ResNet: blocks {tuple(blocks)} needs one entry per stage of widths "
-                            f"{tuple(widths)}")
+                            f"{tuple(widths)}, and at least one stage")
         _rate_only(population, "a ResNet")
         w0 = widths[0]
         if stem == "imagenet":

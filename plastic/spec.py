@@ -323,6 +323,8 @@ def resolve_circuit(circuit) -> dict:
         raise SpecError(f"circuit.units_per_class must be at least 1, got {c['units_per_class']}")
     if not c["output_scale"] > 0:  # 0 would zero the logits, and nothing would learn
         raise SpecError(f"circuit.output_scale must be > 0, got {c['output_scale']}")
+    if c["kind"] == "resnet" and not c["channels"]:
+        raise SpecError("circuit.channels of a resnet must list at least one stage")
     if c["kind"] == "resnet" and len(c["blocks"]) != len(c["channels"]):
         raise SpecError(f"circuit.blocks ({c['blocks']}) needs one entry per stage of "
                         f"circuit.channels ({c['channels']})")

@@ -321,4 +321,50 @@ def test_a_resnet_with_dales_law_warns_that_its_skip_connections_are_unconstrain
         apply_circuit_constraints(net, 0.8, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply_circuit_constraints(plastic.convert(models.mlp(8, [6], 3), "fa"), 0.8, None)
+        apply_circuit_constraints(plastic.convert(models.mlp(8, [6], 3, "relu"), "fa"), 0.8, None)
+
+
+def test_dale_keeps_a_batch_norm_gain_from_flipping_the_synapses_signs():
+    """conv -> BN: the effective weight is W γ/σ, so a negative γ turned every synapse onto that
+    neuron the other sign (16 of 16 gains went negative in 2 epochs on MNIST; folded into W for
+    conversion, 910 of 1152 weights had the wrong sign)."""
+    from plastic import models
+    torch.manual_seed(0)
+    net = plastic.convert(models.convnet(1, (4, 6), 3, "relu", True, 8), "fa")
+    apply_circuit_constraints(net, 0.5, None)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    attach(opt, net)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        for bn in bns:
+            bn.weight.grad = torch.ones_like(bn.weight)  # pushes every γ below zero
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert bool((bns[1].weight >= 0).all())  # after the Dale-constrained second conv
+    assert bool((bns[0].weight < 0).any())  # the first conv reads the raw input: free
+    assert [k for k in net.state_dict() if "constraints" in k and "norm" in k] == []
+
+
+def test_rate_and_spiking_versions_of_a_circuit_draw_the_same_masks_and_feedback():
+    """The time-stepped circuit names its synapses circuit.N: they were seeded apart (mask
+    overlap 0.50 at density 0.5, chance)."""
+    from plastic.simulator import TimeStepped
+    from plastic.spiking import LIFPopulation
+
+    def build(spiking):
+        torch.manual_seed(0)
+        seq = nn.Sequential(plastic.Dense(6, 8), LIFPopulation() if spiking else RatePopulation(),
+                            plastic.Dense(8, 3))
+        net = plastic.convert(TimeStepped(seq, steps=3) if spiking else seq, "fa", seed=4)
+        apply_circuit_constraints(net, None, 0.5, seed=4)
+        return [s for _, s in plastic.synapses(net)]
+    for r, s in zip(build(False), build(True)):
+        assert torch.equal(r.weight, s.weight) and torch.equal(r.feedback.weight, s.feedback.weight)
+
+
+def test_dale_on_populations_whose_rates_go_negative_warns():
+    with pytest.warns(UserWarning, match="'tanh' populations: their rates go negative"):
+        apply_circuit_constraints(plastic.convert(plastic.models.mlp(8, [6], 3, "tanh"), "fa"),
+                                  0.8, None)

@@ -253,3 +253,11 @@ def test_convert_refuses_layers_it_would_compute_wrongly():
             plastic.convert(net, order))] == ["fa", "usf"]
     with pytest.raises(plastic.SpecError, match="keys must be synapse names"):
         plastic.convert(net, {2: "usf", "*": "fa"})
+
+
+def test_a_resnet_without_stages_is_a_spec_error():
+    from plastic import spec as S
+    with pytest.raises(plastic.SpecError, match="at least one stage"):
+        S.resolve_circuit({"kind": "resnet", "channels": [], "blocks": []})
+    with pytest.raises(plastic.SpecError, match="at least one stage"):
+        models.ResNet((), ())

@@ -3,7 +3,7 @@ event-driven propagation (equal to the dense product), plus the benchmark's smok
 import importlib.util
 import io
 import json
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
@@ -228,3 +228,8 @@ def test_benchmark_quick_run_reports_identical_spikes():
     assert out["a.speedup_vs_norse"] > 0 and out["b.speedup_vs_norse"] > 0
     assert out["a.grad_rel_diff_vs_norse_alpha1"] < 1e-4
     assert 0.005 < out["b.hidden_rate"] < 0.05 and out["b.propagation_modes"][0] == "event"
+    # a workload that is not there ran nothing and reported identical spikes; 0 rounds were 2
+    for bad in (["--workloads", "c"], ["--workloads", "a, c"], ["--rounds", "0"],
+                ["--threads", "0"]):
+        with pytest.raises(SystemExit), redirect_stderr(io.StringIO()):
+            bench.main(["--quick", *bad])
