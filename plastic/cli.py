@@ -25,6 +25,12 @@ def _cmd_run(args):
     from . import results, spec as spec_mod
     from .train import run_protocol
 
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run the whole protocol
+        raise SpecError(f"plastic run trains each arm in one process; under torchrun (WORLD_SIZE="
+                        f"{os.environ['WORLD_SIZE']}) every rank would run all of it and race for "
+                        "one results file. Run it without torchrun, or train a circuit under DDP "
+                        "from Python (README, 'Under DDP')")
     spec = spec_mod.load_protocol(args.protocol, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     rp = results.results_path(out)

@@ -103,6 +103,8 @@ def _layers(model: TimeStepped):
 def check_online(model) -> list:
     """A one-line error now, before anything runs, if ``online_step`` cannot train ``model``;
     else its [(synapse, population or None)] (``_layers``)."""
+    from .metrics import unwrapped
+    model = unwrapped(model)  # a DDP-wrapped circuit: the circuit inside
     if not isinstance(model, TimeStepped):
         raise SpecError("learning = \"online\" needs a spiking population")
     if model.delays:
@@ -118,8 +120,10 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
     are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
     Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
     is stored: memory is that of one step.  ``label_smoothing`` mixes the one-hot target with
-    the uniform distribution, as in ``F.cross_entropy``."""
-    out, layers, gw, gb = _online_updates(model, x, target, label_smoothing)
+    the uniform distribution, as in ``F.cross_entropy``.  A DDP-wrapped circuit may be passed
+    (the circuit inside is stepped)."""
+    from .metrics import unwrapped
+    out, layers, gw, gb = _online_updates(unwrapped(model), x, target, label_smoothing)
     # no autograd pass for DDP to hook: average over processes here
     mean_over_processes([*gw, *(g for g in gb if g is not None)])
     for k, (syn, _) in enumerate(layers):
@@ -137,9 +141,10 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
     backprop through time's dL/dW} on one batch, with the same random draws (a Poisson
     encoder); nothing is written into ``.grad``."""
     from .convert import synapses
-    from .metrics import angle, backprop, same_draws
+    from .metrics import angle, backprop, same_draws, unwrapped
     from .synapses import plasticity_paused
 
+    model = unwrapped(model)
     replay = same_draws(model)
     with replay():
         _, layers, gw, _ = _online_updates(model, x, target, label_smoothing)

@@ -19,6 +19,13 @@ from .synapses import plasticity_paused
 __all__ = ["angle", "weight_angles", "norm_ratios", "rule_values", "update_angles", "hidden_angles", "backprop", "preserved_buffers"]
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The circuit inside a DistributedDataParallel (or DataParallel) wrapper: the metrics run
+    their own passes on it, outside the wrapper's reducer, and name synapses as the circuit does."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
     """Angle in degrees between two tensors, flattened."""
     a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
@@ -34,6 +41,7 @@ def _compared(model: nn.Module):
     not a hidden layer's direct-feedback matrix (which projects from the output and has no W^T
     to compare with, whatever its shape).  B is drawn with the random stream forked, so a kind
     that redraws B (brsf) neither moves the training's stream nor differs between two calls."""
+    model = unwrapped(model)
     out = []
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         for name, syn in synapses(model):
@@ -64,6 +72,7 @@ def norm_ratios(model: nn.Module) -> dict[str, float]:
 def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """{"<primitive>/<synapse>": R} for every learned feedback synapse, from the activity of
     one forward pass on ``x`` (buffers are restored)."""
+    model = unwrapped(model)
     from .learned import LearnedFeedback
 
     named = [(n, s) for n, s in synapses(model) if isinstance(s.feedback, LearnedFeedback)]
@@ -152,6 +161,7 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     Uses ``torch.autograd.grad`` with plasticity paused, so the parameters' ``.grad`` (B's too)
     are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always
     0 degrees for layer-wise rules) is left out unless ``include_output``."""
+    model = unwrapped(model)
     named = [(n, s) for n, s in synapses(model) if include_output or not s.is_output]
     if not named:
         return {}, {}

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import models
-from .convert import convert, synapses
+from .convert import circuit_name, convert, synapses
 from .errors import SpecError
 from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
@@ -153,11 +153,14 @@ def recording(model, x, rec: dict) -> dict:
         if isinstance(model, TimeStepped):
             what = ("spikes", "voltages") if rec["voltages"] else ("spikes",)
             _, r = model.run(x, record=what, every=1)
+            # named as in the circuit ("2", not "circuit.2"), as the rate version's are
             for name, z in r.spikes.items():
+                name = circuit_name(model, name)
                 data[f"{name}/rates"] = z.float().mean((0, 1)).cpu().numpy()
                 data[f"{name}/spikes"] = z[::rec["every"]].to(torch.uint8).cpu().numpy()
             for name, v in r.voltages.items():
-                data[f"{name}/voltages"] = v[::rec["every"]].float().cpu().numpy()
+                data[f"{circuit_name(model, name)}/voltages"] = \
+                    v[::rec["every"]].float().cpu().numpy()
         else:
             from .populations import RatePopulation
             pops = [(n, m) for n, m in model.named_modules() if isinstance(m, RatePopulation)]
@@ -171,7 +174,7 @@ def recording(model, x, rec: dict) -> dict:
                     h.remove()
         if rec["weights"]:
             for n, syn in synapses(model):
-                data[f"weights/{n}"] = syn.weight.detach().float().cpu().numpy()
+                data[f"weights/{circuit_name(model, n)}"] = syn.weight.detach().float().cpu().numpy()
     finally:
         model.train(was)
     return data
@@ -296,7 +299,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                                 "learning": arm.get("learning", "backprop"),
                                 "feedback_options": arm.get("feedback_options", {}),
                                 "weight_decay": arm["weight_decay"],
-                                "synapses": [n for n, _ in synapses(model)]})
+                                "synapses": [circuit_name(model, n) for n, _ in synapses(model)]})
     gen = torch.Generator().manual_seed(seed)
     sleep, step = spec["sleep"], 0
     sleepers = sleep["every"] > 0 and bool(sleep_driven(model))
@@ -328,16 +331,20 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
         row.update(st)
-        row.update({f"angle/{k}": v for k, v in weight_angles(model).items()})
-        row.update({f"norm_ratio/{k}": v for k, v in norm_ratios(model).items()})
+        # synapses named as in the circuit ("1", not the time-stepped "circuit.1"), so a rate
+        # arm and a spiking arm of one circuit share their columns
+        cn = lambda k: circuit_name(model, k)  # noqa: E731
+        row.update({f"angle/{cn(k)}": v for k, v in weight_angles(model).items()})
+        row.update({f"norm_ratio/{cn(k)}": v for k, v in norm_ratios(model).items()})
         update, signal_angles = {}, {}
         if len(probe_x) and online:  # the update e-prop applies, against BPTT's
             update = online_update_angles(model, loss_fn, probe_x, probe_y, smoothing)
         elif len(probe_x):  # probe_size = 0: no probe metrics
-            row.update({f"rule/{k}": v for k, v in rule_values(model, probe_x).items()})
+            row.update({f"rule/{k.split('/')[0]}/{cn(k.split('/', 1)[1])}": v
+                        for k, v in rule_values(model, probe_x).items()})
             update, signal_angles = hidden_angles(model, loss_fn, probe_x, probe_y)
-        row.update({f"update_angle/{k}": v for k, v in update.items()})
-        row.update({f"signal_angle/{k}": v for k, v in signal_angles.items()})
+        row.update({f"update_angle/{cn(k)}": v for k, v in update.items()})
+        row.update({f"signal_angle/{cn(k)}": v for k, v in signal_angles.items()})
         rec = recording(model, rec_x, spec["record"]) if spec["record"]["samples"] > 0 else None
         return row, rec
 
@@ -464,7 +471,7 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
                                 "convert_from": src, "population": kind,
                                 "conversion_gain": cal["gain"], "conversion_lambdas": cal["lambdas"],
-                                "synapses": [n for n, _ in synapses(snn)]})
+                                "synapses": [circuit_name(snn, n) for n, _ in synapses(snn)]})
     writer.drop_rows(arm_name, seed, from_epoch=0)
     acc, test_loss, st = evaluate(snn, ds, spec["test_batch_size"], device, stats=True)
     row = {"seed": seed, "epoch": spec["epochs"], "train_loss": math.nan, "test_loss": test_loss,

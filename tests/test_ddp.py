@@ -28,7 +28,7 @@ def _train(model, batches, sleep=False, online=False):
     for x, y in batches:
         opt.zero_grad()
         if online:  # e-prop: eligibility traces, no autograd pass
-            online_step(getattr(model, "module", model), x.flatten(1), y)
+            online_step(model, x.flatten(1), y)  # a DDP wrapper: the circuit inside
         else:
             F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -76,6 +76,15 @@ def _worker(rank, world, port, kind, out):
         torch.manual_seed(rank)  # each process dreams its own noise
         _train(ddp, shard, sleep=kind == "mirror", online=kind.endswith("-eprop"))
         torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.pt")
+        # the metrics take the DDP wrapper (they crashed in DDP's reducer) and name synapses
+        # as the circuit does
+        x, y = _data()[0]
+        measure = (lambda m: plastic.eligibility.online_update_angles(m, F.cross_entropy,
+                                                                      x.flatten(1), y)) \
+            if kind.endswith("-eprop") else (
+            lambda m: (plastic.hidden_angles(m, F.cross_entropy, x, y),
+                       plastic.metrics.weight_angles(m), plastic.metrics.rule_values(m, x)))
+        torch.save((measure(ddp), measure(net)), f"{out}/angles{rank}.pt")
         del ddp
         dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
@@ -99,6 +108,9 @@ def test_ddp_matches_single_process(tmp_path, kind):
     mp.spawn(_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
+    for rank in (0, 1):
+        wrapped, inner = torch.load(tmp_path / f"angles{rank}.pt")
+        assert wrapped == inner and wrapped
     torch.manual_seed(0)
     single = _train(_net(kind), _data(), sleep=kind == "mirror", online=kind.endswith("-eprop"))
     for k, v in single.state_dict().items():

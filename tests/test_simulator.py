@@ -216,9 +216,13 @@ def test_protocol_rate_spiking_and_converted_arms(tmp_path):
     assert 1.0 <= r["arms"]["lif"]["metrics"]["decision_steps"][-1] <= 10
     rec = read_recordings(tmp_path, "lif")
     assert sorted(rec) == [0, 1]
-    assert rec[1]["circuit.2/spikes"].shape == (10, 3, 64)
-    assert rec[1]["circuit.2/voltages"].shape == (10, 3, 64)
-    assert rec[1]["weights/circuit.1"].shape == (64, 784)
+    # named as in the circuit, so the rate and the spiking arm share their names and columns
+    assert rec[1]["2/spikes"].shape == (10, 3, 64)
+    assert rec[1]["2/voltages"].shape == (10, 3, 64)
+    assert rec[1]["weights/1"].shape == (64, 784)
+    assert "2/rates" in read_recordings(tmp_path, "rate")[1]
+    assert {k for k in r["arms"]["lif"]["metrics"] if "angle" in k} == \
+        {k for k in r["arms"]["rate"]["metrics"] if "angle" in k}
     from plastic.results import figures
     names = {f.name for f in figures(tmp_path)}
     assert {"raster_lif.png", "voltages_lif.png", "rates_lif.png", "raster_converted.png",
@@ -325,8 +329,7 @@ def test_rule_values_are_recorded_for_a_spiking_circuit():
         run_protocol(spec, d, progress=False)
         m = read(d)["arms"]["info"]["metrics"]
     keys = [k for k in m if k.startswith("rule/")]
-    assert sorted(keys) == [f"rule/{p}/circuit.{i}" for p in ("amp", "decay", "null")
-                            for i in (1, 3)]
+    assert sorted(keys) == [f"rule/{p}/{i}" for p in ("amp", "decay", "null") for i in (1, 3)]
     assert all(np.isfinite(m[k]).all() for k in keys)
 
 
