@@ -681,3 +681,11 @@ def test_a_top_level_feedback_that_no_arm_reads_is_reported(tmp_path):
     from plastic import spec as S
     with pytest.warns(UserWarning, match="feedback = 'fa' is not read: every arm sets its own"):
         S.load_protocol("quickstart", ["feedback=fa"])
+
+
+def test_plastic_run_refuses_to_start_under_torchrun(tmp_path, monkeypatch, capsys):
+    """Each rank ran the whole protocol and raced for one results file."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--out", str(tmp_path / "r"), "-q", "--set", *FAST]) == 2
+    assert "under torchrun (WORLD_SIZE=2)" in _err_line(capsys)
+    assert not (tmp_path / "r").exists()
