@@ -450,13 +450,13 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
         cs = []
         if excitatory is not None and i > 0:
             cs.append(Dale(dale_signs(n_pre(syn), float(excitatory))))
-            norm = _norm_after(model, syn)
-            if norm is not None:  # its gain must not flip the synapses' signs
-                cs.append(NonNegativeGain(norm))
         if connectivity is not None and connectivity < 1.0:
             key = "connectivity:" + circuit_name(model, name)  # rate and spiking alike
             g = torch.Generator().manual_seed(_seed_for(seed, key))
             cs.append(SparseMask(random_mask(syn.weight.shape, float(connectivity), g)))
+        norm = _norm_after(model, syn) if excitatory is not None and i > 0 else None
+        if norm is not None:  # its gain must not flip the synapses' signs; last, so older
+            cs.append(NonNegativeGain(norm))  # state dicts keep their constraint indices
         if cs:
             constrain(syn, *cs)
         row = {"n_pre": n_pre(syn), "excitatory": None, "density": 1.0}

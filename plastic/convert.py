@@ -124,15 +124,21 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         warnings.warn(f"convert: {', '.join(exact)} carry weights that plastic has no feedback "
                       "synapse for (it converts Linear and Conv2d); their error still passes by "
                       "exact backprop, whatever the feedback kind", stacklevel=2)
-    kinds = {n: resolve_kind(n, feedback) for n, _ in targets}
+    # a feedback table names synapses as the circuit does (a time-stepped circuit's "1", not
+    # "circuit.1"), as the results do
+    cnames = {n: circuit_name(module, n) for n, _ in targets}
+    kinds = {n: resolve_kind(cnames[n], feedback) for n, _ in targets}
     names = [n for n, _ in targets]
     if isinstance(feedback, Mapping) and not is_rule(feedback):
+        shown = list(cnames.values())
         unused = [k for k in feedback
-                  if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)]
+                  if k not in shown and not any(fnmatch.fnmatchcase(n, k) for n in shown)]
         if unused:  # a misspelt synapse name would otherwise leave that synapse on '*'
-            raise SpecError(f"feedback entries {unused} match no synapse; synapses: {names}")
-        shadowed = [k for k in feedback if k not in names and not any(
-            _deciding_pattern(n, feedback) == k for n in names)]
+            raise SpecError(f"feedback entries {unused} match no synapse; synapses: {shown}")
+        # a pattern that matches only synapses named exactly is a harmless fallback ('*')
+        shadowed = [k for k in feedback if k not in shown and not any(
+            _deciding_pattern(n, feedback) == k for n in shown) and any(
+            fnmatch.fnmatchcase(n, k) and n not in feedback for n in shown)]
         if shadowed:  # a pattern after "*" matches synapses that "*" has already taken
             raise SpecError(f"feedback entries {shadowed} apply to no synapse: an earlier pattern "
                             "takes every synapse they match (patterns apply in order; put "
@@ -142,6 +148,8 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
                         "no synapse here learns its feedback")
     if output is None:
         output = names[-1]
+    elif output not in names and output in cnames.values():
+        output = next(n for n, c in cnames.items() if c == output)
     elif output not in names:
         raise SpecError(f"convert: output synapse {output!r} not found; synapses: {names}")
     hub = None

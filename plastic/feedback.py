@@ -37,6 +37,15 @@ def _sign_scale(w: torch.Tensor) -> torch.Tensor:
         n / torch.count_nonzero(w).clamp_min(1).to(w.dtype)).sqrt()
 
 
+def _seed_of(generator: torch.Generator | None) -> int | None:
+    """The seed a feedback weight is drawn with (None: torch's global stream)."""
+    return None if generator is None else generator.initial_seed()
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
 def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
     """A random weight of W's shape, drawn like W's default initialisation, independent of W."""
     return _kaiming_uniform_like(forward_weight.shape, forward_weight[0].numel(), generator,
@@ -120,7 +129,14 @@ class FixedRandom(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
+        self.seed = _seed_of(generator)
         self.register_buffer("weight", random_like(forward_weight, generator))
+
+    def reset_parameters(self):
+        """Redraw B as it was drawn, from its seed (torch's ``to_empty`` + ``reset_parameters``
+        idiom for a model built on the meta device)."""
+        with torch.no_grad():
+            self.weight.copy_(random_like(self.weight, _generator(self.seed)))
 
     def matrix(self, forward_weight):
         return self.weight
@@ -161,8 +177,15 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
+        self.seed = _seed_of(generator)
         r = torch.randn(forward_weight.shape, generator=generator, dtype=torch.float64)
         self.register_buffer("magnitude", r.abs().to(forward_weight.device, forward_weight.dtype))
+
+    def reset_parameters(self):
+        """Redraw |R| as it was drawn, from its seed."""
+        r = torch.randn(self.magnitude.shape, generator=_generator(self.seed), dtype=torch.float64)
+        with torch.no_grad():
+            self.magnitude.copy_(r.abs())
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
@@ -172,51 +195,71 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 class _Pass:
     """One forward pass through a direct-feedback circuit: the hidden synapses' uses, then the
     output synapse's.  Held by the autograd graph of that pass (and by the hub until the next
-    pass starts), so a hidden synapse takes the output error of its own pass, never another's."""
+    pass starts), so a hidden synapse takes the output error of its own pass."""
 
-    __slots__ = ("uses", "outputs", "errors")
+    __slots__ = ("uses", "outputs", "errors", "seq", "recomputed")
 
-    def __init__(self):
+    def __init__(self, seq: int, recomputed: bool):
         self.uses: dict[int, int] = {}  # id(hidden synapse) -> how many times it ran
         self.outputs = 0  # how many times the output synapse ran
         self.errors: dict[int, torch.Tensor] = {}  # output use -> its error, set in backward
+        self.seq = seq  # passes in the order they started
+        self.recomputed = recomputed  # run inside a backward pass (reentrant checkpointing)
+
+
+def _in_backward() -> bool:
+    f = getattr(torch._C, "_current_graph_task_id", None)
+    return f is not None and f() != -1
 
 
 class DirectFeedbackHub:
     """Shared by the synapses of one circuit that use direct feedback.  A forward pass is the
     hidden synapses' forwards followed by the output synapse's; a hidden synapse running after
     the output starts the next pass.  In the backward pass the output synapse records its error
-    e = dL/dy_out in its pass (autograd runs it before the hidden synapses' backward), and each
-    hidden synapse reads the error of its own pass.  Two passes run one after the other and
-    back-propagated together each get their own error; two passes interleaved layer by layer (each
-    layer on both inputs before the next layer) are paired use by use.  No backward through the
-    output synapse of a pass is an error, not a stale error of an earlier pass.  (A forward pass
-    that stops before the output synapse, e.g. features read with gradients on, joins the next
-    pass; back-propagated on its own it is the error above.)  Nothing to reset.  Not an
-    ``nn.Module``: it holds no weights."""
+    e = dL/dy_out (autograd runs it before the hidden synapses' backward), and each hidden
+    synapse takes:
+
+    * the error of its own pass (two passes back-propagated together each get their own; two
+      passes interleaved layer by layer are paired use by use);
+    * else the latest error of a later pass (backprop through time by hand, with a loss on the
+      last step only: every step takes that step's error), or of any pass if this one was
+      recomputed inside the backward pass (reentrant checkpointing);
+    * else nothing: it is an error, not a stale error of an earlier step.
+
+    Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
 
     def __init__(self):
         self.n_outputs: int | None = None
         self._pass: _Pass | None = None
         self._closed = True  # the current pass's output synapse has run
+        self._seq = 0
+        self._latest: tuple[int, torch.Tensor] | None = None  # (pass seq, error) last recorded
+
+    def _new_pass(self) -> _Pass:
+        self._seq += 1
+        return _Pass(self._seq, _in_backward())
 
     def forward_of(self, synapse, is_output: bool) -> tuple[_Pass, int]:
         """Note a synapse's forward: (its pass, which use of the synapse in that pass)."""
         if is_output:
-            p = self._pass if self._pass is not None else _Pass()
+            p = self._pass if self._pass is not None else self._new_pass()
             self._pass, self._closed = p, True
             p.outputs += 1
             return p, p.outputs - 1
         if self._closed:
-            self._pass, self._closed = _Pass(), False
+            self._pass, self._closed = self._new_pass(), False
         p = self._pass
         k = p.uses.get(id(synapse), 0)
         p.uses[id(synapse)] = k + 1
         return p, k
 
-    @staticmethod
-    def error_of(p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
-        """The output error of the pass ``p`` for use ``k`` of a hidden ``synapse``."""
+    def record(self, p: _Pass, use: int, error: torch.Tensor) -> None:
+        """The output synapse's error for its ``use`` in pass ``p`` (in its backward)."""
+        p.errors[use] = error
+        self._latest = (p.seq, error)
+
+    def error_of(self, p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
+        """The output error for use ``k`` of a hidden ``synapse`` in pass ``p``."""
         n, uses = p.outputs, p.uses.get(id(synapse), 0)
         if n > 1 and uses != n:
             raise RuntimeError(
@@ -224,6 +267,9 @@ class DirectFeedbackHub:
                 "times, so which output error belongs to which use is ambiguous; run each forward "
                 "pass up to the output before the next one starts")
         e = p.errors.get(k if n > 1 else 0)
+        if e is None and self._latest is not None and (
+                self._latest[0] > p.seq or p.recomputed):
+            e = self._latest[1]
         if e is None:
             raise RuntimeError(
                 f"direct feedback at {name}: no output error for this forward pass; the loss "
@@ -277,7 +323,15 @@ class DirectRandom(FeedbackSynapse):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
+        got = tuple(state_dict[key].shape) if key in state_dict else None
+        n_out = self.hub.n_outputs
+        if got is not None and (not got or (n_out is not None and got[0] != n_out) or (
+                self.weight.numel() and got != tuple(self.weight.shape))):
+            # not this circuit's direct feedback (another kind's B has W's shape)
+            want = tuple(self.weight.shape) if self.weight.numel() else f"({n_out}, <pre shape>)"
+            raise RuntimeError(f"size mismatch for {key}: a DFA feedback weight is {want}, the "
+                               f"checkpoint's is {got} (saved from another feedback kind?)")
+        if got is not None and got != tuple(self.weight.shape):
             # shaped like the checkpoint's, in this module's device and dtype (load_state_dict
             # casts), as for any other buffer
             self.weight = torch.empty(state_dict[key].shape, device=self.weight.device,

@@ -78,8 +78,8 @@ class LearnedFeedback(FeedbackSynapse):
     every, subsample: cheaper, approximate variants (off by default and reported separately):
         apply the rule only on every ``every``-th backward pass (one ``loss.backward()`` counts
         once, however many times it passes through the synapse), or to a ``subsample`` fraction
-        of each batch (every m-th sample: in a circuit simulated in time, whose steps are
-        folded into the batch, the same samples at every step).
+        of each batch (rows evenly spaced over it: in a circuit simulated in time, whose steps
+        are folded into the batch, every step contributes).
     """
 
     plastic = True
@@ -219,13 +219,18 @@ class LearnedFeedback(FeedbackSynapse):
             # and weight decay move B alike on one process and on many
             return torch.zeros_like(self.weight)
         if self.subsample < 1:
-            # every m-th sample: in time-stepped circuits (steps folded into the batch, step
-            # major) the same samples at every step, not the first steps of all samples
+            # k rows evenly spaced over the batch: in a time-stepped circuit (steps folded into
+            # the batch, step major) every step contributes, not only the first, nearly silent
+            # ones; a view when they are every m-th row
             n = x.shape[0]
             k = max(1, math.ceil(self.subsample * n))
-            m = max(1, n // k)
-            x, delta = x[::m][:k], delta[::m][:k]
-            y = None if y is None else y[::m][:k]
+            if n % k == 0:
+                x, delta = x[::n // k], delta[::n // k]
+                y = None if y is None else y[::n // k]
+            else:
+                rows = torch.arange(k, device=x.device) * n // k
+                x, delta = x.index_select(0, rows), delta.index_select(0, rows)
+                y = None if y is None else y.index_select(0, rows)
         if self.drive == "noise":
             x = torch.randn_like(x).mul_(self.sigma)
             y, delta = synapse.operator().forward(x, synapse.weight.detach()), None

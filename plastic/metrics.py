@@ -162,7 +162,10 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always
     0 degrees for layer-wise rules) is left out unless ``include_output``."""
     model = unwrapped(model)
-    named = [(n, s) for n, s in synapses(model) if include_output or not s.is_output]
+    syns = list(synapses(model))
+    # the output synapse: the one convert marked, or in a circuit built by hand, the last
+    output = {id(s) for _, s in syns if s.is_output} or {id(s) for _, s in syns[-1:]}
+    named = [(n, s) for n, s in syns if include_output or id(s) not in output]
     if not named:
         return {}, {}
     params = [s.weight for _, s in named]

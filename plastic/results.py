@@ -135,7 +135,7 @@ class ResultsWriter:
             was = _resolved(old, like=spec).get("arms", {})
             now = json.loads(json.dumps(spec["arms"]))
             differ += [f"arms.{a}.{k}" for a in sorted(set(was) & set(now))
-                       for k in _differences(was[a], now[a])]
+                       for k in _differences(was[a], now[a], ignore=("description",))]
             if differ:
                 self.h5.close()
                 raise ResultsError(f"{self.path}: cannot resume, the spec differs from the one "

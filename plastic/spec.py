@@ -375,9 +375,12 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
             raise SpecError(f"{where} must be {what}, got {value!r}")
     if warn:
         _warn_unread(spec)
-    arms = spec["arms"] or {"bp": {"feedback": "transpose"}}
     _check_feedback("feedback", spec["feedback"])
-    if (spec["feedback"] != PROTOCOL_SCHEMA["feedback"][1] and warn
+    # no arms: one arm of the top-level feedback (bp by default)
+    default = spec["feedback"]
+    arms = spec["arms"] or {("bp" if default == PROTOCOL_SCHEMA["feedback"][1] else
+                             default if isinstance(default, str) else "arm"): {}}
+    if (spec["arms"] and default != PROTOCOL_SCHEMA["feedback"][1] and warn
             and all(isinstance(a, dict) and "feedback" in a for a in arms.values())):
         warnings.warn(f"feedback = {spec['feedback']!r} is not read: every arm sets its own "
                       "(set arms.NAME.feedback)", UserWarning, stacklevel=2)

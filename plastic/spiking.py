@@ -174,6 +174,11 @@ class LIFPopulation(nn.Module):
                         f"dt/τ in [{lo:g}, {hi:g}]; the Euler step needs 0 <= dt/τ < 2 "
                         f"(it diverges otherwise): take a smaller dt or a longer τ")
 
+    def _apply(self, fn, recurse=True):
+        # the parameters are tensors in a NamedTuple: .to(), .double(), .half() move them too
+        self.p = type(self.p)(*(fn(v) if torch.is_tensor(v) else v for v in self.p))
+        return super()._apply(fn, recurse)
+
     def initial_state(self, input_current: torch.Tensor):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's
         state type takes the fields it has)."""

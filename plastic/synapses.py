@@ -78,8 +78,7 @@ class _Route(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         hub = syn.hub
         if hub is not None and syn.is_output:
-            run, use = ctx.direct
-            run.errors[use] = dy.detach()
+            hub.record(*ctx.direct, dy.detach())
         # under autocast the forward ran in a lower precision (dy's dtype): so does the backward,
         # and each gradient goes back in its own input's dtype, as autocast's casts would give
         cdt, x_dtype, w_dtype = dy.dtype, x.dtype, weight.dtype
@@ -156,11 +155,20 @@ class Synapse(nn.Module):
     #: the input's number of dimensions without a batch dimension (a single sample)
     unbatched_dim = -1
 
+    def _takes(self, x: torch.Tensor) -> bool:
+        """Whether x has the features (channels) the synapse reads."""
+        return True
+
     def forward(self, x):
+        if isinstance(x, tuple):  # a spiking population's (spikes, state), outside TimeStepped
+            raise SpecError(f"synapse {self.name or type(self).__name__} got a (spikes, state) "
+                            "tuple: a circuit with spiking populations runs in time, inside "
+                            "plastic.simulator.TimeStepped")
         if x.dim() == self.unbatched_dim:  # one sample, as torch.nn accepts: a batch of one
             return self.forward(x.unsqueeze(0)).squeeze(0)
         fb = self.feedback
-        if fb.direct:  # B in the weights' dtype, also when autocast hands x in a lower one
+        if fb.direct and self._takes(x):  # B in the weights' dtype (autocast hands x lower);
+            # an input of the wrong shape fails in the forward op below, drawing no B
             fb.materialize(x.shape[1:], x.device, self.weight.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
@@ -200,6 +208,9 @@ class Dense(Synapse):
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
+
+    def _takes(self, x):
+        return x.shape[-1] == self.in_features
 
     def _forward_op(self, x, w, b):
         return F.linear(x, w, b)
@@ -257,9 +268,13 @@ class Conv2d(Synapse):
     unbatched_dim = 3
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, feedback: FeedbackSynapse | str = "transpose", *,
-                 generator=None, device=None, dtype=None):
+                 groups=1, bias=True, padding_mode="zeros",
+                 feedback: FeedbackSynapse | str = "transpose", *, generator=None, device=None,
+                 dtype=None):
         super().__init__()
+        if padding_mode != "zeros":
+            raise SpecError(f"Conv2d with padding_mode={padding_mode!r} is not supported "
+                            "(only 'zeros')")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.dilation, self.groups = _pair(dilation), int(groups)
@@ -294,6 +309,9 @@ class Conv2d(Synapse):
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
+
+    def _takes(self, x):
+        return x.dim() >= 3 and x.shape[-3] == self.in_channels
 
     def _forward_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

@@ -135,3 +135,13 @@ def test_weight_angles_leave_out_hidden_dfa_and_keep_the_random_stream():
     assert torch.equal(torch.randn(3), drawn)  # the stream did not move
     torch.manual_seed(1)
     assert plastic.metrics.weight_angles(m) == first
+
+
+def test_angles_of_a_circuit_built_by_hand_leave_out_its_output():
+    """Only convert marks the output synapse; by hand it is the last one (it was reported,
+    at 0°, pulling any mean down)."""
+    net = torch.nn.Sequential(plastic.Dense(6, 5, feedback="fa"), torch.nn.Tanh(),
+                              plastic.Dense(5, 3, feedback="fa"))
+    update = plastic.update_angles(net, F.cross_entropy, torch.randn(8, 6),
+                                   torch.randint(0, 3, (8,)))
+    assert list(update) == ["0"]

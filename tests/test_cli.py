@@ -689,3 +689,15 @@ def test_plastic_run_refuses_to_start_under_torchrun(tmp_path, monkeypatch, caps
     assert main(["run", "--out", str(tmp_path / "r"), "-q", "--set", *FAST]) == 2
     assert "under torchrun (WORLD_SIZE=2)" in _err_line(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_ignores_an_arm_s_description_and_no_arms_means_the_top_level_feedback(tmp_path,
+                                                                                     capsys):
+    from plastic import spec as S
+    out = str(tmp_path / "r")
+    assert main(["run", "--out", out, "--arms", "bp", "-q", "--set", *FAST, "epochs=1"]) == 0
+    assert main(["run", "--out", out, "--arms", "bp", "-q", "--resume", "--set", *FAST,
+                 "epochs=1", "arms.bp.description=the control"]) == 0
+    arms = S.resolve_protocol({"feedback": "fa"})["arms"]
+    assert list(arms) == ["fa"] and arms["fa"]["feedback"] == "fa"  # it ran bp
+    assert list(S.resolve_protocol({})["arms"]) == ["bp"]

@@ -368,3 +368,13 @@ def test_dale_on_populations_whose_rates_go_negative_warns():
     with pytest.warns(UserWarning, match="'tanh' populations: their rates go negative"):
         apply_circuit_constraints(plastic.convert(plastic.models.mlp(8, [6], 3, "tanh"), "fa"),
                                   0.8, None)
+
+
+def test_the_batch_norm_gain_constraint_comes_last_so_older_state_dicts_load():
+    """Inserted before the mask, it renumbered 'constraints.1.mask' of earlier checkpoints."""
+    from plastic import models
+    from plastic.constraints import NonNegativeGain
+    net = plastic.convert(models.convnet(1, (4, 6), 3, "relu", True, 8), "fa")
+    apply_circuit_constraints(net, 0.5, 0.5)
+    syn = dict(plastic.synapses(net))["4"]
+    assert [type(c) for c in syn.constraints] == [Dale, SparseMask, NonNegativeGain]

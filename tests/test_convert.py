@@ -261,3 +261,16 @@ def test_a_resnet_without_stages_is_a_spec_error():
         S.resolve_circuit({"kind": "resnet", "channels": [], "blocks": []})
     with pytest.raises(plastic.SpecError, match="at least one stage"):
         models.ResNet((), ())
+
+
+def test_a_fallback_pattern_behind_exact_names_and_spiking_tables_by_circuit_name():
+    """'*' after every synapse is named exactly applies to nothing, harmlessly (it was refused);
+    a time-stepped circuit's table names synapses as the circuit does ("2", as in the results)."""
+    from plastic.simulator import TimeStepped
+    from plastic.spiking import LIFPopulation
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    c = plastic.convert(net, {"0": "fa", "2": "usf", "*": "bp"})
+    assert [s.feedback.kind for _, s in plastic.synapses(c)] == ["fa", "usf"]
+    snn = TimeStepped(nn.Sequential(plastic.Dense(4, 4), LIFPopulation(), plastic.Dense(4, 2)), 3)
+    c = plastic.convert(snn, {"2": "usf", "*": "fa"}, output="2")
+    assert [s.feedback.kind for _, s in plastic.synapses(c)] == ["fa", "usf"]

@@ -406,3 +406,69 @@ def test_a_frozen_learned_feedback_synapse_does_not_learn():
     syn.feedback.weight.requires_grad_(True)
     syn(torch.randn(5, 6, requires_grad=True)).sum().backward()
     assert syn.feedback.weight.grad is not None
+
+
+def test_dfa_by_hand_through_time_and_under_reentrant_checkpointing():
+    """A pass without an output error of its own takes the latest one of a later pass (a loss
+    on the last step of a circuit stepped by hand), or, recomputed inside the backward pass
+    (reentrant checkpointing), the latest one: both were refused after pairing passes."""
+    from torch.utils.checkpoint import checkpoint
+    from plastic.spiking import LIFPopulation
+    torch.manual_seed(0)
+    m = plastic.convert(nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 3)), "dfa")
+    p1, p2 = LIFPopulation(), LIFPopulation()
+    x, y = torch.randn(5, 4) * 3, torch.randint(0, 3, (5,))
+    s1 = s2 = None
+    for _ in range(10):
+        z1, s1 = p1.step(m[0](x), s1)
+        z2, s2 = p2.step(m[1](z1), s2)
+        out = m[2](z2)
+    F.cross_entropy(out, y).backward()
+    assert m[0].weight.grad.norm() > 0 and m[1].weight.grad.norm() > 0
+    net = plastic.convert(_mlp(dims=(6, 12, 8, 5)), "dfa", seed=0)
+    xb, yb = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+    F.cross_entropy(net(xb), yb).backward()
+    ref = net[0].weight.grad.clone()
+    net.zero_grad()
+    # reentrant checkpointing needs an input that requires grad
+    F.cross_entropy(net[4](checkpoint(net[:4], xb.requires_grad_(), use_reentrant=True)),
+                    yb).backward()
+    assert torch.allclose(net[0].weight.grad, ref, atol=1e-12)
+
+
+def test_a_wrong_input_draws_no_dfa_weight_and_another_kind_s_checkpoint_is_refused():
+    net = plastic.convert(_mlp(dims=(6, 12, 5)).float(), "dfa", seed=0)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        net(torch.randn(3, 7))
+    net(torch.randn(3, 6))  # B was drawn from the wrong shape, and every input then failed
+    fa = plastic.convert(_mlp(dims=(6, 12, 5)).float(), "fa", seed=0)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.feedback.weight"):
+        plastic.convert(_mlp(dims=(6, 12, 5)).float(), "dfa", seed=0).load_state_dict(
+            fa.state_dict())
+
+
+def test_fixed_random_feedback_is_redrawn_by_reset_parameters_after_the_meta_device():
+    """torch's idiom: build on the meta device, to_empty, reset_parameters; B was left NaN."""
+    ref = plastic.convert(_mlp(dims=(6, 12, 5)).float(), "fa", seed=3)
+    for kind, buf in (("fa", "weight"), ("frsf", "magnitude")):
+        with torch.device("meta"):
+            net = plastic.convert(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)),
+                                  kind, seed=3)
+        net = net.to_empty(device="cpu")
+        for mod in net.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+        b = getattr(net[0].feedback, buf)
+        assert torch.isfinite(b).all()
+        if kind == "fa":
+            assert torch.equal(b, ref[0].feedback.weight)
+
+
+def test_synapse_inputs_a_spiking_tuple_and_torch_s_padding_mode():
+    from plastic.spiking import LIFPopulation
+    net = nn.Sequential(plastic.Dense(4, 6), LIFPopulation(), plastic.Dense(6, 3))
+    with pytest.raises(SpecError, match="TimeStepped"):
+        net(torch.randn(5, 4))
+    assert plastic.Conv2d(3, 4, 3, padding_mode="zeros").weight.shape == (4, 3, 3, 3)
+    with pytest.raises(SpecError, match="padding_mode='reflect' is not supported"):
+        plastic.Conv2d(3, 4, 3, padding_mode="reflect")

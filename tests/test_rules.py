@@ -273,7 +273,7 @@ def test_feedback_options_every_subsample_noise_and_errors():
     fb2 = LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0.5)
     syn.set_feedback(fb2)
     syn(x).sum().backward()
-    half = _signals(syn, x.detach()[:6], fb2.weight.detach())
+    half = _signals(syn, x.detach()[torch.arange(6) * 11 // 6], fb2.weight.detach())  # even
     assert torch.allclose(fb2.weight.grad, rules.primitive_grad("amp", half))
     net = plastic.convert(plastic.models.mlp(7, [5], 3), "information", options={"noise": 0.5})
     assert all(s.feedback.noise == 0.5 for _, s in plastic.synapses(net))
@@ -496,7 +496,7 @@ def test_every_counts_backward_passes_not_uses_of_a_shared_synapse():
     assert int(fb.updates) == 4
 
 
-def test_subsample_takes_every_mth_sample_so_time_steps_keep_all_of_them():
+def test_subsample_takes_rows_evenly_so_every_time_step_contributes():
     """Rows of a time-stepped circuit's activity are (step, sample), step major: the first half
     of the rows were the first half of the steps."""
     syn = plastic.Dense(7, 5, feedback="fa").double()
@@ -582,3 +582,16 @@ def test_rule_values_of_shared_unbatched_and_in_place_activity():
 def test_a_feedback_weight_of_the_wrong_shape_is_refused():
     with pytest.raises(plastic.SpecError, match="stored in W's layout"):
         plastic.Dense(4, 3).set_feedback(KolenPollack(torch.zeros(5, 4)))
+
+
+def test_subsample_of_an_uneven_fraction_still_reads_every_step():
+    syn = plastic.Dense(3, 2, feedback="fa").double()
+    steps, batch = 25, 32
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, subsample=0.6)
+    seen = []
+    fb.grad = lambda synapse, x, y, delta=None: (seen.append(x), torch.zeros(2, 3))[1]
+    x = torch.arange(steps * batch, dtype=torch.float64).repeat(3, 1).t().contiguous()
+    fb.plasticity(syn, x, None, torch.zeros(steps * batch, 2), None)
+    step_of_row = seen[0][:, 0].long() // batch
+    counts = torch.bincount(step_of_row, minlength=steps)
+    assert len(seen[0]) == 480 and counts.min() >= 19  # it read steps 0-14 only

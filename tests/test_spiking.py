@@ -87,3 +87,11 @@ def test_encoders_rates_latency_and_errors():
         encoders.poisson(x * 3, 10)
     with pytest.raises(plastic.SpecError, match="positive integer"):
         encoders.latency(x, 0)
+
+
+def test_population_parameters_move_with_the_module():
+    """They live in a NamedTuple, which .to() and .double() did not reach."""
+    pop = LIFPopulation(LIFParameters(v_th=torch.full((3,), 0.5))).double()
+    assert pop.p.v_th.dtype == torch.float64 and pop.p.tau_mem_inv.dtype == torch.float64
+    z, _ = pop(torch.ones(4, 2, 3, dtype=torch.float64))
+    assert z.dtype == torch.float64
