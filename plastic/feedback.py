@@ -37,13 +37,16 @@ def _sign_scale(w: torch.Tensor) -> torch.Tensor:
         n / torch.count_nonzero(w).clamp_min(1).to(w.dtype)).sqrt()
 
 
-def _seed_of(generator: torch.Generator | None) -> int | None:
-    """The seed a feedback weight is drawn with (None: torch's global stream)."""
-    return None if generator is None else generator.initial_seed()
+def _state_of(generator: torch.Generator | None) -> torch.Tensor:
+    """The state of the stream a feedback weight is about to be drawn from (the generator's,
+    or torch's global CPU stream), so that it can be drawn again exactly."""
+    return (generator.get_state() if generator is not None else torch.get_rng_state()).clone()
 
 
-def _generator(seed: int | None) -> torch.Generator | None:
-    return None if seed is None else torch.Generator().manual_seed(seed)
+def _generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state)
+    return g
 
 
 def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
@@ -129,14 +132,14 @@ class FixedRandom(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
-        self.seed = _seed_of(generator)
+        self._drawn_from = _state_of(generator)  # for reset_parameters
         self.register_buffer("weight", random_like(forward_weight, generator))
 
     def reset_parameters(self):
-        """Redraw B as it was drawn, from its seed (torch's ``to_empty`` + ``reset_parameters``
-        idiom for a model built on the meta device)."""
+        """Redraw B exactly as it was drawn (torch's ``to_empty`` + ``reset_parameters`` idiom
+        for a model built on the meta device)."""
         with torch.no_grad():
-            self.weight.copy_(random_like(self.weight, _generator(self.seed)))
+            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
 
     def matrix(self, forward_weight):
         return self.weight
@@ -177,13 +180,14 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
-        self.seed = _seed_of(generator)
+        self._drawn_from = _state_of(generator)  # for reset_parameters
         r = torch.randn(forward_weight.shape, generator=generator, dtype=torch.float64)
         self.register_buffer("magnitude", r.abs().to(forward_weight.device, forward_weight.dtype))
 
     def reset_parameters(self):
-        """Redraw |R| as it was drawn, from its seed."""
-        r = torch.randn(self.magnitude.shape, generator=_generator(self.seed), dtype=torch.float64)
+        """Redraw |R| exactly as it was drawn."""
+        r = torch.randn(self.magnitude.shape, generator=_generator(self._drawn_from),
+                        dtype=torch.float64)
         with torch.no_grad():
             self.magnitude.copy_(r.abs())
 
@@ -197,19 +201,21 @@ class _Pass:
     output synapse's.  Held by the autograd graph of that pass (and by the hub until the next
     pass starts), so a hidden synapse takes the output error of its own pass."""
 
-    __slots__ = ("uses", "outputs", "errors", "seq", "recomputed")
+    __slots__ = ("uses", "outputs", "errors", "seq", "task")
 
-    def __init__(self, seq: int, recomputed: bool):
+    def __init__(self, seq: int, task: int | None):
         self.uses: dict[int, int] = {}  # id(hidden synapse) -> how many times it ran
         self.outputs = 0  # how many times the output synapse ran
         self.errors: dict[int, torch.Tensor] = {}  # output use -> its error, set in backward
         self.seq = seq  # passes in the order they started
-        self.recomputed = recomputed  # run inside a backward pass (reentrant checkpointing)
+        self.task = task  # the backward pass it was recomputed in (reentrant checkpointing)
 
 
-def _in_backward() -> bool:
+def _backward_task() -> int | None:
+    """autograd's id of the backward pass running now, or None outside one."""
     f = getattr(torch._C, "_current_graph_task_id", None)
-    return f is not None and f() != -1
+    task = f() if f is not None else -1
+    return None if task == -1 else task
 
 
 class DirectFeedbackHub:
@@ -221,23 +227,27 @@ class DirectFeedbackHub:
 
     * the error of its own pass (two passes back-propagated together each get their own; two
       passes interleaved layer by layer are paired use by use);
-    * else the latest error of a later pass (backprop through time by hand, with a loss on the
-      last step only: every step takes that step's error), or of any pass if this one was
-      recomputed inside the backward pass (reentrant checkpointing);
-    * else nothing: it is an error, not a stale error of an earlier step.
+    * else the latest error recorded in the same backward pass, of a later forward pass
+      (backprop through time by hand, with a loss on the last step only: every step takes
+      that step's error), or of any pass if this one was recomputed inside that backward
+      (reentrant checkpointing);
+    * else nothing: it is an error, never an error of an earlier backward pass (step).
 
-    Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+    A limit: a loss on the hidden layers of a pass that never reaches the output, back-propagated
+    together with a later pass that does, takes that pass's error; the bookkeeping cannot tell it
+    from backprop through time.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
 
     def __init__(self):
         self.n_outputs: int | None = None
         self._pass: _Pass | None = None
         self._closed = True  # the current pass's output synapse has run
         self._seq = 0
-        self._latest: tuple[int, torch.Tensor] | None = None  # (pass seq, error) last recorded
+        # (pass seq, backward task, error) last recorded
+        self._latest: tuple[int, int | None, torch.Tensor] | None = None
 
     def _new_pass(self) -> _Pass:
         self._seq += 1
-        return _Pass(self._seq, _in_backward())
+        return _Pass(self._seq, _backward_task())
 
     def forward_of(self, synapse, is_output: bool) -> tuple[_Pass, int]:
         """Note a synapse's forward: (its pass, which use of the synapse in that pass)."""
@@ -246,8 +256,8 @@ class DirectFeedbackHub:
             self._pass, self._closed = p, True
             p.outputs += 1
             return p, p.outputs - 1
-        if self._closed:
-            self._pass, self._closed = self._new_pass(), False
+        if self._closed or self._pass.task != _backward_task():  # a recomputation (or the
+            self._pass, self._closed = self._new_pass(), False  # first pass after it) is its own
         p = self._pass
         k = p.uses.get(id(synapse), 0)
         p.uses[id(synapse)] = k + 1
@@ -256,7 +266,7 @@ class DirectFeedbackHub:
     def record(self, p: _Pass, use: int, error: torch.Tensor) -> None:
         """The output synapse's error for its ``use`` in pass ``p`` (in its backward)."""
         p.errors[use] = error
-        self._latest = (p.seq, error)
+        self._latest = (p.seq, _backward_task(), error)
 
     def error_of(self, p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
         """The output error for use ``k`` of a hidden ``synapse`` in pass ``p``."""
@@ -267,9 +277,12 @@ class DirectFeedbackHub:
                 "times, so which output error belongs to which use is ambiguous; run each forward "
                 "pass up to the output before the next one starts")
         e = p.errors.get(k if n > 1 else 0)
-        if e is None and self._latest is not None and (
-                self._latest[0] > p.seq or p.recomputed):
-            e = self._latest[1]
+        if e is None and self._latest is not None:
+            seq, task, latest = self._latest
+            now = _backward_task()
+            if (task is not None and task == now and seq > p.seq) or (
+                    p.task is not None and task == p.task):
+                e = latest
         if e is None:
             raise RuntimeError(
                 f"direct feedback at {name}: no output error for this forward pass; the loss "
@@ -325,13 +338,15 @@ class DirectRandom(FeedbackSynapse):
         key = prefix + "weight"
         got = tuple(state_dict[key].shape) if key in state_dict else None
         n_out = self.hub.n_outputs
-        if got is not None and (not got or (n_out is not None and got[0] != n_out) or (
+        if got not in (None, (0,)) and ((n_out is not None and got[0] != n_out) or (
                 self.weight.numel() and got != tuple(self.weight.shape))):
             # not this circuit's direct feedback (another kind's B has W's shape)
             want = tuple(self.weight.shape) if self.weight.numel() else f"({n_out}, <pre shape>)"
             raise RuntimeError(f"size mismatch for {key}: a DFA feedback weight is {want}, the "
                                f"checkpoint's is {got} (saved from another feedback kind?)")
-        if got is not None and got != tuple(self.weight.shape):
+        if got == (0,):  # saved before its first forward: lazy again, drawn at the next one
+            self.weight = torch.empty(0, device=self.weight.device, dtype=self.weight.dtype)
+        elif got is not None and got != tuple(self.weight.shape):
             # shaped like the checkpoint's, in this module's device and dtype (load_state_dict
             # casts), as for any other buffer
             self.weight = torch.empty(state_dict[key].shape, device=self.weight.device,

@@ -220,7 +220,8 @@ class TimeStepped(nn.Module):
     def _with_voltages(pop: LIFPopulation, currents: torch.Tensor):
         """(spikes, post-reset voltages), both (T, ...), from one pass of the population."""
         if pop.kind in FUSED_KINDS:
-            z, _, v = lif_sequence(currents, None, pop.p, pop.dt, pop.kind, record_voltage=True)
+            z, _, v = lif_sequence(currents, None, pop._params_on(currents), pop.dt, pop.kind,
+                                   record_voltage=True)
             return z, v
         state, zs, vs = None, [], []
         for k in range(currents.shape[0]):

@@ -174,11 +174,6 @@ class LIFPopulation(nn.Module):
                         f"dt/τ in [{lo:g}, {hi:g}]; the Euler step needs 0 <= dt/τ < 2 "
                         f"(it diverges otherwise): take a smaller dt or a longer τ")
 
-    def _apply(self, fn, recurse=True):
-        # the parameters are tensors in a NamedTuple: .to(), .double(), .half() move them too
-        self.p = type(self.p)(*(fn(v) if torch.is_tensor(v) else v for v in self.p))
-        return super()._apply(fn, recurse)
-
     def initial_state(self, input_current: torch.Tensor):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's
         state type takes the fields it has)."""
@@ -188,18 +183,26 @@ class LIFPopulation(nn.Module):
                 "b": lambda: zero + torch.as_tensor(self.p.v_th).to(input_current)}
         return self._state(*(rest[f]() for f in self._state._fields))
 
+    def _params_on(self, x: torch.Tensor):
+        """The parameters on x's device: they are tensors in a NamedTuple, which ``.to()`` does
+        not reach, so they follow the input (moved once, and kept there)."""
+        if any(torch.is_tensor(v) and v.device != x.device for v in self.p):
+            self.p = type(self.p)(*(v.to(x.device) if torch.is_tensor(v) else v for v in self.p))
+        return self.p
+
     def step(self, input_current: torch.Tensor, state=None):
         """One step in time: (spikes, state)."""
         if state is None:
             state = self.initial_state(input_current)
-        return self._step(input_current, state, self.p, self.dt)
+        return self._step(input_current, state, self._params_on(input_current), self.dt)
 
     def forward(self, currents: torch.Tensor, state: LIFState | None = None):
         """Run over a time-major sequence of input currents (T, ...): (spikes (T, ...), state).
         The kinds in ``FUSED_KINDS`` run as one ``lif_sequence`` (the same spikes, one autograd
         node); the others loop over their step function."""
         if self.kind in FUSED_KINDS:
-            return lif_sequence(currents, state, self.p, self.dt, kind=self.kind)
+            return lif_sequence(currents, state, self._params_on(currents), self.dt,
+                                kind=self.kind)
         out = []
         for t in range(currents.shape[0]):
             z, state = self.step(currents[t], state)

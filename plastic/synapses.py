@@ -155,10 +155,6 @@ class Synapse(nn.Module):
     #: the input's number of dimensions without a batch dimension (a single sample)
     unbatched_dim = -1
 
-    def _takes(self, x: torch.Tensor) -> bool:
-        """Whether x has the features (channels) the synapse reads."""
-        return True
-
     def forward(self, x):
         if isinstance(x, tuple):  # a spiking population's (spikes, state), outside TimeStepped
             raise SpecError(f"synapse {self.name or type(self).__name__} got a (spikes, state) "
@@ -167,8 +163,14 @@ class Synapse(nn.Module):
         if x.dim() == self.unbatched_dim:  # one sample, as torch.nn accepts: a batch of one
             return self.forward(x.unsqueeze(0)).squeeze(0)
         fb = self.feedback
-        if fb.direct and self._takes(x):  # B in the weights' dtype (autocast hands x lower);
-            # an input of the wrong shape fails in the forward op below, drawing no B
+        if fb.direct:  # B in the weights' dtype, also when autocast hands x in a lower one
+            if not fb.weight.numel():  # the first input sets B's shape: check it first
+                if x.dim() != self.unbatched_dim + 1:
+                    raise SpecError(f"direct feedback at {self.name or type(self).__name__} "
+                                    f"takes one sample per row, {self.unbatched_dim + 1}-D input; "
+                                    f"got {tuple(x.shape)}")
+                with torch.no_grad():
+                    self._forward_op(x[:1], self.weight, self.bias)  # torch's error, if wrong
             fb.materialize(x.shape[1:], x.device, self.weight.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
@@ -208,9 +210,6 @@ class Dense(Synapse):
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
-
-    def _takes(self, x):
-        return x.shape[-1] == self.in_features
 
     def _forward_op(self, x, w, b):
         return F.linear(x, w, b)
@@ -309,9 +308,6 @@ class Conv2d(Synapse):
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
         return new
-
-    def _takes(self, x):
-        return x.dim() >= 3 and x.shape[-3] == self.in_channels
 
     def _forward_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

@@ -447,6 +447,17 @@ def test_a_wrong_input_draws_no_dfa_weight_and_another_kind_s_checkpoint_is_refu
             fa.state_dict())
 
 
+def test_reset_parameters_redraws_each_b_from_its_own_draw():
+    """One generator shared by two synapses: the second B was redrawn as the first's."""
+    g = torch.Generator().manual_seed(0)
+    a, b = plastic.Dense(4, 5, feedback="fa", generator=g), plastic.Dense(4, 5, feedback="fa",
+                                                                          generator=g)
+    before = b.feedback.weight.clone()
+    b.feedback.reset_parameters()
+    assert torch.equal(b.feedback.weight, before)
+    assert not torch.equal(a.feedback.weight, before)
+
+
 def test_fixed_random_feedback_is_redrawn_by_reset_parameters_after_the_meta_device():
     """torch's idiom: build on the meta device, to_empty, reset_parameters; B was left NaN."""
     ref = plastic.convert(_mlp(dims=(6, 12, 5)).float(), "fa", seed=3)

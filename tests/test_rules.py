@@ -440,7 +440,7 @@ def test_a_dense_synapse_learns_from_a_sequence_of_positions():
     assert torch.allclose(fb.weight.grad, fb.grad(syn, x.detach(), y), atol=1e-10)
     net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(),
                                               torch.nn.Linear(5, 3)), "dfa")
-    with pytest.raises(plastic.SpecError, match="one per sample"):
+    with pytest.raises(plastic.SpecError, match="one sample per row"):
         net(torch.randn(2, 4, 7)).sum().backward()
 
 

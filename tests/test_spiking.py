@@ -89,9 +89,13 @@ def test_encoders_rates_latency_and_errors():
         encoders.latency(x, 0)
 
 
-def test_population_parameters_move_with_the_module():
-    """They live in a NamedTuple, which .to() and .double() did not reach."""
-    pop = LIFPopulation(LIFParameters(v_th=torch.full((3,), 0.5))).double()
-    assert pop.p.v_th.dtype == torch.float64 and pop.p.tau_mem_inv.dtype == torch.float64
+def test_population_parameters_follow_the_input_s_device():
+    """They live in a NamedTuple, which .to() does not reach: a per-neuron v_th stayed on the
+    CPU (a device error on a GPU).  They are moved to the input's device once; to_empty (the
+    meta-device idiom) leaves them alone."""
+    pop = LIFPopulation(LIFParameters(v_th=torch.full((3,), 0.5)))
+    assert pop._params_on(torch.empty(2, 3, device="meta")).v_th.device.type == "meta"
+    pop = LIFPopulation(LIFParameters(v_th=torch.full((3,), 0.5))).double().to_empty(device="cpu")
+    assert torch.equal(pop.p.v_th, torch.full((3,), 0.5))
     z, _ = pop(torch.ones(4, 2, 3, dtype=torch.float64))
-    assert z.dtype == torch.float64
+    assert z.dtype == torch.float64 and z.sum() > 0
