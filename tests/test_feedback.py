@@ -483,3 +483,20 @@ def test_synapse_inputs_a_spiking_tuple_and_torch_s_padding_mode():
     assert plastic.Conv2d(3, 4, 3, padding_mode="zeros").weight.shape == (4, 3, 3, 3)
     with pytest.raises(SpecError, match="padding_mode='reflect' is not supported"):
         plastic.Conv2d(3, 4, 3, padding_mode="reflect")
+
+
+def test_dfa_never_takes_an_earlier_step_s_error_after_checkpointing_and_loads_a_lazy_state():
+    from torch.utils.checkpoint import checkpoint
+    for reentrant in (True, False):
+        net = plastic.convert(_mlp(dims=(6, 12, 8, 5)), "dfa", seed=0)
+        x, y = torch.randn(4, 6, dtype=torch.float64, requires_grad=True), torch.randint(0, 5, (4,))
+        F.cross_entropy(net[4](checkpoint(net[:4], x, use_reentrant=reentrant)), y).backward()
+        with pytest.raises(RuntimeError, match="no output error for this forward pass"):
+            checkpoint(net[:4], x + 3, use_reentrant=reentrant).sum().backward()
+        with pytest.raises(RuntimeError, match="no output error for this forward pass"):
+            net[:4](x + 3).sum().backward()  # a plain pass after a recomputed one
+    fresh = plastic.convert(_mlp(dims=(6, 12, 5)), "dfa", seed=0).state_dict()
+    used = plastic.convert(_mlp(dims=(6, 12, 5)), "dfa", seed=0)
+    used(torch.randn(2, 6, dtype=torch.float64))
+    used.load_state_dict(fresh)  # saved before its first forward: lazy again
+    assert used[0].feedback.weight.numel() == 0
