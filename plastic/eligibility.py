@@ -161,6 +161,9 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
     """(readout averaged over steps, layers, weight updates, bias updates) of one batch."""
     layers = check_online(model)
+    for _, pop in layers:  # the populations' parameters on the input's device and dtype
+        if pop is not None:
+            pop._params_on(layers[0][0].weight)
     seq, const = model.encode(x)
     t_steps, b = model.steps, x.shape[0]
     classes = layers[-1][0].out_features

@@ -233,9 +233,11 @@ class DirectFeedbackHub:
       (reentrant checkpointing);
     * else nothing: it is an error, never an error of an earlier backward pass (step).
 
-    A limit: a loss on the hidden layers of a pass that never reaches the output, back-propagated
-    together with a later pass that does, takes that pass's error; the bookkeeping cannot tell it
-    from backprop through time.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+    Two limits: a loss on the hidden layers of a pass that never reaches the output,
+    back-propagated together with a later pass that does, takes that pass's error (the
+    bookkeeping cannot tell it from backprop through time by hand); and under reentrant
+    checkpointing, steps whose outputs the loss does not read get a zero error of their own
+    (autograd hands them zeros), so checkpoint such loops with ``use_reentrant=False``.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
 
     def __init__(self):
         self.n_outputs: int | None = None
@@ -251,8 +253,9 @@ class DirectFeedbackHub:
 
     def forward_of(self, synapse, is_output: bool) -> tuple[_Pass, int]:
         """Note a synapse's forward: (its pass, which use of the synapse in that pass)."""
-        if is_output:
-            p = self._pass if self._pass is not None else self._new_pass()
+        if is_output:  # joins the pass of its hidden layers, in the same backward context
+            same = self._pass is not None and self._pass.task == _backward_task()
+            p = self._pass if same else self._new_pass()
             self._pass, self._closed = p, True
             p.outputs += 1
             return p, p.outputs - 1
@@ -266,7 +269,9 @@ class DirectFeedbackHub:
     def record(self, p: _Pass, use: int, error: torch.Tensor) -> None:
         """The output synapse's error for its ``use`` in pass ``p`` (in its backward)."""
         p.errors[use] = error
-        self._latest = (p.seq, _backward_task(), error)
+        # a pass recomputed by reentrant checkpointing records in a nested backward: keep the
+        # one it was recomputed in, which the layers outside the checkpoint run in
+        self._latest = (p.seq, p.task if p.task is not None else _backward_task(), error)
 
     def error_of(self, p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
         """The output error for use ``k`` of a hidden ``synapse`` in pass ``p``."""
@@ -329,7 +334,7 @@ class DirectRandom(FeedbackSynapse):
             raise SpecError(f"dfa feedback: the output error has shape {tuple(error.shape)}; "
                             "direct feedback takes a (batch, outputs) error, one per sample")
         b = self.weight
-        return (error.reshape(error.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
+        return (error.flatten(1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
 
     def matrix(self, forward_weight):
         return self.weight
@@ -338,7 +343,7 @@ class DirectRandom(FeedbackSynapse):
         key = prefix + "weight"
         got = tuple(state_dict[key].shape) if key in state_dict else None
         n_out = self.hub.n_outputs
-        if got not in (None, (0,)) and ((n_out is not None and got[0] != n_out) or (
+        if got not in (None, (0,)) and (not got or (n_out is not None and got[0] != n_out) or (
                 self.weight.numel() and got != tuple(self.weight.shape))):
             # not this circuit's direct feedback (another kind's B has W's shape)
             want = tuple(self.weight.shape) if self.weight.numel() else f"({n_out}, <pre shape>)"

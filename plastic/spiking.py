@@ -184,10 +184,14 @@ class LIFPopulation(nn.Module):
         return self._state(*(rest[f]() for f in self._state._fields))
 
     def _params_on(self, x: torch.Tensor):
-        """The parameters on x's device: they are tensors in a NamedTuple, which ``.to()`` does
-        not reach, so they follow the input (moved once, and kept there)."""
-        if any(torch.is_tensor(v) and v.device != x.device for v in self.p):
-            self.p = type(self.p)(*(v.to(x.device) if torch.is_tensor(v) else v for v in self.p))
+        """The parameters on x's device and in its floating dtype: they are tensors in a
+        NamedTuple, which ``.to()`` does not reach, so they follow the input (converted once,
+        and kept)."""
+        def like(v):
+            return v.to(x.device, x.dtype if v.is_floating_point() else v.dtype)
+        if any(torch.is_tensor(v) and (v.device != x.device or v.is_floating_point()
+                                       and v.dtype != x.dtype) for v in self.p):
+            self.p = type(self.p)(*(like(v) if torch.is_tensor(v) else v for v in self.p))
         return self.p
 
     def step(self, input_current: torch.Tensor, state=None):

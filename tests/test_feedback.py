@@ -500,3 +500,21 @@ def test_dfa_never_takes_an_earlier_step_s_error_after_checkpointing_and_loads_a
     used(torch.randn(2, 6, dtype=torch.float64))
     used.load_state_dict(fresh)  # saved before its first forward: lazy again
     assert used[0].feedback.weight.numel() == 0
+
+
+def test_dfa_under_reentrant_checkpoints_that_hold_the_output_and_in_low_precision():
+    """An output recomputed in a nested backward recorded that backward's id, so the layers
+    outside the checkpoint found no error; an empty batch could not be projected."""
+    from torch.utils.checkpoint import checkpoint
+    net = plastic.convert(_mlp(dims=(6, 8, 8, 3)), "dfa", seed=1)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (4,))
+    F.cross_entropy(net(x), y).backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    for reentrant in (False, True):
+        net.zero_grad()
+        h = checkpoint(lambda t: net[1](net[0](t)), x, use_reentrant=reentrant)
+        out = checkpoint(lambda t: net[4](net[3](net[2](t))), h, use_reentrant=reentrant)
+        F.cross_entropy(out, y).backward()
+        assert all(torch.allclose(a, p.grad) for a, p in zip(ref, net.parameters())), reentrant
+    net(torch.zeros(0, 6, dtype=torch.float64, requires_grad=True)).sum().backward()

@@ -99,3 +99,11 @@ def test_population_parameters_follow_the_input_s_device():
     assert torch.equal(pop.p.v_th, torch.full((3,), 0.5))
     z, _ = pop(torch.ones(4, 2, 3, dtype=torch.float64))
     assert z.dtype == torch.float64 and z.sum() > 0
+
+
+def test_population_parameters_take_the_input_s_dtype():
+    """bf16 circuits: per-neuron parameters stayed float32, and so did the spikes."""
+    from plastic.spiking import AdaptiveLIFParameters
+    pop = LIFPopulation(AdaptiveLIFParameters(v_th=torch.full((3,), 0.5)), kind="adaptive_lif")
+    z, state = pop(torch.ones(4, 2, 3, dtype=torch.bfloat16))
+    assert z.dtype == torch.bfloat16 and state.b.dtype == torch.bfloat16
