@@ -59,7 +59,7 @@ def surrogate_derivative(v: torch.Tensor, p) -> torch.Tensor:
 
 def _pre_reset_voltage(pop: LIFPopulation, current, state):
     """v_t before the reset, by the step's own operations (so it equals lif_step's)."""
-    p, dt = pop.p, pop.dt
+    p, dt = pop._params_on(current), pop.dt
     if pop.kind == "lif":
         return state.v + dt * p.tau_mem_inv * ((p.v_leak - state.v) + (state.i + current))
     return state.v + dt * p.tau_mem_inv * (current + p.v_leak - state.v)
@@ -161,9 +161,6 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
     """(readout averaged over steps, layers, weight updates, bias updates) of one batch."""
     layers = check_online(model)
-    for _, pop in layers:  # the populations' parameters on the input's device and dtype
-        if pop is not None:
-            pop._params_on(layers[0][0].weight)
     seq, const = model.encode(x)
     t_steps, b = model.steps, x.shape[0]
     classes = layers[-1][0].out_features
@@ -195,19 +192,20 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
             if pop is None:  # the readout
                 y = current
                 break
+            pp = pop._params_on(current)  # on the current's device and dtype
             c, eps, cb, eb = traces[k]
             if eps is None:
                 eps = torch.zeros_like(a)
                 c = torch.zeros_like(a) if pop.kind == "lif" else None
                 eb = torch.zeros((), dtype=a.dtype, device=a.device)
                 cb = torch.zeros_like(eb) if pop.kind == "lif" else None
-            c, eps = presynaptic_traces(a, c, eps, pop.p, pop.dt, pop.kind)
+            c, eps = presynaptic_traces(a, c, eps, pp, pop.dt, pop.kind)
             cb, eb = presynaptic_traces(torch.ones((), dtype=a.dtype, device=a.device), cb, eb,
-                                        pop.p, pop.dt, pop.kind)
+                                        pp, pop.dt, pop.kind)
             traces[k] = [c, eps, cb, eb]
             if states[k] is None:
                 states[k] = pop.initial_state(current)
-            psi[k] = surrogate_derivative(_pre_reset_voltage(pop, current, states[k]), pop.p)
+            psi[k] = surrogate_derivative(_pre_reset_voltage(pop, current, states[k]), pp)
             z, states[k] = pop.step(current, states[k])
             a = z
         out_sum = out_sum + y

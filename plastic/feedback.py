@@ -233,11 +233,12 @@ class DirectFeedbackHub:
       (reentrant checkpointing);
     * else nothing: it is an error, never an error of an earlier backward pass (step).
 
-    Two limits: a loss on the hidden layers of a pass that never reaches the output,
-    back-propagated together with a later pass that does, takes that pass's error (the
-    bookkeeping cannot tell it from backprop through time by hand); and under reentrant
-    checkpointing, steps whose outputs the loss does not read get a zero error of their own
-    (autograd hands them zeros), so checkpoint such loops with ``use_reentrant=False``.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+    Limits: a loss on the hidden layers of a pass that never reaches the output, back-propagated
+    together with a later pass that does, takes that pass's error (the bookkeeping cannot tell it
+    from backprop through time by hand).  Under reentrant checkpointing a recomputed pass loses
+    its identity: an output synapse inside a reentrant checkpoint is refused (the error above),
+    and steps whose outputs the loss does not read get a zero error of their own (autograd hands
+    them zeros); ``use_reentrant=False`` (torch's recommendation) is exact in every case tested.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
 
     def __init__(self):
         self.n_outputs: int | None = None
@@ -269,9 +270,7 @@ class DirectFeedbackHub:
     def record(self, p: _Pass, use: int, error: torch.Tensor) -> None:
         """The output synapse's error for its ``use`` in pass ``p`` (in its backward)."""
         p.errors[use] = error
-        # a pass recomputed by reentrant checkpointing records in a nested backward: keep the
-        # one it was recomputed in, which the layers outside the checkpoint run in
-        self._latest = (p.seq, p.task if p.task is not None else _backward_task(), error)
+        self._latest = (p.seq, _backward_task(), error)
 
     def error_of(self, p: _Pass, synapse, k: int, name: str) -> torch.Tensor:
         """The output error for use ``k`` of a hidden ``synapse`` in pass ``p``."""

@@ -184,15 +184,24 @@ class LIFPopulation(nn.Module):
         return self._state(*(rest[f]() for f in self._state._fields))
 
     def _params_on(self, x: torch.Tensor):
-        """The parameters on x's device and in its floating dtype: they are tensors in a
-        NamedTuple, which ``.to()`` does not reach, so they follow the input (converted once,
-        and kept)."""
-        def like(v):
-            return v.to(x.device, x.dtype if v.is_floating_point() else v.dtype)
-        if any(torch.is_tensor(v) and (v.device != x.device or v.is_floating_point()
-                                       and v.dtype != x.dtype) for v in self.p):
-            self.p = type(self.p)(*(like(v) if torch.is_tensor(v) else v for v in self.p))
-        return self.p
+        """The parameters for input x: they are tensors in a NamedTuple, which ``.to()`` does
+        not reach, so a copy follows the input: on its device, and per-neuron ones in its dtype
+        (scalars stay as they are; a tensor operand of the input's dtype keeps it).  ``self.p``
+        itself is never changed, so a bf16 input does not round a later float32 run's
+        parameters.  The copy is cached for the current parameters, device and dtype."""
+        p = self.p
+
+        def fits(v):
+            return not torch.is_tensor(v) or v.device == x.device and (
+                v.dim() == 0 or not v.is_floating_point() or v.dtype == x.dtype)
+        if all(fits(v) for v in p):
+            return p
+        cache = self.__dict__.get("_params_cache")
+        if cache is None or cache[0] is not p or cache[1] != (x.device, x.dtype):
+            conv = type(p)(*(v.to(x.device, x.dtype if v.is_floating_point() and v.dim() else
+                                  v.dtype) if torch.is_tensor(v) else v for v in p))
+            cache = self.__dict__["_params_cache"] = (p, (x.device, x.dtype), conv)
+        return cache[2]
 
     def step(self, input_current: torch.Tensor, state=None):
         """One step in time: (spikes, state)."""

@@ -107,3 +107,14 @@ def test_population_parameters_take_the_input_s_dtype():
     pop = LIFPopulation(AdaptiveLIFParameters(v_th=torch.full((3,), 0.5)), kind="adaptive_lif")
     z, state = pop(torch.ones(4, 2, 3, dtype=torch.bfloat16))
     assert z.dtype == torch.bfloat16 and state.b.dtype == torch.bfloat16
+
+
+def test_a_low_precision_input_does_not_round_a_later_run_s_parameters():
+    """The cast copy was written back: one bf16 input rounded tau_mem_inv 81.30 -> 81.5 for
+    every later float32 run."""
+    p = LIFParameters(tau_mem_inv=torch.as_tensor(1 / 0.0123), v_th=torch.full((3,), 0.3))
+    pop = LIFPopulation(p)
+    x = torch.rand(20, 2, 3) * 3
+    first = pop(x)[0]
+    pop(x.bfloat16())
+    assert torch.equal(pop.p.tau_mem_inv, p.tau_mem_inv) and torch.equal(pop(x)[0], first)
