@@ -238,7 +238,8 @@ class DirectFeedbackHub:
     from backprop through time by hand).  Under reentrant checkpointing a recomputed pass loses
     its identity: an output synapse inside a reentrant checkpoint is refused (the error above),
     and steps whose outputs the loss does not read get a zero error of their own (autograd hands
-    them zeros); ``use_reentrant=False`` (torch's recommendation) is exact in every case tested.  Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
+    them zeros); ``use_reentrant=False`` (torch's recommendation) is exact in every case tested.
+    Nothing to reset.  Not an ``nn.Module``: it holds no weights."""
 
     def __init__(self):
         self.n_outputs: int | None = None

@@ -259,6 +259,11 @@ def _conv_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
                     "or 'same' at stride 1)")
 
 
+def _check_padding_mode(mode: str) -> None:
+    if mode != "zeros":
+        raise SpecError(f"Conv2d with padding_mode={mode!r} is not supported (only 'zeros')")
+
+
 class Conv2d(Synapse):
     """A 2-D convolutional synapse (the layout of ``torch.nn.Conv2d``, zero padding).  Its backward
     pass is one ``aten.convolution_backward`` call with B in place of W: the input gradient is the
@@ -271,9 +276,7 @@ class Conv2d(Synapse):
                  feedback: FeedbackSynapse | str = "transpose", *, generator=None, device=None,
                  dtype=None):
         super().__init__()
-        if padding_mode != "zeros":
-            raise SpecError(f"Conv2d with padding_mode={padding_mode!r} is not supported "
-                            "(only 'zeros')")
+        _check_padding_mode(padding_mode)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.dilation, self.groups = _pair(dilation), int(groups)
@@ -296,9 +299,7 @@ class Conv2d(Synapse):
 
     @classmethod
     def from_module(cls, m: nn.Conv2d, feedback="transpose", **kw):
-        if m.padding_mode != "zeros":
-            raise SpecError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported "
-                            "(only 'zeros')")
+        _check_padding_mode(m.padding_mode)
         padding = _conv_padding(m.padding, m.kernel_size, m.stride, m.dilation)
         new = cls.__new__(cls)
         Synapse.__init__(new)
