@@ -81,6 +81,19 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
         return json.loads(json.dumps(spec))
 
 
+def _canonical_feedback(fb):
+    """A feedback setting with kind names in one spelling (``bp``, ``backprop`` and ``BP`` are
+    ``transpose``), so a resumed arm is compared by what it computes, not how it was written."""
+    from .feedback import is_rule
+
+    if isinstance(fb, str):
+        kind = fb.lower()
+        return "transpose" if kind in ("bp", "backprop") else kind
+    if isinstance(fb, dict) and not is_rule(fb):  # a table of synapse patterns to settings
+        return {k: _canonical_feedback(v) for k, v in fb.items()}
+    return fb
+
+
 def _differences(a: dict, b: dict, ignore=()) -> list[str]:
     """The dotted keys where two specs differ, arms, where they execute and ``ignore`` (dotted
     keys) aside."""
@@ -90,7 +103,10 @@ def _differences(a: dict, b: dict, ignore=()) -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y)):
                 if f"{prefix}{k}" not in skip:
-                    yield from walk(x.get(k), y.get(k), f"{prefix}{k}.")
+                    u, v = x.get(k), y.get(k)
+                    if k == "feedback":
+                        u, v = _canonical_feedback(u), _canonical_feedback(v)
+                    yield from walk(u, v, f"{prefix}{k}.")
         elif x != y:
             yield prefix[:-1]
     return list(walk(a, b, ""))
@@ -396,6 +412,14 @@ def _ordered_arms(r: dict) -> list[tuple[str, dict]]:
 
 
 #: what two results files may differ in and still pool an arm's seeds
+def _arm_differs(a, b) -> bool:
+    """Whether two arms' settings are different experiments (their descriptions and the
+    spelling of a kind's name aside)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return bool(_differences(a, b, ignore=("description",)))
+    return _canonical_feedback(a) != _canonical_feedback(b)
+
+
 _NOT_THE_EXPERIMENT = ("seeds", "name", "description", "circuit.name", "circuit.description")
 
 
@@ -417,7 +441,7 @@ def summary(results: list[dict]) -> list[dict]:
 
             def differs(g):
                 return (_differences(g["spec"], spec, _NOT_THE_EXPERIMENT)
-                        + ([f"arms.{arm}"] if g["arm_spec"] != arm_spec else []))
+                        + ([f"arms.{arm}"] if _arm_differs(g["arm_spec"], arm_spec) else []))
             gs = groups.setdefault(arm, [])
             g = next((g for g in gs if not differs(g)), None)
             if g is None:

@@ -177,6 +177,19 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     assert f"fa [s0, s1] ({pooled:.2f}%)" in [t.get_text() for t in legend]
 
 
+def test_report_pools_an_arm_whose_kind_is_spelt_otherwise(tmp_path, capsys):
+    """bp = "backprop" in one file and "bp" in another (or another description) is one
+    experiment: one row of two seeds, not two rows 'under different specs'."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--out", str(a), "--arms", "bp", "-q", "--set", *FAST, "epochs=1",
+                 "seeds=[0]"]) == 0
+    assert main(["run", "--out", str(b), "--arms", "bp", "-q", "--set", *FAST, "epochs=1",
+                 "seeds=[1]", "arms.bp.feedback=Backprop", "arms.bp.description=control"]) == 0
+    capsys.readouterr()
+    rows = results.summary([results.read(p) for p in (a, b)])
+    assert [(r["arm"], r["seeds"]) for r in rows] == [("bp", 2)]
+
+
 @pytest.mark.parametrize("sets, message", [
     (["arms.fa.feedback=foo"], "unknown rule 'foo'"),
     (["epochz=3"], "unknown key 'epochz' (did you mean 'epochs'?)"),
@@ -611,6 +624,10 @@ def test_resume_refuses_an_arm_whose_settings_changed(tmp_path, capsys):
     # another arm may still join the file
     assert main(["run", "--out", out, "--arms", "fa", "-q", "--resume", "--set", *FAST,
                  "epochs=1"]) == 0
+    # another spelling of the same kind is the same arm (it was refused as a changed arm)
+    for same in ("backprop", "BP", "transpose"):
+        assert main(["run", "--out", out, "--arms", "bp", "-q", "--resume", "--set", *FAST,
+                     "epochs=1", f"arms.bp.feedback={same}"]) == 0, capsys.readouterr().err
 
 
 def test_resume_ignores_a_checkpoint_the_results_file_has_no_row_of(tmp_path, monkeypatch,
