@@ -718,3 +718,38 @@ def test_resume_ignores_an_arm_s_description_and_no_arms_means_the_top_level_fee
     arms = S.resolve_protocol({"feedback": "fa"})["arms"]
     assert list(arms) == ["fa"] and arms["fa"]["feedback"] == "fa"  # it ran bp
     assert list(S.resolve_protocol({})["arms"]) == ["bp"]
+
+
+def test_an_interrupt_takes_the_progress_bar_off_and_says_what_was_kept(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Ctrl-C mid-epoch closes the terminal's progress bar (it was left mid-line, under the
+    message); Ctrl-C before the results file exists says nothing was written (it said finished
+    epochs were kept in a file that did not exist)."""
+    from plastic import train as T
+    bars, steps = [], []
+    monkeypatch.setattr(T._Progress, "__init__",
+                        lambda self, enabled: setattr(self, "tty", enabled) or
+                        setattr(self, "enabled", enabled) or setattr(self, "bar", None))
+    start = T._Progress.start
+    monkeypatch.setattr(T._Progress, "start",
+                        lambda self, total, desc: start(self, total, desc) or bars.append(self.bar))
+    update = T._Progress.update
+
+    def interrupting_update(self, loss):
+        steps.append(loss)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        update(self, loss)
+    monkeypatch.setattr(T._Progress, "update", interrupting_update)
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), "--arms", "fa", "--set", *FAST]) == 130
+    assert len(bars) == 1 and bars[0].disable  # closed
+    assert f"interrupted; finished epochs are kept in {out / 'results.h5'}" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "ResultsWriter", interrupted)
+    assert main(["run", "--out", str(tmp_path / "early"), "--arms", "fa", "--set", *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; nothing was written yet (continue with: plastic run --out" in err
+    assert not (tmp_path / "early" / "results.h5").exists()

@@ -1,4 +1,6 @@
 """Kunin et al.'s primitives: ΔB equals the autograd gradient of R; locality; alignment."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -405,6 +407,15 @@ def test_batch_centred_activity(make):
     assert torch.allclose(g, expected, atol=1e-9)
     with pytest.raises(plastic.SpecError, match="center must be"):
         LearnedFeedback(syn.weight, rule, center="sample")
+    # a batch of one has no activity left after centring: the activity terms vanish, with a
+    # warning (once), and only Decay acts
+    one = x[:1]
+    with pytest.warns(UserWarning, match="batch of one sample"):
+        g = fb.grad(syn, one, op.forward(one, syn.weight.detach()))
+    assert torch.allclose(g, rules.fused_grad({"decay": 0.1}, _signals(syn, one, fb.weight.detach())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fb.grad(syn, one, op.forward(one, syn.weight.detach()))
 
 
 @pytest.mark.parametrize("make", [_dense, _conv], ids=["dense", "conv"])

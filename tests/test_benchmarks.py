@@ -1,0 +1,41 @@
+"""The benchmark scripts run and refuse bad arguments in one line (they are never timed here: a
+timing figure on a shared machine is not a test)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_overhead_prints_each_kind_with_its_bound():
+    r = _run("overhead.py", "--kinds", "decay,information", "--rounds", "1", "--steps", "1",
+             "--warmup", "0", "--batch", "4", "--json-only")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bounds"] == {"decay": 1.0, "information": pytest.approx(5 / 3, abs=1e-3)}
+    assert out["decay"] > 0 and out["information"] > 0
+    assert out["ratio_to_bound"]["decay"] == pytest.approx(out["decay"], abs=1e-3)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("overhead.py", ["--kinds", "decay,amplitude"], "unknown kind(s) ['amplitude']"),
+    ("overhead.py", ["--kinds", "decay,decay"], "--kinds lists a kind twice"),
+    ("overhead.py", ["--rounds", "0"], "must be >= 1"),
+    ("overhead.py", ["--threads", "0"], "must be >= 1"),
+    ("memory_format.py", ["--steps", "0"], "--rounds and --steps must be >= 1"),
+    ("memory_format.py", ["--kinds", "bp,usff"], "unknown arm(s) ['usff']"),
+    ("memory_format.py", ["--kinds", "mirror"], "mirror learns in sleep phases"),
+])
+def test_bad_arguments_are_one_line_errors(script, args, message):
+    r = _run(script, *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
+    assert r.stdout == ""
