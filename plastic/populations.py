@@ -47,12 +47,26 @@ class RateState(NamedTuple):
     r: torch.Tensor  # firing rate
 
 
+def _check_rate_parameters(p) -> None:
+    """tau > 0 and 0 < dt < 2 tau (the Euler step diverges otherwise); tau may be per neuron."""
+    if not isinstance(p, RateParameters):
+        raise SpecError(f"rate population parameters must be a RateParameters(tau, dt), got "
+                        f"{type(p).__name__}")
+    tau, dt = p.tau, p.dt
+    if isinstance(tau, torch.Tensor) or isinstance(dt, torch.Tensor):
+        tau, dt = torch.as_tensor(tau), torch.as_tensor(dt)
+        ok = bool(((tau > 0) & (dt > 0) & (dt < 2 * tau)).all())
+    else:
+        ok = tau > 0 and 0 < dt < 2 * tau  # False for NaN
+    if not ok:
+        raise SpecError(f"rate dynamics need tau > 0 and 0 < dt < 2 tau (the Euler step "
+                        f"diverges otherwise), got tau={p.tau}, dt={p.dt}")
+
+
 def rate_step(input_current: torch.Tensor, state: RateState, p: RateParameters,
               activation: Callable = torch.tanh) -> tuple[torch.Tensor, RateState]:
     """One Euler step of tau dr/dt = -r + f(I).  Returns (rate, new state)."""
-    if not (p.tau > 0 and 0 < p.dt < 2 * p.tau):
-        raise SpecError(f"rate dynamics need tau > 0 and 0 < dt < 2 tau (the Euler step "
-                        f"diverges otherwise), got tau={p.tau}, dt={p.dt}")
+    _check_rate_parameters(p)
     r = state.r + (p.dt / p.tau) * (activation(input_current) - state.r)
     return r, RateState(r)
 
@@ -73,6 +87,7 @@ class RatePopulation(nn.Module):
             self.activation = activation
         else:
             raise SpecError(f"activation must be a name or a callable, got {activation!r}")
+        _check_rate_parameters(p)
         self.p = p
 
     def initial_state(self, input_current: torch.Tensor) -> RateState:

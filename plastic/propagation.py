@@ -80,6 +80,15 @@ def _event(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out if bias is None else out.add_(bias)
 
 
+def _forward_ad(*tensors) -> bool:
+    """Whether a tensor carries a forward-mode tangent (``torch.autograd.forward_ad``) or is a
+    ``torch.func`` transform's tensor: the event path's embedding bag supports neither."""
+    import torch.autograd.forward_ad as fwAD
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+    return any(t is not None and (fwAD.unpack_dual(t).tangent is not None or wrapped(t))
+               for t in tensors)
+
+
 def propagate(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               mode: str = "auto", threshold: float | None = None) -> torch.Tensor:
     """``spikes @ weight.T + bias`` for spikes (..., n_in) and weight (n_out, n_in): (..., n_out).
@@ -89,7 +98,7 @@ def propagate(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     below ``threshold``, by default ``crossover_density(m, n_in, n_out)``; the density is
     counted by the event path's own scan, after a 32-row probe that skips the scan when the
     spikes are clearly dense).  Results agree to float summation order
-    (module doc).  Under autograd the dense product is always used."""
+    (module doc).  Under autograd (reverse or forward mode) the dense product is always used."""
     if mode not in MODES:
         raise SpecError(f"unknown propagation mode {mode!r}; known: {', '.join(MODES)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -99,13 +108,16 @@ def propagate(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not isinstance(spikes, torch.Tensor) or spikes.dim() < 1 or spikes.shape[-1] != n_in:
         raise SpecError(f"spikes (..., {n_in}) expected for a weight {tuple(weight.shape)}, got "
                         f"{tuple(getattr(spikes, 'shape', ()))}")
-    if bias is not None and tuple(bias.shape) != (n_out,):
-        raise SpecError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)
+                             or bias.dtype != weight.dtype):
+        raise SpecError(f"bias must be a tensor of shape ({n_out},) in the weight's dtype "
+                        f"{weight.dtype}, got {type(bias).__name__} "
+                        f"{tuple(getattr(bias, 'shape', ()))} {getattr(bias, 'dtype', '')}")
     if spikes.dtype != weight.dtype:
         spikes = spikes.to(weight.dtype)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (spikes, weight, bias))
-    if mode == "dense" or grad:
+    if mode == "dense" or grad or n_in == 0 or _forward_ad(spikes, weight, bias):
         return F.linear(spikes, weight, bias)
     lead = spikes.shape[:-1]
     flat = spikes.reshape(-1, n_in)

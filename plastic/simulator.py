@@ -210,7 +210,7 @@ class TimeStepped(nn.Module):
             return m(seq)
         t, b = seq.shape[:2]
         flat = seq.reshape(t * b, *seq.shape[2:])
-        if spikes and isinstance(m, (Dense, nn.Linear)) and not torch.is_grad_enabled():
+        if spikes and not torch.is_grad_enabled() and _plain_linear(m):
             y = propagate(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
         else:
             y = m(flat)
@@ -260,16 +260,41 @@ def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: fl
         raise SpecError("spiking_version needs a sequential circuit (mlp, convnet)")
     converted = 0
     for i, m in enumerate(new):
+        if isinstance(m, RatePopulation) and not _is_relu(m.activation):
+            raise SpecError(f"spiking_version: population {i} has the activation "
+                            f"{m.activation_name!r}; only ReLU populations become spiking ones "
+                            "(a spiking neuron's rate is a rectified function of its current)")
         if isinstance(m, (RatePopulation, nn.ReLU)):
             new[i] = LIFPopulation(params, dt, kind)
             converted += 1
         elif isinstance(m, _ACTIVATIONS):
             raise SpecError(f"spiking_version: module {i} is a torch {type(m).__name__}; only "
-                            "rate populations and nn.ReLU become spiking populations")
+                            "ReLU populations and nn.ReLU become spiking populations")
     if not converted:
         raise SpecError("spiking_version: the circuit has no rate population (or nn.ReLU) to "
                         "make spiking")
     return TimeStepped(new, steps, dt, **options)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """Whether ``m(x)`` is exactly ``propagate(x, m.weight, m.bias)``: a Dense synapse or a
+    Linear with their own forward and no hooks (a pruning mask, a hook on the output, a
+    subclass's forward were skipped by the event-driven shortcut)."""
+    from torch.nn.modules import module as M
+    plain = ((isinstance(m, Dense) and type(m).forward is Synapse.forward
+              and type(m)._forward_op is Dense._forward_op)
+             or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
+    return plain and not (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
+                          or M._global_forward_pre_hooks)
+
+
+def _is_relu(f) -> bool:
+    """Whether an activation is the ReLU (by its values, so a custom rectifier counts)."""
+    z = torch.linspace(-3, 3, 13)
+    try:
+        return bool(torch.equal(f(z), torch.relu(z)))
+    except Exception:
+        return False
 
 
 # torch activations that are not a ReLU: a spiking population's rate is not one of them

@@ -363,6 +363,10 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         raise SpecError(f"unknown optimizer {spec['optimizer']['name']!r}; known: {', '.join(OPTIMIZERS)}")
     if spec["time"]["steps"] < 1 or spec["time"]["dt"] <= 0:
         raise SpecError(f"time.steps must be >= 1 and time.dt > 0, got {spec['time']}")
+    if spec["time"]["encoder"] == "poisson" and spec["time"]["f_max"] * spec["time"]["dt"] > 1:
+        raise SpecError(f"time.f_max · time.dt is the spike probability per step and must be "
+                        f"<= 1, got {spec['time']['f_max']} Hz · {spec['time']['dt']} s (above 1 "
+                        "every input rate saturates at 1/dt)")
     c = spec["circuit"]
     if not 0 <= c["excitatory"] <= 1 or not 0 < c["connectivity"] <= 1 or c["delay"] < 0:
         raise SpecError("circuit.excitatory must be in [0, 1], circuit.connectivity in (0, 1] and "

@@ -57,3 +57,20 @@ def test_circuits_refuse_what_would_not_run_or_not_learn():
         with pytest.raises(SpecError, match="0 < dt < 2 tau"):
             rate_step(torch.ones(3), r, bad)
     torch.save(plastic.convert(models.mlp(4, [3], 2, "identity"), "fa"), io.BytesIO())
+
+
+def test_rate_parameters_are_checked_when_the_population_is_made():
+    """A dict or tuple p failed at the first step (AttributeError); a per-neuron tau tensor was
+    an ambiguous-truth-value error; bad dynamics only showed at the first step."""
+    for bad in ({"tau": 1e-2}, (1e-2, 1e-3)):
+        with pytest.raises(plastic.SpecError, match="must be a RateParameters"):
+            RatePopulation("relu", bad)
+    with pytest.raises(plastic.SpecError, match="0 < dt < 2 tau"):
+        RatePopulation("relu", RateParameters(tau=1e-3, dt=5e-3))
+    with pytest.raises(plastic.SpecError, match="0 < dt < 2 tau"):
+        RatePopulation("relu", RateParameters(tau=torch.tensor([1e-2, 1e-4]), dt=1e-3))
+    tau = torch.tensor([1e-2, 2e-3, 5e-3])
+    pop = RatePopulation("tanh", RateParameters(tau=tau, dt=1e-3))
+    i = torch.tensor([[1.0, -1.0, 0.5]])
+    r, _ = pop.step(i)
+    assert torch.allclose(r, (1e-3 / tau) * torch.tanh(i))

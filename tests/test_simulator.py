@@ -508,6 +508,15 @@ def test_spiking_version_takes_torch_relus_and_refuses_other_activations():
         spiking_version(net)
     with pytest.raises(SpecError, match="no rate population"):
         spiking_version(torch.nn.Sequential(net[0], net[2]))
+    # a signed rate population (models.mlp's default tanh) became non-negative LIF neurons
+    for act in ("tanh", "identity", "leaky_relu", "sigmoid"):
+        with pytest.raises(SpecError, match=f"population 2 has the activation '{act}'"):
+            spiking_version(plastic.models.mlp(4, [6], 3, act))
+    assert isinstance(spiking_version(plastic.models.mlp(4, [6], 3, "relu")).circuit[2],
+                      LIFPopulation)
+    from plastic.populations import RatePopulation
+    custom = torch.nn.Sequential(net[0], RatePopulation(lambda v: v.clamp_min(0)), net[2])
+    assert isinstance(spiking_version(custom).circuit[1], LIFPopulation)
 
 
 def test_lif_populations_refuse_unstable_steps_and_another_kind_s_parameters():
@@ -549,3 +558,37 @@ def test_online_learning_refuses_adaptive_and_per_neuron_time_constants():
                           steps=5)
         with pytest.raises(SpecError, match="adaptive_lif|per neuron"):
             check_online(net)
+
+
+def test_evaluation_without_gradients_runs_the_synapses_hooks_and_forward():
+    """Without gradients, spikes went through propagate(x, W, b) and skipped the synapse's
+    hooks and forward: a pruned synapse used its stale weight (1.15 off the same pass with
+    gradients), a hook on the output and a Linear subclass's forward were ignored."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    net = plastic.convert(TimeStepped(models.mlp(16, [32], 4, "lif"), 20, encoder="poisson",
+                                      input_mean=0.0, input_std=1.0), "fa")
+    prune.l1_unstructured(net.circuit[3], "weight", amount=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 4, (8,))
+    F.cross_entropy(net(x), y).backward()
+    opt.step()  # weight_orig moves; the pruned weight is recomputed by the pre-hook
+
+    def out(grad):
+        torch.manual_seed(1)  # the same Poisson input
+        with torch.set_grad_enabled(grad):
+            return net(x).detach()
+    assert torch.allclose(out(False), out(True), atol=1e-6)
+    h = net.circuit[3].register_forward_hook(lambda m, i, o: o * 0)
+    assert out(False).abs().max() == 0
+    h.remove()
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    ts = TimeStepped(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32),
+                                         LIFPopulation(), Doubled(32, 4)), 20)
+    xs = torch.rand(8, 16) * 5
+    with torch.no_grad():
+        a = ts(xs)
+    assert torch.allclose(a, ts(xs).detach(), atol=1e-6) and a.abs().max() > 0

@@ -89,6 +89,50 @@ def test_encoders_rates_latency_and_errors():
         encoders.latency(x, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_encoders_are_exact_in_half_precision(dtype):
+    """The spike probability and the spike time were computed in the input's dtype: a rate of
+    0.02 per step fired at 0.0395 in bfloat16, and a latency past the last step was an index
+    error (bfloat16, T = 300)."""
+    from plastic import encoders
+    x = torch.full((20000,), 2.0 ** -6)  # 0.0156, exact in every dtype
+    p = [float(encoders.poisson(x.to(d), 50, f_max=1000.0, dt=1e-3,
+                                generator=torch.Generator().manual_seed(0)).float().mean())
+         for d in (torch.float32, dtype)]
+    assert p[0] == p[1] and abs(p[1] - 2.0 ** -6) < 0.001
+    assert encoders.poisson(x.to(dtype), 2).dtype == dtype
+    v = torch.rand(1000).to(dtype)
+    for steps in (11, 300, 4000):
+        lat = encoders.latency(v, steps)
+        exact = encoders.latency(v.float(), steps)  # the same intensities, in float32
+        assert lat.dtype == dtype and torch.equal(lat.float(), exact)
+
+
+def test_encoders_refuse_what_they_cannot_encode():
+    """NaN passed the range check (no spikes, or a bare index error); f_max·dt > 1 saturated
+    every rate at 1/dt silently; a list or steps=True were bare errors.  Integer and boolean
+    data are intensities as floats."""
+    import plastic
+    from plastic import encoders
+    for bad, match in (((torch.tensor([0.5, float("nan")]), 5), "NaN"),
+                       (([0.5, 0.2], 5), "tensor of intensities"),
+                       ((torch.tensor([0.5]), True), "positive integer")):
+        for enc in (encoders.poisson, encoders.latency, encoders.constant_current):
+            with pytest.raises(plastic.SpecError, match=match):
+                enc(*bad)
+    for f_max, dt in ((2000.0, 1e-3), (-100.0, 1e-3), (100.0, -1e-3)):
+        with pytest.raises(plastic.SpecError, match="f_max·dt must be in"):
+            encoders.poisson(torch.tensor([0.5]), 5, f_max=f_max, dt=dt)
+    b = torch.tensor([True, False, True])
+    assert torch.equal(encoders.latency(b, 5)[0], torch.tensor([1.0, 0.0, 1.0]))
+    assert encoders.poisson(b, 5, f_max=1000.0).sum(0).tolist() == [5.0, 0.0, 5.0]
+    with pytest.raises(plastic.SpecError, match="intensities in"):
+        encoders.poisson(torch.tensor([0, 255], dtype=torch.uint8), 5)
+    from plastic.spec import resolve_protocol
+    with pytest.raises(plastic.SpecError, match="time.f_max · time.dt"):
+        resolve_protocol({"time": {"encoder": "poisson", "f_max": 2000.0}})
+
+
 def test_population_parameters_follow_the_input_s_device():
     """They live in a NamedTuple, which .to() does not reach: a per-neuron v_th stayed on the
     CPU (a device error on a GPU).  They are moved to the input's device once; to_empty (the

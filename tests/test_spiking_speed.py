@@ -233,3 +233,28 @@ def test_benchmark_quick_run_reports_identical_spikes():
                 ["--threads", "0"]):
         with pytest.raises(SystemExit), redirect_stderr(io.StringIO()):
             bench.main(["--quick", *bad])
+
+
+def test_propagate_edge_cases_agree_with_the_dense_product():
+    """No inputs (a Dense(0, n)) was a reshape error in event and auto modes; forward-mode AD and
+    torch.func.jvp took the event path and failed; a bias of another dtype was cast silently on
+    the event path but refused on the dense one."""
+    import torch.autograd.forward_ad as fwAD
+    from plastic.propagation import propagate
+    w0 = torch.randn(5, 0)
+    for mode in ("event", "auto"):
+        assert torch.equal(propagate(torch.zeros(4, 0), w0, torch.ones(5), mode=mode),
+                           torch.ones(4, 5))
+    torch.manual_seed(0)
+    w, s = torch.randn(300, 400), (torch.rand(800, 400) < 0.01).float()
+    t = torch.randn_like(s)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(propagate(fwAD.make_dual(s, t), w)).tangent
+    assert torch.allclose(tangent, t @ w.T, atol=1e-5)
+    assert torch.allclose(torch.func.jvp(lambda x: propagate(x, w), (s,), (t,))[1], t @ w.T,
+                          atol=1e-5)
+    for mode in ("dense", "event"):
+        with pytest.raises(plastic.SpecError, match="weight's dtype"):
+            propagate(s, w, torch.zeros(300, dtype=torch.float64), mode=mode)
+        with pytest.raises(plastic.SpecError, match="bias must be a tensor"):
+            propagate(s, w, [0.0] * 300, mode=mode)
