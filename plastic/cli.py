@@ -47,10 +47,11 @@ def _cmd_run(args):
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
         if rp.exists():
-            _report([rp], False, figures=True)
+            _report([rp], args.markdown, figures=True)
         again = ["plastic", "run", *([args.protocol] if args.protocol else []), "--out", str(out),
                  *(["--arms", args.arms] if args.arms else []),
-                 *(["--set", *args.set] if args.set else []), "--resume"]
+                 *(["--set", *args.set] if args.set else []), "--resume",
+                 *(["--markdown"] if args.markdown else []), *(["-q"] if args.quiet else [])]
         kept = (f"finished epochs are kept in {rp}" if rp.exists() else
                 "nothing was written yet")
         print(f"\nplastic: interrupted; {kept} (continue with: {shlex.join(again)})",

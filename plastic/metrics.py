@@ -2,7 +2,9 @@
 
 * ``weight_angles``: the angle between each feedback weight B and W^T.
 * ``update_angles``: the angle between the weight update a rule delivers to each hidden synapse
-  and the update backprop would deliver on the same batch (Lillicrap et al. 2016, Fig. 2).
+  and the update backprop would deliver on the same batch (the weight-update counterpart of
+  Lillicrap et al. 2016's angle between hidden-unit updates, Δh_FA ∠ Δh_BP, which
+  ``hidden_angles`` also gives: the signal angle).
 """
 from __future__ import annotations
 
@@ -156,7 +158,8 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
 
     * update: between the weight updates dL/dW;
     * signal: between the error signals delta arriving at the synapse's post population, over
-      the whole batch (Lillicrap et al. 2016's angle between Δh_FA and Δh_BP).
+      the whole batch and every use of the synapse (Lillicrap et al. 2016's angle between
+      Δh_FA and Δh_BP).
 
     Uses ``torch.autograd.grad`` with plasticity paused, so the parameters' ``.grad`` (B's too)
     are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always
@@ -171,8 +174,8 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     params = [s.weight for _, s in named]
 
     def grads():
-        outs = {}
-        hooks = [s.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o))
+        outs = {n: [] for n, _ in named}  # every use of a synapse (a tied or reused one)
+        hooks = [s.register_forward_hook(lambda m, i, o, n=n: outs[n].append(o))
                  for n, s in named]
         try:
             loss = loss_fn(model(x), y)
@@ -181,11 +184,17 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
                 h.remove()
         # a synapse the forward pass did not use (an auxiliary head) has no error, and a frozen
         # one (requires_grad False) no update: NaN
-        want = params + [outs.get(n) for n, _ in named]
+        uses = [o for n, _ in named for o in outs[n]]
+        want = params + uses
         live = [t for t in want if t is not None and t.requires_grad]
         g = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else ())
         g = [next(g) if t is not None and t.requires_grad else None for t in want]
-        return g[:len(params)], g[len(params):]
+        g_uses, signals = iter(g[len(params):]), []
+        for n, _ in named:  # the error over all of a synapse's uses
+            mine = [next(g_uses) for _ in outs[n]]
+            ok = bool(mine) and all(e is not None for e in mine)
+            signals.append(torch.cat([e.reshape(-1) for e in mine]) if ok else None)
+        return g[:len(params)], signals
 
     # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's
     # random stream is left untouched

@@ -293,7 +293,14 @@ def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict
         rec = g.get("recordings")
         if rec is None or not len(rec):
             return {}
-        s = rec[f"seed{seed}"] if seed is not None else rec[sorted(rec)[0]]
+        recorded = sorted(int(k[4:]) for k in rec)  # seed2 before seed10
+        if seed is None:  # the protocol's first seed that has a recording
+            order = [int(v) for v in json.loads(h.attrs.get("seeds", "[]"))]
+            seed = next((v for v in order if v in recorded), recorded[0])
+        elif seed not in recorded:
+            raise ResultsError(f"{path}: arm {arm!r} has no recording of seed {seed}; recorded "
+                               f"seeds: {', '.join(map(str, recorded))}")
+        s = rec[f"seed{seed}"]
         return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
 
 
@@ -486,6 +493,7 @@ def _row(name: str, g: dict) -> dict:
         "update_angle": ua, "weight_angle": wa,
         "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
         "population": a.get("population", ""),
+        "synapses": list(a.get("synapses", [])),
         "convert_from": a.get("convert_from", ""),
         "learning": a.get("learning", "backprop"),
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
@@ -564,9 +572,10 @@ def format_layers(rows: list[dict], markdown: bool = False) -> str:
         vals = [_nanmean([f.get(prefix + n, np.nan) for f in r[when]]) for n in names]
         return " / ".join("-" if math.isnan(v) else f"{v:.{digits}f}" for v in vals)
     head, cols = ["arm", "test acc (%)"], []
+    order = _circuit_order(r.get("synapses", []) for r in rows)
     for title, prefix, when in LAYER_COLUMNS:
         names = sorted({k[len(prefix):] for r in rows for f in r[when] for k in f
-                        if k.startswith(prefix)}, key=_natural)
+                        if k.startswith(prefix)}, key=order)
         if names:
             head.append(f"{title}: {' / '.join(names)}")
             cols.append((prefix, when, names, 2 if prefix == "norm_ratio/" else 1))
@@ -584,6 +593,17 @@ def format_layers(rows: list[dict], markdown: bool = False) -> str:
         out.append(head[j])
         out += [f"  {b[0]:<{w}}  {b[1]:>7}  {b[j]}" for b in body]
     return "\n".join(out)
+
+
+def _circuit_order(synapse_lists):
+    """Sort key for synapse names: their place in the circuit (the arms' recorded synapse lists,
+    in module order), then, for names in none of them, numbered names by number.  A ResNet's
+    names sorted as text put the readout "fc" second."""
+    rank: dict[str, int] = {}
+    for names in synapse_lists:
+        for n in names:
+            rank.setdefault(n, len(rank))
+    return lambda name: (0, rank[name], []) if name in rank else (1, 0, _natural(name))
 
 
 def _natural(name: str) -> list:
@@ -612,9 +632,12 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
                 if any(k.startswith(p) for a in arms.values() for k in a["metrics"])]
     if not prefixes:
         return False
+    from matplotlib.ticker import MaxNLocator
     # one colour per synapse in every panel, synapses in circuit order ("2" before "13")
+    order = _circuit_order(a.get("synapses") or a.get("attrs", {}).get("synapses", [])
+                           for a in arms.values())
     names = sorted({k.split("/", 1)[1] for a in arms.values() for k in a["metrics"]
-                    if k.startswith(tuple(p for p, _ in prefixes))}, key=_natural)
+                    if k.startswith(tuple(p for p, _ in prefixes))}, key=order)
     colour = {s: f"C{i % 10}" for i, s in enumerate(names)}
     fig, axes = plt.subplots(len(prefixes), n, figsize=(3.2 * n, 2.75 * len(prefixes)),
                              squeeze=False, sharey="row")
@@ -631,6 +654,7 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
                     axx.plot(ep, v, marker=".", color=colour[s], label=s)
                     top = max(top, min(180.0, float(np.nanmax(v)) + 5))
             axx.axhline(90, color="gray", lw=0.5, ls="--")
+            axx.xaxis.set_major_locator(MaxNLocator(integer=True))
             axx.set_title(f"{arm}: {title}", fontsize=9)
             if i == len(prefixes) - 1:
                 axx.set_xlabel("epoch")
@@ -651,6 +675,7 @@ def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
     files = []
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for arm, a in arms.items():
@@ -659,10 +684,16 @@ def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
             continue
         ep, acc = _mean_curve(m, "test_accuracy")
         sel = ep > 0
-        final = np.mean([f["test_accuracy"] for f in final_rows(m).values()])  # as in the table
-        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=f"{arm} ({100 * final:.2f}%)")
+        last = final_rows(m)
+        final = np.mean([f["test_accuracy"] for f in last.values()])  # as in the table
+        trained = max(int(f["epoch"]) for f in last.values())
+        label = (f"{arm} ({100 * final:.2f}%)" if trained else
+                 f"{arm} (no epoch trained; {100 * final:.2f}% untrained)")
+        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=label)
         ep2, loss = _mean_curve(m, "train_loss")
         ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
+    for a in ax:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
     ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)

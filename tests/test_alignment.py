@@ -1,4 +1,6 @@
 """Alignment on real MNIST data (the embedded sample of real digits)."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,36 @@ def test_angles_of_a_circuit_with_a_frozen_synapse():
                                            torch.randint(0, 3, (4,)))
     assert update["0"] != update["0"] and 1 < update["2"] < 179
     assert 1 < signal["0"] < 179
+
+
+def test_the_error_angle_of_a_reused_synapse_covers_every_use():
+    """A synapse used twice in one pass (tied weights, a recurrence unrolled by hand) was
+    compared on its last use only (97.8° where both uses give 94.5°)."""
+    from plastic.metrics import backprop
+    from plastic.synapses import plasticity_paused
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rec = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.rec(torch.tanh(self.rec(torch.tanh(self.inp(x)))))))
+    torch.manual_seed(0)
+    net = plastic.convert(Twice(), "fa", seed=0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def errors(exact):
+        outs = []
+        h = net.rec.register_forward_hook(lambda m, i, o: outs.append(o))
+        with backprop(net) if exact else contextlib.nullcontext(), plasticity_paused():
+            g = torch.autograd.grad(F.cross_entropy(net(x), y), outs)
+        h.remove()
+        return torch.cat([e.reshape(-1) for e in g])
+    both = plastic.angle(errors(False), errors(True))
+    assert plastic.hidden_angles(net, F.cross_entropy, x, y)[1]["rec"] == pytest.approx(both,
+                                                                                       abs=1e-6)
 
 
 def test_weight_angles_leave_out_hidden_dfa_and_keep_the_random_stream():

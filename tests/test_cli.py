@@ -416,8 +416,8 @@ def test_ctrl_c_during_the_epoch_writes_leaves_results_and_checkpoint_agreeing(t
     monkeypatch.setattr(results.ResultsWriter, "append", real_append)
     hint = capsys.readouterr().err.split("continue with: ")[1].rsplit(")", 1)[0]
     again = shlex.split(hint)  # the command the message gives, run as given
-    assert again[:2] == ["plastic", "run"] and "--resume" in again
-    assert main(again[1:]) == 0
+    assert again[:2] == ["plastic", "run"] and "--resume" in again and again[-1] == "-q"
+    assert main(again[1:-1]) == 0  # without -q, to see where it resumed
     assert "resumed after epoch 2" in capsys.readouterr().err
     assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1, 2, 3, 4, 5]
 
@@ -742,9 +742,12 @@ def test_an_interrupt_takes_the_progress_bar_off_and_says_what_was_kept(tmp_path
         update(self, loss)
     monkeypatch.setattr(T._Progress, "update", interrupting_update)
     out = tmp_path / "r"
-    assert main(["run", "--out", str(out), "--arms", "fa", "--set", *FAST]) == 130
+    assert main(["run", "--out", str(out), "--arms", "fa", "--markdown", "--set", *FAST]) == 130
     assert len(bars) == 1 and bars[0].disable  # closed
-    assert f"interrupted; finished epochs are kept in {out / 'results.h5'}" in capsys.readouterr().err
+    printed, err = capsys.readouterr()
+    assert f"interrupted; finished epochs are kept in {out / 'results.h5'}" in err
+    # the table as asked (it was plain text), and the command to continue keeps --markdown
+    assert printed.startswith("| arm |") and err.rstrip().endswith("--resume --markdown)")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -753,3 +756,47 @@ def test_an_interrupt_takes_the_progress_bar_off_and_says_what_was_kept(tmp_path
     err = capsys.readouterr().err
     assert "interrupted; nothing was written yet (continue with: plastic run --out" in err
     assert not (tmp_path / "early" / "results.h5").exists()
+
+
+def test_report_lists_a_resnet_s_synapses_in_circuit_order(tmp_path, capsys, saved_figures):
+    """Names sorted as text put a ResNet's readout "fc" second, in --layers and angles.png."""
+    out, proto = tmp_path / "r", tmp_path / "resnet.toml"
+    proto.write_text('name = "tiny-resnet"\ndata = "mnist-sample"\nepochs = 1\nthreads = 1\n'
+                     'train_limit = 256\ntest_limit = 128\nprobe_size = 64\n[circuit]\n'
+                     'kind = "resnet"\nchannels = [4, 8]\nblocks = [1, 1]\n'
+                     '[arms.fa]\nfeedback = "fa"\n')
+    assert main(["run", str(proto), "--out", str(out), "-q"]) == 0
+    order = results.read(out)["arms"]["fa"]["attrs"]["synapses"]
+    assert order[0] == "conv1" and order[-1] == "fc" and len(order) > 4
+    capsys.readouterr()
+    assert main(["report", str(out), "--layers", "--figures"]) == 0
+    heading = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("B–Wᵀ angle"))
+    assert heading.split(": ", 1)[1].split(" / ") == order
+    ax = next(a for a in saved_figures["angles.png"].axes if a.get_title() == "fa: ∠(B, Wᵀ)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == order
+
+
+def test_a_diverged_arm_s_legend_says_it_trained_no_epoch(tmp_path, saved_figures):
+    """An arm that diverged in its first epoch showed its untrained accuracy under the legend
+    title "final test accuracy"."""
+    out = tmp_path / "d"
+    assert main(["run", "--out", str(out), "--arms", "bp,fa", "-q", "--set", *FAST,
+                 "epochs=1", "arms.fa.lr=1e37"]) == 2
+    legend = [t.get_text() for t in
+              saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()]
+    assert legend[0].startswith("bp (") and legend[0].endswith("%)")
+    assert legend[1].startswith("fa (no epoch trained; ") and legend[1].endswith("% untrained)")
+
+
+def test_recordings_of_the_first_seed_are_the_protocol_s_first(tmp_path):
+    """With seeds [2, 10], "seed10" < "seed2" as text: seed 10's recording was returned."""
+    w = results.ResultsWriter(tmp_path, {"name": "x", "seeds": [2, 10], "arms": {"a": {}}})
+    w.arm_group("a", {"feedback": "fa"})
+    for s in (10, 2):
+        w.append("a", {"seed": s, "epoch": 0, "test_accuracy": 0.1})
+        w.write_recording("a", s, 0, {"2/rates": np.full(3, float(s))})
+    w.close()
+    assert results.read_recordings(tmp_path, "a")[0]["2/rates"].tolist() == [2.0] * 3
+    assert results.read_recordings(tmp_path, "a", seed=10)[0]["2/rates"].tolist() == [10.0] * 3
+    with pytest.raises(results.ResultsError, match="no recording of seed 3; recorded seeds: 2, 10"):
+        results.read_recordings(tmp_path, "a", seed=3)
