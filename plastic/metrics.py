@@ -190,10 +190,11 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
         g = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else ())
         g = [next(g) if t is not None and t.requires_grad else None for t in want]
         g_uses, signals = iter(g[len(params):]), []
-        for n, _ in named:  # the error over all of a synapse's uses
-            mine = [next(g_uses) for _ in outs[n]]
-            ok = bool(mine) and all(e is not None for e in mine)
-            signals.append(torch.cat([e.reshape(-1) for e in mine]) if ok else None)
+        for n, _ in named:  # the error over all of a synapse's uses (0 at a use it skips)
+            mine = [(next(g_uses), o) for o in outs[n]]
+            ok = any(e is not None for e, _ in mine)
+            signals.append(torch.cat([(e if e is not None else torch.zeros_like(o)).reshape(-1)
+                                      for e, o in mine]) if ok else None)
         return g[:len(params)], signals
 
     # both passes see the same random draws (a Poisson encoder, brsf's B), and the training's

@@ -715,7 +715,8 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
     their seeds pooled as in ``plastic report`` (a protocol run in parts, or one seed per file).
     The title is the first file's protocol."""
     rs = [read(results_path(p)) for p in paths]
-    arms = {row["arm"]: {"metrics": row["metrics"]} for row in summary(rs)}
+    arms = {row["arm"]: {"metrics": row["metrics"], "synapses": row["synapses"]}
+            for row in summary(rs)}
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ResultsError(f"cannot write figures to {out_dir}: it is a file, not a directory")

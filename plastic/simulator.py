@@ -279,18 +279,19 @@ def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: fl
 def _plain_linear(m: nn.Module) -> bool:
     """Whether ``m(x)`` is exactly ``propagate(x, m.weight, m.bias)``: a Dense synapse or a
     Linear with their own forward and no hooks (a pruning mask, a hook on the output, a
-    subclass's forward were skipped by the event-driven shortcut)."""
+    subclass's or an instance's own forward were skipped by the event-driven shortcut)."""
     from torch.nn.modules import module as M
     plain = ((isinstance(m, Dense) and type(m).forward is Synapse.forward
               and type(m)._forward_op is Dense._forward_op)
              or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
-    return plain and not (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
+    return plain and "forward" not in m.__dict__ and not (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
                           or M._global_forward_pre_hooks)
 
 
 def _is_relu(f) -> bool:
-    """Whether an activation is the ReLU (by its values, so a custom rectifier counts)."""
-    z = torch.linspace(-3, 3, 13)
+    """Whether an activation is the ReLU (by its values, so a custom rectifier counts; a capped
+    one such as relu6 does not)."""
+    z = torch.cat([torch.linspace(-3, 3, 13), torch.tensor([-1e4, -0.37, 0.37, 7.3, 123.4, 1e4])])
     try:
         return bool(torch.equal(f(z), torch.relu(z)))
     except Exception:

@@ -382,8 +382,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
     _check_feedback("feedback", spec["feedback"])
     # no arms: one arm of the top-level feedback (bp by default)
     default = spec["feedback"]
-    arms = spec["arms"] or {("bp" if default == PROTOCOL_SCHEMA["feedback"][1] else
-                             default if isinstance(default, str) else "arm"): {}}
+    # named by the kind, whatever its spelling: "backprop" and "transpose" are both arm bp (a
+    # resume under the other spelling started a second arm of the same experiment)
+    arms = spec["arms"] or {("arm" if not isinstance(default, str) else
+                             "bp" if default.lower() in ("transpose", "bp", "backprop") else
+                             default.lower()): {}}
     if (spec["arms"] and default != PROTOCOL_SCHEMA["feedback"][1] and warn
             and all(isinstance(a, dict) and "feedback" in a for a in arms.values())):
         warnings.warn(f"feedback = {spec['feedback']!r} is not read: every arm sets its own "

@@ -130,22 +130,35 @@ def test_the_error_angle_of_a_reused_synapse_covers_every_use():
             self.inp, self.rec = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
             self.out = torch.nn.Linear(16, 3)
 
+        skip_first = False
+
         def forward(self, x):
-            return self.out(torch.tanh(self.rec(torch.tanh(self.rec(torch.tanh(self.inp(x)))))))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.skip_first):
+                h = torch.tanh(self.rec(torch.tanh(self.inp(x))))
+            return self.out(torch.tanh(self.rec(h)))
     torch.manual_seed(0)
     net = plastic.convert(Twice(), "fa", seed=0)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
 
-    def errors(exact):
+    def errors(exact, skip_first=False):
         outs = []
         h = net.rec.register_forward_hook(lambda m, i, o: outs.append(o))
+        net.skip_first = skip_first
         with backprop(net) if exact else contextlib.nullcontext(), plasticity_paused():
-            g = torch.autograd.grad(F.cross_entropy(net(x), y), outs)
+            loss = F.cross_entropy(net(x), y)
+            outs = outs[1:] if skip_first else outs
+            g = torch.autograd.grad(loss, outs)
+        net.skip_first = False
         h.remove()
         return torch.cat([e.reshape(-1) for e in g])
     both = plastic.angle(errors(False), errors(True))
     assert plastic.hidden_angles(net, F.cross_entropy, x, y)[1]["rec"] == pytest.approx(both,
                                                                                        abs=1e-6)
+    # a use that gets no error (under no_grad) counts as zero error, not as a NaN angle
+    second_only = errors(False, skip_first=True), errors(True, skip_first=True)
+    net.skip_first = True
+    assert plastic.hidden_angles(net, F.cross_entropy, x, y)[1]["rec"] == pytest.approx(
+        plastic.angle(*second_only), abs=1e-6)
 
 
 def test_weight_angles_leave_out_hidden_dfa_and_keep_the_random_stream():

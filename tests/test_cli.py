@@ -177,6 +177,15 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     assert f"fa [s0, s1] ({pooled:.2f}%)" in [t.get_text() for t in legend]
 
 
+def test_the_arm_of_a_protocol_without_arms_is_named_by_its_kind():
+    """"backprop" named the arm backprop and "transpose" named it bp, so a resume under the
+    other spelling trained a second arm of the same experiment from epoch 0."""
+    from plastic.spec import resolve_protocol
+    for fb, arm in (("backprop", "bp"), ("Transpose", "bp"), ("BP", "bp"), ("FA", "fa"),
+                    ({"amp": 1.0, "decay": 1.0}, "arm")):
+        assert list(resolve_protocol({"feedback": fb})["arms"]) == [arm]
+
+
 def test_report_pools_an_arm_whose_kind_is_spelt_otherwise(tmp_path, capsys):
     """bp = "backprop" in one file and "bp" in another (or another description) is one
     experiment: one row of two seeds, not two rows 'under different specs'."""
@@ -772,6 +781,9 @@ def test_report_lists_a_resnet_s_synapses_in_circuit_order(tmp_path, capsys, sav
     assert main(["report", str(out), "--layers", "--figures"]) == 0
     heading = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("B–Wᵀ angle"))
     assert heading.split(": ", 1)[1].split(" / ") == order
+    ax = next(a for a in saved_figures["angles.png"].axes if a.get_title() == "fa: ∠(B, Wᵀ)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == order
+    assert main(["report", str(out), "--out", str(tmp_path / "combined")]) == 0  # the same
     ax = next(a for a in saved_figures["angles.png"].axes if a.get_title() == "fa: ∠(B, Wᵀ)")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == order
 

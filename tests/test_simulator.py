@@ -517,6 +517,9 @@ def test_spiking_version_takes_torch_relus_and_refuses_other_activations():
     from plastic.populations import RatePopulation
     custom = torch.nn.Sequential(net[0], RatePopulation(lambda v: v.clamp_min(0)), net[2])
     assert isinstance(spiking_version(custom).circuit[1], LIFPopulation)
+    for capped in (F.relu6, lambda v: v.clamp(0, 4)):  # equal to the ReLU on [-3, 3] only
+        with pytest.raises(SpecError, match="only ReLU populations"):
+            spiking_version(torch.nn.Sequential(net[0], RatePopulation(capped), net[2]))
 
 
 def test_lif_populations_refuse_unstable_steps_and_another_kind_s_parameters():
@@ -592,3 +595,11 @@ def test_evaluation_without_gradients_runs_the_synapses_hooks_and_forward():
     with torch.no_grad():
         a = ts(xs)
     assert torch.allclose(a, ts(xs).detach(), atol=1e-6) and a.abs().max() > 0
+    # a forward set on the instance (as accelerate's hooks do) is the module's forward too
+    plain = torch.nn.Linear(32, 4)
+    ts = TimeStepped(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32),
+                                         LIFPopulation(), plain), 20)
+    plain.forward = lambda x, f=plain.forward: 2 * f(x)
+    with torch.no_grad():
+        a = ts(xs)
+    assert torch.allclose(a, ts(xs).detach(), atol=1e-6)
