@@ -3,6 +3,7 @@ optimizer and schedule) with its own feedback rule, and metrics go to the result
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -117,6 +118,19 @@ def _constrain(model, circuit, seed):
     return apply_circuit_constraints(model, exc or None, conn if conn < 1.0 else None, seed)
 
 
+def _own_random_stream(fn):
+    """Run ``fn(model, ...)`` on a fork of the random stream: a measurement that draws (a Poisson
+    encoder's spikes) leaves training's draws as they were, so the size of the test set or a
+    recording does not change the trained weights."""
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        from .metrics import _cuda_devices
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            return fn(model, *args, **kwargs)
+    return wrapped
+
+
+@_own_random_stream
 @torch.no_grad()
 def evaluate(model, ds, batch_size, device, label_smoothing=0.0, stats=False):
     """(accuracy, loss) on the test set; with ``stats`` also a dict of inference statistics:
@@ -141,6 +155,7 @@ def evaluate(model, ds, batch_size, device, label_smoothing=0.0, stats=False):
     return correct / n, loss / n
 
 
+@_own_random_stream
 @torch.no_grad()
 def recording(model, x, rec: dict) -> dict:
     """What the [record] table asks for on the probe x: per population spikes (uint8), voltages

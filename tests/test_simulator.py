@@ -603,3 +603,19 @@ def test_evaluation_without_gradients_runs_the_synapses_hooks_and_forward():
     with torch.no_grad():
         a = ts(xs)
     assert torch.allclose(a, ts(xs).detach(), atol=1e-6)
+
+
+def test_measuring_a_poisson_circuit_does_not_change_its_training(tmp_path):
+    """The test pass and the recorder drew their Poisson spikes from training's random stream:
+    another test_limit, or a recording, gave other trained weights."""
+    from plastic.cli import main
+    sets = ["epochs=2", "train_limit=256", "circuit.hidden=[32]", "time.steps=4",
+            "time.encoder=poisson", "probe_size=0", "threads=1"]
+    runs = {"a": ["test_limit=64", "record.samples=0"], "b": ["test_limit=128", "record.samples=0"],
+            "c": ["test_limit=64", "record.samples=4"]}
+    for d, extra in runs.items():
+        assert main(["run", "rate_vs_spiking", "--arms", "lif-fa", "--out", str(tmp_path / d),
+                     "-q", "--set", *sets, *extra]) == 0
+    w = {d: torch.load(tmp_path / d / "weights" / "lif-fa-seed0.pt") for d in runs}
+    for d in "bc":
+        assert all(torch.equal(w["a"][k], w[d][k]) for k in w["a"]), d
