@@ -114,16 +114,18 @@ def check_online(model) -> list:
 
 @torch.no_grad()
 def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
-                label_smoothing: float = 0.0) -> torch.Tensor:
+                label_smoothing: float = 0.0, return_loss: bool = False):
     """Simulate one batch step by step and add the eligibility-trace updates of every synapse
     to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
     are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
     Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
     is stored: memory is that of one step.  ``label_smoothing`` mixes the one-hot target with
     the uniform distribution, as in ``F.cross_entropy``.  A DDP-wrapped circuit may be passed
-    (the circuit inside is stepped)."""
+    (the circuit inside is stepped).  With ``return_loss``: (readout, loss), the loss being
+    the one the updates descend, the mean over steps of the per-step readout's cross-entropy
+    (not the cross-entropy of the averaged readout)."""
     from .metrics import unwrapped
-    out, layers, gw, gb = _online_updates(unwrapped(model), x, target, label_smoothing)
+    out, layers, gw, gb, loss = _online_updates(unwrapped(model), x, target, label_smoothing)
     # no autograd pass for DDP to hook: average over processes here
     mean_over_processes([*gw, *(g for g in gb if g is not None)])
     for k, (syn, _) in enumerate(layers):
@@ -132,14 +134,16 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
             FeedbackSynapse.accumulate(syn.bias, gb[k])
         if isinstance(syn.feedback, KolenPollack):
             FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
-    return out
+    return (out, loss) if return_loss else out
 
 
 def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: torch.Tensor,
                          label_smoothing: float = 0.0) -> dict[str, float]:
     """{hidden synapse: angle between the weight update ``online_step`` applies (e-prop) and
     backprop through time's dL/dW} on one batch, with the same random draws (a Poisson
-    encoder); nothing is written into ``.grad``."""
+    encoder); nothing is written into ``.grad``.  L is the loss e-prop descends, the mean over
+    steps of ``loss_fn`` on each step's readout (the cross-entropy of the averaged readout has
+    another gradient, 18° from it on a small circuit)."""
     from .convert import synapses
     from .metrics import angle, backprop, same_draws, unwrapped
     from .synapses import plasticity_paused
@@ -147,19 +151,21 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
     model = unwrapped(model)
     replay = same_draws(model)
     with replay():
-        _, layers, gw, _ = _online_updates(model, x, target, label_smoothing)
+        _, layers, gw, _, _ = _online_updates(model, x, target, label_smoothing)
     names = {id(s): n for n, s in synapses(model)}
     hidden = [(names[id(s)], s, g) for (s, _), g in zip(layers, gw) if not s.is_output]
     with backprop(model), plasticity_paused(), torch.enable_grad(), replay():
-        bp = torch.autograd.grad(loss_fn(model(x), target), [s.weight for _, s, _ in hidden],
-                                 allow_unused=True)
+        steps = model.run(x, per_step=True)[0]  # (T, B, classes)
+        loss = loss_fn(steps.flatten(0, 1), target.repeat(steps.shape[0]))
+        bp = torch.autograd.grad(loss, [s.weight for _, s, _ in hidden], allow_unused=True)
     return {n: angle(g, b) if b is not None else float("nan")
             for (n, _, g), b in zip(hidden, bp)}
 
 
 @torch.no_grad()
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
-    """(readout averaged over steps, layers, weight updates, bias updates) of one batch."""
+    """(readout averaged over steps, layers, weight updates, bias updates, the loss descended:
+    the mean over steps of the readout's cross-entropy) of one batch."""
     layers = check_online(model)
     seq, const = model.encode(x)
     t_steps, b = model.steps, x.shape[0]
@@ -176,7 +182,7 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
     gb = [None if s.bias is None else torch.zeros_like(s.bias) for s, _ in layers]
     psi = [None] * n
     inputs = [None] * n
-    out_sum = 0.0
+    out_sum = loss_sum = 0.0
     first_current = None
     for t in range(t_steps):
         a = seq if const else seq[t]
@@ -209,6 +215,7 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
             z, states[k] = pop.step(current, states[k])
             a = z
         out_sum = out_sum + y
+        loss_sum = loss_sum - (onehot * torch.log_softmax(y, -1)).sum()  # the loss descended
         err = (torch.softmax(y, -1) - onehot) / (t_steps * b)
         delta = err
         for k in range(n - 1, -1, -1):
@@ -225,4 +232,4 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
             else:
                 signal = delta @ fbm[k]
             delta = signal * psi[k - 1]
-    return out_sum / t_steps, layers, gw, gb
+    return out_sum / t_steps, layers, gw, gb, loss_sum / (t_steps * b)

@@ -145,8 +145,10 @@ class TimeStepped(nn.Module):
         return (z if scale is None else z.mul_(scale)), False
 
     # -- simulation ------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, record: tuple = (), every: int = 1, stats: bool = False):
-        """Simulate the circuit on a batch ``x`` (B, ...): (readout (B, classes), Recording).
+    def run(self, x: torch.Tensor, record: tuple = (), every: int = 1, stats: bool = False,
+            per_step: bool = False):
+        """Simulate the circuit on a batch ``x`` (B, ...): (readout (B, classes), Recording);
+        with ``per_step`` the readout of every step, (T, B, classes), instead of its mean.
         ``record``: any of "spikes", "voltages"; ``stats``: count firing and synaptic operations
         and keep the per-step readout."""
         if not (isinstance(every, int) and every >= 1):
@@ -191,7 +193,11 @@ class TimeStepped(nn.Module):
                     # a rate population inside a time-stepped circuit: its rate counts as firing
                     rec.spike_count += float(seq.detach().sum()) / b * (t if const else 1)
                     rec.neuron_steps += seq[0].numel() * t if const else seq[0, 0].numel() * t
-        if const:
+        if per_step:
+            out = seq.expand(t, *seq.shape) if const else seq
+            if stats:
+                rec.outputs = out.detach()
+        elif const:
             out = seq
             if stats:
                 rec.outputs = seq.detach().unsqueeze(0).expand(t, *seq.shape)

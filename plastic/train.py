@@ -383,8 +383,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             if online:  # eligibility traces, step by step; no graph through time
-                with torch.no_grad():
-                    loss = loss_fn(online_step(model, x, y, smoothing), y)
+                loss = online_step(model, x, y, smoothing, return_loss=True)[1]
             else:
                 loss = loss_fn(model(x), y)
                 loss.backward()

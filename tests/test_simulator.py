@@ -406,6 +406,33 @@ def test_online_arms_measure_the_update_they_apply_and_read_label_smoothing():
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_online_arms_report_and_measure_against_the_loss_they_descend():
+    """e-prop descends the mean over steps of each step's cross-entropy; train_loss and the
+    BPTT reference of the update angle were the cross-entropy of the averaged readout, whose
+    gradient lies 18° from it.  The readout's e-prop update is that loss's exact gradient."""
+    from plastic import data
+    from plastic.eligibility import online_step, online_update_angles
+    from plastic.metrics import backprop
+    from plastic.synapses import plasticity_paused
+    torch.manual_seed(0)
+    ds = data.load("mnist-sample", 256, 64)
+    net = plastic.convert(TimeStepped(models.mlp(784, [64], 10, "lif"), 10), "fa", seed=0)
+    x, y = ds.normalize(ds.train_x[:64]), ds.train_y[:64].long()
+    with backprop(net), plasticity_paused(), torch.enable_grad():
+        steps = net.run(x, per_step=True)[0]
+        assert steps.shape == (10, 64, 10) and torch.allclose(steps.mean(0), net(x), atol=1e-6)
+        loss = F.cross_entropy(steps.flatten(0, 1), y.repeat(10), label_smoothing=0.1)
+        w1, w2 = net.circuit[1].weight, net.circuit[3].weight
+        g1, g2 = torch.autograd.grad(loss, [w1, w2])
+    net.zero_grad()
+    _, descended = online_step(net, x, y, 0.1, return_loss=True)
+    assert float(descended) == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.allclose(w2.grad, g2, atol=1e-6)  # the readout: exact
+    angle = online_update_angles(net, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1),
+                                 x, y, 0.1)["circuit.1"]
+    assert angle == pytest.approx(plastic.angle(w1.grad, g1), abs=1e-4)
+
+
 def test_the_voltage_figure_draws_the_circuits_threshold(tmp_path, monkeypatch):
     from plastic import plots
     from plastic.results import figures
