@@ -71,6 +71,13 @@ _UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn
                 nn.Bilinear, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
 
 
+def _inside_unconverted(module: nn.Module):
+    """A test for module names inside a layer convert leaves as it is (``_UNCONVERTED``)."""
+    prefixes = tuple(f"{n}." for n, m in module.named_modules()
+                     if n and isinstance(m, _UNCONVERTED))
+    return lambda name: bool(prefixes) and name.startswith(prefixes)
+
+
 def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
@@ -104,11 +111,14 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         raise SpecError(f"convert: seed must be an integer, got {seed!r}")
     # what cannot be converted is refused before the copy (which some of it breaks)
     layers = (nn.Linear, nn.Conv2d, Synapse)
+    kept = _inside_unconverted(module)
     for n, m in module.named_modules():
-        if isinstance(m, layers):
+        if isinstance(m, layers) and not kept(n):
             _check_convertible(n or "(root)", m)
     root = module if inplace else copy.deepcopy(module)
-    targets = [(n, m) for n, m in root.named_modules() if isinstance(m, layers) and n != ""]
+    # the Linear inside an attention layer (its out_proj) is not called by it: it stays as it is
+    targets = [(n, m) for n, m in root.named_modules()
+               if isinstance(m, layers) and n != "" and not kept(n)]
     if isinstance(root, layers):
         targets.insert(0, ("", root))
     if not targets:
@@ -116,7 +126,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     # a module used at several places (a tied layer) becomes one synapse at all of them
     places: dict[int, list[str]] = {}
     for n, m in root.named_modules(remove_duplicate=False):
-        if n and isinstance(m, (nn.Linear, nn.Conv2d, Synapse)):
+        if n and isinstance(m, (nn.Linear, nn.Conv2d, Synapse)) and not kept(n):
             places.setdefault(id(m), []).append(n)
     exact = [f"{n or '(root)'} ({type(m).__name__})" for n, m in root.named_modules()
              if isinstance(m, _UNCONVERTED)]

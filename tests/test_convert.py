@@ -168,6 +168,17 @@ def test_layers_convert_cannot_make_plastic_are_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plastic.convert(models.convnet(3, [4, 8], 10), "fa")  # nothing unconverted: no warning
+    # an attention layer stays whole: its out_proj (a Linear it never calls) became an "fa"
+    # synapse that carried no error, yet was reported with angles
+    att = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True,
+                                                               dropout=0.0),
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 5, 3))
+    with pytest.warns(UserWarning, match=r"0.self_attn \(MultiheadAttention\)"):
+        p = plastic.convert(att, "fa")
+    assert [n for n, _ in plastic.synapses(p)] == ["0.linear1", "0.linear2", "2"]
+    assert not isinstance(p[0].self_attn.out_proj, Dense)
+    x = torch.randn(4, 5, 16)
+    assert torch.allclose(p(x), att(x), atol=1e-6)
 
 
 def test_tied_layers_stay_tied_and_what_convert_cannot_carry_is_reported():
