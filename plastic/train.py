@@ -23,7 +23,7 @@ from .convert import circuit_name, convert, synapses
 from .errors import SpecError
 from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
-from .results import ResultsWriter
+from .results import ResultsWriter, results_path
 from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
 from .spiking import SPIKING_KINDS, LIFPopulation
 
@@ -514,11 +514,20 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
-    for a in names:  # validate every arm, built as run_arm builds it, before writing anything
-        try:
+    for i, a in enumerate(names):  # validate every arm, built as run_arm builds it, before
+        try:                         # writing anything
             _model(spec, spec["arms"][a], spec["seeds"][0], ds)
         except SpecError as e:
             raise SpecError(f"arm {a!r}: {e}") from None
+        src = spec["arms"][a].get("convert_from")
+        missing = [s for s in spec["seeds"] if not _weights_path(out_dir, src, s).exists()] \
+            if src and src not in names[:i] else []
+        if missing:  # the weights it converts are neither there nor trained before it here
+            again = " with --resume" if results_path(out_dir).exists() else ""
+            raise SpecError(
+                f"arm {a!r} converts the weights of arm {src!r}, which {out_dir} does not hold "
+                f"(seed {', '.join(map(str, missing))}); run arm {src!r} first into the same "
+                f"--out{again}, or both together (--arms {src},{a})")
     run_spec = dict(spec)
     run_spec["arms"] = {a: spec["arms"][a] for a in names}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)

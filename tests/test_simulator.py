@@ -379,6 +379,18 @@ def test_converted_arm_runs_the_circuits_population_params_and_online_arms_are_c
     with pytest.raises(SpecError, match="arm 'fa': online learning supports"):
         run_protocol(spec, tmp_path / "o", progress=False)
     assert not results_path(tmp_path / "o").exists()
+    # a converted arm alone, without its source's weights: refused before the results file is
+    # written (following the advice then met "results.h5 already exists")
+    two = resolve_protocol({**spec, "circuit": {"kind": "mlp", "hidden": [16], "population": "relu"},
+                            "arms": {"rate": {"feedback": "fa"},
+                                     "converted": {"convert_from": "rate", "population": "lif"}}})
+    with pytest.raises(SpecError, match=r"does not hold \(seed 0\); run arm 'rate' first into "
+                                        r"the same --out, or both together"):
+        run_protocol(two, tmp_path / "c", arms=["converted"], progress=False)
+    assert not results_path(tmp_path / "c").exists()
+    run_protocol(two, tmp_path / "c", arms=["rate"], progress=False)
+    run_protocol(two, tmp_path / "c", arms=["converted"], resume=True, progress=False)
+    assert "converted" in read(tmp_path / "c")["arms"]
 
 
 def test_online_arms_measure_the_update_they_apply_and_read_label_smoothing():
