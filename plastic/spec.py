@@ -457,4 +457,11 @@ def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dic
         p = PROTOCOLS_DIR / f"{p}.toml"
     raw = read_toml(p, "protocol")
     raw.setdefault("name", p.stem)
+    # a circuit or data file named by a relative path is found beside the protocol file (as
+    # well as from the working directory, which --set values are relative to)
+    for key, suffixes in (("circuit", (".toml",)), ("data", (".h5", ".hdf5"))):
+        v = raw.get(key)
+        if (isinstance(v, str) and Path(v).suffix in suffixes and not Path(v).is_absolute()
+                and not Path(v).exists() and (p.parent / v).exists()):
+            raw[key] = str(p.parent / v)
     return resolve_protocol(raw, sets)

@@ -812,3 +812,22 @@ def test_recordings_of_the_first_seed_are_the_protocol_s_first(tmp_path):
     assert results.read_recordings(tmp_path, "a", seed=10)[0]["2/rates"].tolist() == [10.0] * 3
     with pytest.raises(results.ResultsError, match="no recording of seed 3; recorded seeds: 2, 10"):
         results.read_recordings(tmp_path, "a", seed=3)
+
+
+def test_a_protocol_finds_its_circuit_and_data_files_beside_it(tmp_path, monkeypatch):
+    """circuit = "c.toml" and data = "d.h5" in proj/p.toml were looked for in the working
+    directory only: `plastic run proj/p.toml` said "circuit file not found"."""
+    import shutil
+    from plastic import data as data_mod
+    from plastic.spec import CIRCUITS_DIR, load_protocol
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(CIRCUITS_DIR / "mlp-small.toml", proj / "c.toml")
+    shutil.copy(data_mod.REPO_DATA / "mnist-sample.h5", proj / "d.h5")
+    (proj / "p.toml").write_text('name = "p"\ndata = "d.h5"\ncircuit = "c.toml"\n'
+                                 '[arms.fa]\nfeedback = "fa"\n')
+    monkeypatch.chdir(tmp_path)
+    spec = load_protocol("proj/p.toml")
+    assert spec["data"] == str(Path("proj") / "d.h5") and spec["circuit"]["name"] == "c"
+    assert main(["run", "proj/p.toml", "--out", "r", "-q", "--set", "epochs=1",
+                 "train_limit=128", "test_limit=64", "probe_size=0"]) == 0
