@@ -209,11 +209,17 @@ def _optimizer(spec, arm, model):
 def _schedule(spec, opt, steps_per_epoch, lr):
     s, total = spec["schedule"], spec["epochs"] * steps_per_epoch
     if s["name"] == "onecycle":
-        # torch divides by zero when the warm-up is exactly one step (pct_start * total == 1), as
-        # in a short smoke run; a warm-up of one step or less is no warm-up
-        pct = s["pct_start"] if s["pct_start"] * total > 1 else 0.0
+        if s["pct_start"] * total <= 1:
+            # a warm-up of one step or less is no warm-up (torch divides by zero at exactly
+            # one), and torch's cycle without one starts a step into its annealing: a run of
+            # one step trained at the final lr, lr/(div·final_div).  So, as in a short smoke
+            # run: cosine annealing from lr, the first step at lr, the last at the final lr.
+            low = 1.0 / (s["div_factor"] * s["final_div_factor"])
+            span = max(total - 1, 1)
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda t: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span)))
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=total, pct_start=pct,
+            opt, max_lr=lr, total_steps=total, pct_start=s["pct_start"],
             div_factor=s["div_factor"], final_div_factor=s["final_div_factor"],
             cycle_momentum=False)
     if s["name"] == "cosine":
