@@ -481,6 +481,9 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
     import h5py
 
     path = dataset_path(name)
+    if name in SAMPLES and not REPO_DATA.is_dir():
+        from .spec import NOT_A_CHECKOUT
+        raise DataError(f"the embedded sample {name!r}: {NOT_A_CHECKOUT}")
     if not path.exists():
         hint = (f"run 'plastic data fetch {name}'" if name in FETCHABLE else
                 f"known data sets: {', '.join(FETCHABLE + list(SAMPLES))}")

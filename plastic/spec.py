@@ -196,9 +196,17 @@ def _get(spec: dict, dotted: str):
     return spec
 
 
+NOT_A_CHECKOUT = ("plastic's protocols/, circuits/ and data/ folders are not beside the installed "
+                  "package (a non-editable install); install from a checkout with "
+                  "'pip install -e .'")
+
+
 def read_toml(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.exists():
+        if path.parent in (PROTOCOLS_DIR, CIRCUITS_DIR) and not path.parent.is_dir():
+            raise SpecError(f"{what} file not found: {path}; {NOT_A_CHECKOUT}, or name a "
+                            f"{what} file")
         raise SpecError(f"{what} file not found: {path}")
     if not path.is_file():
         raise SpecError(f"{path} is a directory, not a {what} file")
@@ -290,6 +298,9 @@ def _circuit_table(circuit: str) -> dict:
     p = Path(circuit)
     if p.suffix != ".toml":
         p = CIRCUITS_DIR / f"{circuit}.toml"
+        if not CIRCUITS_DIR.is_dir():
+            raise SpecError(f"circuit {circuit!r}: {NOT_A_CHECKOUT}, or give the circuit as a "
+                            "table or a file")
         if not p.exists():
             known = sorted(q.stem for q in CIRCUITS_DIR.glob("*.toml"))
             raise SpecError(f"unknown circuit {circuit!r}; known: {', '.join(known)}")

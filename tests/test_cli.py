@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import plastic
 from plastic import results
 from plastic.cli import main
 
@@ -831,3 +832,20 @@ def test_a_protocol_finds_its_circuit_and_data_files_beside_it(tmp_path, monkeyp
     assert spec["data"] == str(Path("proj") / "d.h5") and spec["circuit"]["name"] == "c"
     assert main(["run", "proj/p.toml", "--out", "r", "-q", "--set", "epochs=1",
                  "train_limit=128", "test_limit=64", "probe_size=0"]) == 0
+
+
+def test_an_install_without_the_checkout_s_folders_says_so(tmp_path, monkeypatch, capsys):
+    """A wheel (pip install .) holds the package only: the quickstart said 'protocol file not
+    found: .../protocols/quickstart.toml' with no hint why."""
+    from plastic import data as data_mod
+    from plastic import spec as spec_mod
+    gone = tmp_path / "site-packages"
+    monkeypatch.setattr(spec_mod, "PROTOCOLS_DIR", gone / "protocols")
+    monkeypatch.setattr(spec_mod, "CIRCUITS_DIR", gone / "circuits")
+    monkeypatch.setattr(data_mod, "REPO_DATA", gone / "data")
+    assert main(["run", "--out", str(tmp_path / "r")]) == 2
+    assert "non-editable install" in _err_line(capsys)
+    with pytest.raises(plastic.SpecError, match="circuit 'mlp-small': .*pip install -e"):
+        spec_mod.resolve_circuit("mlp-small")
+    with pytest.raises(plastic.DataError, match="embedded sample 'mnist-sample': .*non-editable"):
+        data_mod.load("mnist-sample")
