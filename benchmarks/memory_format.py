@@ -35,7 +35,7 @@ def _model(spec, kind, channels_last):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=5, help="training steps per timed sample")
     ap.add_argument("--kinds", default=",".join(KINDS),

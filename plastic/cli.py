@@ -97,6 +97,9 @@ def _cmd_data(args):
     from . import data
 
     if args.action == "list":
+        if args.name or args.source or args.out or args.no_canonical or args.no_verify:
+            raise SpecError("plastic data list takes no data set name or options; it lists "
+                            "every data set (plastic data fetch NAME fetches one)")
         for name in data.FETCHABLE + list(data.SAMPLES):
             p = data.dataset_path(name)
             print(f"{name:16s} {'present' if p.exists() else 'missing':8s} {p}")
@@ -153,8 +156,14 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # 'plastic' alone, or 'plastic --out DIR', runs the quickstart
     args = parser().parse_args(argv)
-    fmt = warnings.formatwarning
+    fmt, show, shown = warnings.formatwarning, warnings.showwarning, set()
     warnings.formatwarning = _format_warning  # one line, as errors are; not the Python source
+
+    def show_once(message, category, *args, **kwargs):  # an arm built twice (checked, then
+        if (category, str(message)) not in shown:       # trained) warned twice
+            shown.add((category, str(message)))
+            show(message, category, *args, **kwargs)
+    warnings.showwarning = show_once
     try:
         return args.func(args)
     except PlasticError as e:
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
         print("\nplastic: interrupted", file=sys.stderr)
         return 130
     finally:
-        warnings.formatwarning = fmt
+        warnings.formatwarning, warnings.showwarning = fmt, show
 
 
 def _format_warning(message, category, filename, lineno, line=None):

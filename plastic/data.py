@@ -122,6 +122,8 @@ def _read_maybe_gz(path: Path) -> bytes:
 
 def find_idx_files(folder: Path) -> dict[str, Path]:
     """The four IDX files in ``folder`` (searched recursively; plain or .gz)."""
+    if not Path(folder).is_dir():
+        raise DataError(f"{folder}: no such folder")
     found = {}
     for f in FILES:
         hits = sorted(Path(folder).rglob(f)) + sorted(Path(folder).rglob(f + ".gz"))

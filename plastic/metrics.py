@@ -38,6 +38,17 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(float(c)))
 
 
+def _synapses_of(model: nn.Module) -> list:
+    """(name, synapse) of a circuit's plastic synapses; a model without any (not converted)
+    is an error, not an empty measurement."""
+    syns = list(synapses(model))
+    if not syns:
+        from .errors import SpecError
+        raise SpecError(f"{type(model).__name__} has no plastic synapse to measure; convert it "
+                        "first (plastic.convert(model, feedback))")
+    return syns
+
+
 def _compared(model: nn.Module):
     """(name, synapse, B) for every synapse whose B stands in for W^T: B has W's shape and is
     not a hidden layer's direct-feedback matrix (which projects from the output and has no W^T
@@ -46,7 +57,7 @@ def _compared(model: nn.Module):
     model = unwrapped(model)
     out = []
     with torch.random.fork_rng(devices=_cuda_devices(model)):
-        for name, syn in synapses(model):
+        for name, syn in _synapses_of(model):
             if syn.feedback.direct and not syn.is_output:
                 continue
             b = syn.feedback.matrix(syn.weight)
@@ -77,7 +88,7 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     model = unwrapped(model)
     from .learned import LearnedFeedback
 
-    named = [(n, s) for n, s in synapses(model) if isinstance(s.feedback, LearnedFeedback)]
+    named = [(n, s) for n, s in _synapses_of(model) if isinstance(s.feedback, LearnedFeedback)]
     if not named:
         return {}
     seen: dict[str, list] = {}
@@ -165,7 +176,7 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     are untouched; buffers (batch-norm statistics) are restored.  The output synapse (always
     0 degrees for layer-wise rules) is left out unless ``include_output``."""
     model = unwrapped(model)
-    syns = list(synapses(model))
+    syns = _synapses_of(model)
     # the output synapse: the one convert marked, or in a circuit built by hand, the last
     output = {id(s) for _, s in syns if s.is_output} or {id(s) for _, s in syns[-1:]}
     named = [(n, s) for n, s in syns if include_output or id(s) not in output]

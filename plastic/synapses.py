@@ -170,7 +170,7 @@ class Synapse(nn.Module):
                                     f"takes one sample per row, {self.unbatched_dim + 1}-D input; "
                                     f"got {tuple(x.shape)}")
                 with torch.no_grad():
-                    self._forward_op(x[:1], self.weight, self.bias)  # torch's error, if wrong
+                    self._forward_op(x, self.weight, self.bias)  # torch's error, if wrong
             fb.materialize(x.shape[1:], x.device, self.weight.dtype)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases

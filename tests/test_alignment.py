@@ -190,3 +190,14 @@ def test_angles_of_a_circuit_built_by_hand_leave_out_its_output():
     update = plastic.update_angles(net, F.cross_entropy, torch.randn(8, 6),
                                    torch.randint(0, 3, (8,)))
     assert list(update) == ["0"]
+
+
+def test_measuring_an_unconverted_model_is_an_error():
+    """weight_angles and update_angles on a plain torch model returned {} silently."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    for measure in (lambda: plastic.weight_angles(net), lambda: plastic.metrics.norm_ratios(net),
+                    lambda: plastic.update_angles(net, F.cross_entropy, x, y),
+                    lambda: plastic.metrics.rule_values(net, x)):
+        with pytest.raises(plastic.SpecError, match="no plastic synapse to measure; convert it"):
+            measure()

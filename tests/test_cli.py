@@ -849,3 +849,12 @@ def test_an_install_without_the_checkout_s_folders_says_so(tmp_path, monkeypatch
         spec_mod.resolve_circuit("mlp-small")
     with pytest.raises(plastic.DataError, match="embedded sample 'mnist-sample': .*non-editable"):
         data_mod.load("mnist-sample")
+
+
+def test_a_warning_is_shown_once_per_command(tmp_path):
+    """Each arm is built twice (checked before anything is written, then trained): its
+    warnings, such as Dale's law on tanh populations, were printed twice."""
+    with pytest.warns(UserWarning) as got:
+        assert main(["run", "--out", str(tmp_path / "r"), "--arms", "fa", "-q", "--set", *FAST,
+                     "epochs=1", "circuit.excitatory=0.8"]) == 0
+    assert sum("Dale's law with 'tanh'" in str(w.message) for w in got) == 1

@@ -208,3 +208,16 @@ def test_images_must_be_channels_first_with_a_mean_per_channel_and_hdf5_paths_lo
         h.attrs["mean"], h.attrs["std"] = [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]  # three channels?
     with pytest.raises(DataError, match=r"\(N, C, H, W\).*one mean and std per channel"):
         data.load(str(tmp_path / "ok.hdf5"))
+
+
+def test_data_list_and_fetch_from_a_missing_folder_are_one_line_errors(tmp_path, capsys):
+    """`data list mnist` ignored the name; `fetch mnist --from /nonexistent` said the IDX files
+    were missing, where cifar10 says there is no such folder."""
+    assert main(["data", "list", "mnist"]) == 2
+    assert "takes no data set name" in capsys.readouterr().err
+    for name in ("mnist", "cifar10"):
+        assert main(["data", "fetch", name, "--from", str(tmp_path / "nope"),
+                     "--out", str(tmp_path / "x.h5")]) == 2
+        assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["data", "list"]) == 0
+    assert "mnist-sample" in capsys.readouterr().out

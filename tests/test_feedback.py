@@ -523,3 +523,12 @@ def test_dfa_under_checkpoints_that_hold_the_output_and_an_empty_batch():
     with pytest.raises(RuntimeError, match="no output error for this forward pass"):
         F.cross_entropy(out, y).backward()
     net(torch.zeros(0, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
+
+
+def test_a_dfa_synapse_s_shape_error_names_the_batch_it_got():
+    """The first input of a DFA synapse is checked before B takes its shape; torch's error named
+    a batch of 1 (the check ran on x[:1]) when the batch was 4."""
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.Tanh(),
+                                              torch.nn.Linear(5, 3)), "dfa")
+    with pytest.raises(RuntimeError, match=r"\(4x100 and 10x5\)"):
+        net(torch.randn(4, 100))
