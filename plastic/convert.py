@@ -73,8 +73,8 @@ _UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn
 
 def _inside_unconverted(module: nn.Module):
     """A test for module names inside a layer convert leaves as it is (``_UNCONVERTED``)."""
-    prefixes = tuple(f"{n}." for n, m in module.named_modules()
-                     if n and isinstance(m, _UNCONVERTED))
+    prefixes = tuple(f"{n}." if n else "" for n, m in module.named_modules()
+                     if isinstance(m, _UNCONVERTED))  # "": the whole model is such a layer
     return lambda name: bool(prefixes) and name.startswith(prefixes)
 
 

@@ -154,6 +154,8 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
         _, layers, gw, _, _ = _online_updates(model, x, target, label_smoothing)
     names = {id(s): n for n, s in synapses(model)}
     hidden = [(names[id(s)], s, g) for (s, _), g in zip(layers, gw) if not s.is_output]
+    if not hidden:  # a readout alone: no hidden synapse to compare
+        return {}
     with backprop(model), plasticity_paused(), torch.enable_grad(), replay():
         steps = model.run(x, per_step=True)[0]  # (T, B, classes)
         loss = loss_fn(steps.flatten(0, 1), target.repeat(steps.shape[0]))

@@ -466,13 +466,17 @@ def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dic
     # that name, e.g. a run's --out, is not a protocol)
     if not p.is_file() and p.suffix != ".toml" and (PROTOCOLS_DIR / f"{p}.toml").exists():
         p = PROTOCOLS_DIR / f"{p}.toml"
+    elif not p.exists() and p.suffix != ".toml" and not PROTOCOLS_DIR.is_dir():
+        raise SpecError(f"protocol {str(path)!r}: {NOT_A_CHECKOUT}, or name a protocol file")
     raw = read_toml(p, "protocol")
     raw.setdefault("name", p.stem)
-    # a circuit or data file named by a relative path is found beside the protocol file (as
-    # well as from the working directory, which --set values are relative to)
+    # a circuit or data file named by a relative path is the one beside the protocol file if
+    # there is one there (recorded as an absolute path, so a resume from another working
+    # directory names the same file), else the one from the working directory (which --set
+    # values are relative to)
     for key, suffixes in (("circuit", (".toml",)), ("data", (".h5", ".hdf5"))):
         v = raw.get(key)
         if (isinstance(v, str) and Path(v).suffix in suffixes and not Path(v).is_absolute()
-                and not Path(v).exists() and (p.parent / v).exists()):
-            raw[key] = str(p.parent / v)
+                and (p.parent / v).is_file()):
+            raw[key] = str((p.parent / v).resolve())
     return resolve_protocol(raw, sets)

@@ -820,7 +820,7 @@ def test_a_protocol_finds_its_circuit_and_data_files_beside_it(tmp_path, monkeyp
     directory only: `plastic run proj/p.toml` said "circuit file not found"."""
     import shutil
     from plastic import data as data_mod
-    from plastic.spec import CIRCUITS_DIR, load_protocol
+    from plastic.spec import CIRCUITS_DIR, load_protocol, resolve_circuit
     proj = tmp_path / "proj"
     proj.mkdir()
     shutil.copy(CIRCUITS_DIR / "mlp-small.toml", proj / "c.toml")
@@ -829,9 +829,17 @@ def test_a_protocol_finds_its_circuit_and_data_files_beside_it(tmp_path, monkeyp
                                  '[arms.fa]\nfeedback = "fa"\n')
     monkeypatch.chdir(tmp_path)
     spec = load_protocol("proj/p.toml")
-    assert spec["data"] == str(Path("proj") / "d.h5") and spec["circuit"]["name"] == "c"
-    assert main(["run", "proj/p.toml", "--out", "r", "-q", "--set", "epochs=1",
-                 "train_limit=128", "test_limit=64", "probe_size=0"]) == 0
+    assert spec["data"] == str(proj / "d.h5") and spec["circuit"]["name"] == "c"
+    sets = ["--set", "epochs=1", "train_limit=128", "test_limit=64", "probe_size=0"]
+    assert main(["run", "proj/p.toml", "--out", "proj/r", "-q", *sets]) == 0
+    # the files beside the protocol come first: a circuit of that name here is another one
+    (tmp_path / "c.toml").write_text('kind = "mlp"\nhidden = [64, 64]\n')
+    assert load_protocol("proj/p.toml")["circuit"]["hidden"] == \
+        resolve_circuit(str(CIRCUITS_DIR / "mlp-small.toml"))["hidden"] != [64, 64]
+    # and the run resumes from the protocol's own folder (its data path was recorded as
+    # relative to where it started)
+    monkeypatch.chdir(proj)
+    assert main(["run", "p.toml", "--out", "r", "-q", "--resume", *sets]) == 0
 
 
 def test_an_install_without_the_checkout_s_folders_says_so(tmp_path, monkeypatch, capsys):
@@ -843,8 +851,9 @@ def test_an_install_without_the_checkout_s_folders_says_so(tmp_path, monkeypatch
     monkeypatch.setattr(spec_mod, "PROTOCOLS_DIR", gone / "protocols")
     monkeypatch.setattr(spec_mod, "CIRCUITS_DIR", gone / "circuits")
     monkeypatch.setattr(data_mod, "REPO_DATA", gone / "data")
-    assert main(["run", "--out", str(tmp_path / "r")]) == 2
-    assert "non-editable install" in _err_line(capsys)
+    for named in ([], ["mnist"], ["quickstart"]):  # the default, and protocols by name
+        assert main(["run", *named, "--out", str(tmp_path / "r")]) == 2
+        assert "non-editable install" in _err_line(capsys)
     with pytest.raises(plastic.SpecError, match="circuit 'mlp-small': .*pip install -e"):
         spec_mod.resolve_circuit("mlp-small")
     with pytest.raises(plastic.DataError, match="embedded sample 'mnist-sample': .*non-editable"):

@@ -179,6 +179,8 @@ def test_layers_convert_cannot_make_plastic_are_named_in_a_warning():
     assert not isinstance(p[0].self_attn.out_proj, Dense)
     x = torch.randn(4, 5, 16)
     assert torch.allclose(p(x), att(x), atol=1e-6)
+    with pytest.raises(plastic.SpecError, match="no Linear or Conv2d layer"):  # attention alone
+        plastic.convert(torch.nn.MultiheadAttention(16, 2), "fa")
 
 
 def test_tied_layers_stay_tied_and_what_convert_cannot_carry_is_reported():

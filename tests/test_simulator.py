@@ -443,6 +443,10 @@ def test_online_arms_report_and_measure_against_the_loss_they_descend():
     angle = online_update_angles(net, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1),
                                  x, y, 0.1)["circuit.1"]
     assert angle == pytest.approx(plastic.angle(w1.grad, g1), abs=1e-4)
+    # a readout alone has no hidden synapse to measure (it was a bare autograd error)
+    alone = plastic.convert(TimeStepped(models.mlp(20, [], 3, "lif"), 4), "fa", seed=0)
+    assert online_update_angles(alone, F.cross_entropy, torch.randn(8, 20),
+                                torch.randint(0, 3, (8,))) == {}
 
 
 def test_the_voltage_figure_draws_the_circuits_threshold(tmp_path, monkeypatch):
