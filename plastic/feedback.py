@@ -26,6 +26,15 @@ __all__ = [
 ]
 
 
+
+def randn_like_logical(t: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like(t)`` drawn in logical (index) order, then laid out like ``t``:
+    ``randn_like`` fills a channels_last tensor in memory order, so the same random stream gave
+    a conv layer other draws in the two layouts (brsf's B differed by 0.16 after 3 steps)."""
+    if t.is_contiguous():
+        return torch.randn_like(t)
+    return torch.empty_like(t).copy_(torch.randn(t.shape, dtype=t.dtype, device=t.device))
+
 def _sign_scale(w: torch.Tensor) -> torch.Tensor:
     """RMS of W's nonzero entries: the scale that gives sign(W) (and |R| o sign(W), E R² = 1) W's
     norm.  On a dense W it is RMS(W); absent synapses (W = 0 under a sparse mask or Dale's law)
@@ -159,21 +168,21 @@ class UniformSignSymmetry(FeedbackSynapse):
 
 
 class BatchRandomSignSymmetry(FeedbackSynapse):
-    """brSF (Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W), R ~ N(0, s^2) redrawn
-    for every batch (every backward pass), s the RMS of W's nonzero entries (``||B|| ≈ ||W||``).
-    Where W is 0 (an absent synapse) B is 0, as for uSF and frSF."""
+    """brSF (Liao, Leibo & Poggio 2016; Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W),
+    R ~ N(0, s^2) redrawn for every batch (every backward pass), s the RMS of W's nonzero entries
+    (``||B|| ≈ ||W||``).  Where W is 0 (an absent synapse) B is 0, as for uSF and frSF."""
 
     kind = "brsf"
     local = False
 
     def matrix(self, forward_weight):
         w = forward_weight.detach()
-        return torch.randn_like(w).abs_().mul_(torch.sign(w)).mul_(_sign_scale(w))
+        return randn_like_logical(w).abs_().mul_(torch.sign(w)).mul_(_sign_scale(w))
 
 
 class FixedRandomSignSymmetry(FeedbackSynapse):
-    """frSF (Moskovitz et al. 2018): B = |R| o sign(W) with R ~ N(0, 1) fixed at construction and
-    scaled by the RMS of W's nonzero entries."""
+    """frSF (Liao et al. 2016; Moskovitz et al. 2018): B = |R| o sign(W) with R ~ N(0, 1) fixed at
+    construction and scaled by the RMS of W's nonzero entries."""
 
     kind = "frsf"
     local = False

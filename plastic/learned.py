@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, suggest
-from .feedback import FeedbackSynapse, random_like
+from .feedback import FeedbackSynapse, random_like, randn_like_logical
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
@@ -193,7 +193,7 @@ class LearnedFeedback(FeedbackSynapse):
         g = fused_grad(self.scaled_rule(y if y is not None else delta),
                        self.signals(synapse, x, y, delta))
         if self.noise:
-            g = g + self.noise * torch.randn_like(g)
+            g = g + self.noise * randn_like_logical(g)
         return g
 
     def learned_weight(self):
@@ -232,7 +232,7 @@ class LearnedFeedback(FeedbackSynapse):
                 x, delta = x.index_select(0, rows), delta.index_select(0, rows)
                 y = None if y is None else y.index_select(0, rows)
         if self.drive == "noise":
-            x = torch.randn_like(x).mul_(self.sigma)
+            x = randn_like_logical(x).mul_(self.sigma)
             y, delta = synapse.operator().forward(x, synapse.weight.detach()), None
         return self.grad(synapse, x, y, delta)
 
