@@ -652,8 +652,8 @@ def test_measuring_a_poisson_circuit_does_not_change_its_training(tmp_path):
     """The test pass and the recorder drew their Poisson spikes from training's random stream:
     another test_limit, or a recording, gave other trained weights."""
     from plastic.cli import main
-    sets = ["epochs=2", "train_limit=256", "circuit.hidden=[32]", "time.steps=4",
-            "time.encoder=poisson", "probe_size=0", "threads=1"]
+    sets = ["data=mnist-sample", "epochs=2", "train_limit=256", "circuit.hidden=[32]",
+            "time.steps=4", "time.encoder=poisson", "probe_size=0", "threads=1"]
     runs = {"a": ["test_limit=64", "record.samples=0"], "b": ["test_limit=128", "record.samples=0"],
             "c": ["test_limit=64", "record.samples=4"]}
     for d, extra in runs.items():
