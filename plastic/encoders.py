@@ -40,7 +40,8 @@ def poisson(x: torch.Tensor, steps: int, f_max: float = 100.0, dt: float = 1e-3,
                         f"f_max = {f_max} Hz, dt = {dt} s (above 1 every rate saturates at 1/dt)")
     xp = _at_least_float32(x)
     p = xp * (f_max * dt)
-    u = torch.rand((steps, *x.shape), generator=generator, dtype=xp.dtype, device="cpu").to(x.device)
+    u = torch.rand((steps, *x.shape), generator=generator, dtype=xp.dtype,
+                   device="cpu").to(x.device)
     return (u < p).to(x.dtype)
 
 

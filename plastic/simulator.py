@@ -290,8 +290,9 @@ def _plain_linear(m: nn.Module) -> bool:
     plain = ((isinstance(m, Dense) and type(m).forward is Synapse.forward
               and type(m)._forward_op is Dense._forward_op)
              or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
-    return plain and "forward" not in m.__dict__ and not (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
-                          or M._global_forward_pre_hooks)
+    hooked = (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
+              or M._global_forward_pre_hooks)
+    return plain and "forward" not in m.__dict__ and not hooked
 
 
 def _is_relu(f) -> bool:

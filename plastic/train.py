@@ -217,7 +217,7 @@ def _schedule(spec, opt, steps_per_epoch, lr):
             low = 1.0 / (s["div_factor"] * s["final_div_factor"])
             span = max(total - 1, 1)
             return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda t: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span)))
+                opt, lambda t: low + (1 - low) * (1 + math.cos(math.pi * min(t, span) / span)) / 2)
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=total, pct_start=s["pct_start"],
             div_factor=s["div_factor"], final_div_factor=s["final_div_factor"],
