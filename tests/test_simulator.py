@@ -469,9 +469,10 @@ def test_the_voltage_figure_draws_the_circuits_threshold(tmp_path, monkeypatch):
 
 
 def test_online_step_is_the_gradient_of_the_per_step_loss_without_spikes():
-    """With no spikes (v_th far away, a wide surrogate), e-prop's dropped reset term vanishes,
-    so with transpose feedback online_step's ΔW and Δb of the hidden synapse equal autograd of
-    mean_t CE(y_t) exactly (Bellec et al. 2020, eq. 28 with its approximation exact)."""
+    """With no spikes (v_th far away, a wide surrogate) and the reset's gradient left out, as
+    e-prop leaves it out, transpose feedback's online_step ΔW and Δb of the hidden synapse equal
+    autograd of mean_t CE(y_t) through LIF dynamics without reset exactly (Bellec et al. 2020,
+    eq. 28 with its approximation exact for one hidden layer)."""
     from plastic.eligibility import online_step
     from plastic.spiking import superspike
     torch.manual_seed(0)
