@@ -185,7 +185,8 @@ class Dale(Constraint):
         w.abs_().mul_(self.weight_signs(synapse, w))  # W <- s |W|
 
     def project_weight_(self, synapse, w):
-        w.masked_fill_(w * self.weight_signs(synapse, w) < 0, 0)  # = s relu(s W)
+        s = self.weight_signs(synapse, w)
+        w.mul_(s).clamp_(min=0).mul_(s)  # s relu(s W), in place (s = ±1: exact)
 
     def summary(self):
         n = self.signs.numel()
@@ -301,11 +302,21 @@ class SparseMask(Constraint):
                             f"{tuple(synapse.weight.shape)}")
         self.mask = self.mask.to(device=synapse.weight.device)
 
+    def _factor(self, like: torch.Tensor) -> torch.Tensor:
+        """The mask as 0/1 in ``like``'s dtype and device, cached until the mask changes
+        (a multiplication is ~10x faster than ``masked_fill_`` with a bool mask on CPU)."""
+        m, cached = self.mask, self.__dict__.get("_factor_cache")
+        if cached is None or cached[0] is not m or cached[1] != (m._version, like.dtype,
+                                                                  like.device):
+            cached = self.__dict__["_factor_cache"] = (
+                m, (m._version, like.dtype, like.device), m.to(like.device, like.dtype))
+        return cached[2]
+
     def project_weight_(self, synapse, w):
-        w.masked_fill_(~self.mask.to(w.device), 0)
+        w.mul_(self._factor(w))
 
     def mask_grad_weight_(self, synapse, grad):
-        grad.masked_fill_(~self.mask.to(grad.device), 0)
+        grad.mul_(self._factor(grad))
 
     def summary(self):
         return {"density": self.density}

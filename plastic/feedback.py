@@ -343,6 +343,13 @@ class DirectRandom(FeedbackSynapse):
             raise SpecError(f"dfa feedback: the output error has shape {tuple(error.shape)}; "
                             "direct feedback takes a (batch, outputs) error, one per sample")
         b = self.weight
+        if b.dim() == 4 and not b.is_contiguous() and \
+                b.is_contiguous(memory_format=torch.channels_last):
+            # B in NHWC: read it in storage order (a view, no copy of B) and give the error in
+            # channels_last, the layout of the rest of the backward pass
+            n, c, h, w = pre_shape
+            e = error.flatten(1) @ b.permute(0, 2, 3, 1).reshape(b.shape[0], -1)
+            return e.view(n, h, w, c).permute(0, 3, 1, 2)
         return (error.flatten(1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
 
     def matrix(self, forward_weight):
