@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 
-
 def randn_like_logical(t: torch.Tensor) -> torch.Tensor:
     """``torch.randn_like(t)`` drawn in logical (index) order, then laid out like ``t``:
     ``randn_like`` fills a channels_last tensor in memory order, so the same random stream gave
@@ -34,6 +33,7 @@ def randn_like_logical(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous():
         return torch.randn_like(t)
     return torch.empty_like(t).copy_(torch.randn(t.shape, dtype=t.dtype, device=t.device))
+
 
 def _sign_scale(w: torch.Tensor) -> torch.Tensor:
     """RMS of W's nonzero entries: the scale that gives sign(W) (and |R| o sign(W), E R² = 1) W's
@@ -378,6 +378,13 @@ class DirectRandom(FeedbackSynapse):
         return f"kind='dfa', shape={tuple(self.weight.shape) or 'lazy'}"
 
 
+def canonical_kind(name: str) -> str:
+    """A kind's name in one spelling: lower case, and the aliases of transpose (``bp``,
+    ``backprop``) as ``transpose``."""
+    kind = name.lower()
+    return "transpose" if FEEDBACK_KINDS.get(kind) == "alias of transpose" else kind
+
+
 FEEDBACK_KINDS = {
     "transpose": "backprop: B = W^T",
     "bp": "alias of transpose",
@@ -440,8 +447,8 @@ def make_feedback(kind, forward_weight: torch.Tensor, *, generator=None, hub=Non
                         f"not to {kind!r}")
     if not isinstance(kind, str):
         raise SpecError(f"feedback must be a kind name or a rule of primitives, got {kind!r}")
-    kind = kind.lower()
-    if kind in ("transpose", "bp", "backprop"):
+    kind = canonical_kind(kind)
+    if kind == "transpose":
         return Transpose()
     if kind == "fa":
         return FixedRandom(forward_weight, generator)

@@ -195,11 +195,10 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
                 h.remove()
         # a synapse the forward pass did not use (an auxiliary head) has no error, and a frozen
         # one (requires_grad False) no update: NaN
-        uses = [o for n, _ in named for o in outs[n]]
-        want = params + uses
-        live = [t for t in want if t is not None and t.requires_grad]
+        want = params + [o for n, _ in named for o in outs[n]]
+        live = [t for t in want if t.requires_grad]
         g = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else ())
-        g = [next(g) if t is not None and t.requires_grad else None for t in want]
+        g = [next(g) if t.requires_grad else None for t in want]
         g_uses, signals = iter(g[len(params):]), []
         for n, _ in named:  # the error over all of a synapse's uses (0 at a use it skips)
             mine = [(next(g_uses), o) for o in outs[n]]

@@ -84,11 +84,10 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
 def _canonical_feedback(fb):
     """A feedback setting with kind names in one spelling (``bp``, ``backprop`` and ``BP`` are
     ``transpose``), so a resumed arm is compared by what it computes, not how it was written."""
-    from .feedback import is_rule
+    from .feedback import canonical_kind, is_rule
 
     if isinstance(fb, str):
-        kind = fb.lower()
-        return "transpose" if kind in ("bp", "backprop") else kind
+        return canonical_kind(fb)
     if isinstance(fb, dict) and not is_rule(fb):  # a table of synapse patterns to settings
         return {k: _canonical_feedback(v) for k, v in fb.items()}
     return fb
@@ -418,7 +417,6 @@ def _ordered_arms(r: dict) -> list[tuple[str, dict]]:
                   key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
 
-#: what two results files may differ in and still pool an arm's seeds
 def _arm_differs(a, b) -> bool:
     """Whether two arms' settings are different experiments (their descriptions and the
     spelling of a kind's name aside)."""
@@ -427,6 +425,7 @@ def _arm_differs(a, b) -> bool:
     return _canonical_feedback(a) != _canonical_feedback(b)
 
 
+#: what two results files may differ in and still pool an arm's seeds
 _NOT_THE_EXPERIMENT = ("seeds", "name", "description", "circuit.name", "circuit.description")
 
 

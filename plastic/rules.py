@@ -17,8 +17,9 @@ first (batch) dimension; conv layers sum over channels and positions.
     Sparse (non-local)   R = ½ ||B^T x||²                    ∂R/∂B = (1/N) (B^T x) xᵀ
     Self   (non-local)   R = -tr(B W)                        ∂R/∂B = -W
 
-(gradients written in the forward layout, B stored like W; in the paper's layout Self's is -Wᵀ).  Non-local primitives read the other pathway's
-weight (Self) or route activity forward through B (Sparse), as the paper classifies them.
+(gradients written in the forward layout, B stored like W; in the paper's layout Self's is
+-Wᵀ).  Non-local primitives read the other pathway's weight (Self) or route activity forward
+through B (Sparse), as the paper classifies them.
 
 Cost (in weight-sized passes, a backprop step being 3): Decay and Self are element-wise (0);
 Amp one weight-gradient operation (1); Null one projection and one weight-gradient operation,

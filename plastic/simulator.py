@@ -298,7 +298,8 @@ def _plain_linear(m: nn.Module) -> bool:
 def _is_relu(f) -> bool:
     """Whether an activation is the ReLU (by its values, so a custom rectifier counts; a capped
     one such as relu6 does not)."""
-    z = torch.cat([torch.linspace(-3, 3, 13), torch.tensor([-1e4, -0.37, 0.37, 7.3, 123.4, 1e4])])
+    z = torch.cat([torch.linspace(-3, 3, 13),
+                   torch.tensor([-1e4, -0.37, 0.37, 7.3, 123.4, 1e4])])
     try:
         return bool(torch.equal(f(z), torch.relu(z)))
     except Exception:

@@ -395,8 +395,9 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
     default = spec["feedback"]
     # named by the kind, whatever its spelling: "backprop" and "transpose" are both arm bp (a
     # resume under the other spelling started a second arm of the same experiment)
+    from .feedback import canonical_kind
     arms = spec["arms"] or {("arm" if not isinstance(default, str) else
-                             "bp" if default.lower() in ("transpose", "bp", "backprop") else
+                             "bp" if canonical_kind(default) == "transpose" else
                              default.lower()): {}}
     if (spec["arms"] and default != PROTOCOL_SCHEMA["feedback"][1] and warn
             and all(isinstance(a, dict) and "feedback" in a for a in arms.values())):

@@ -189,7 +189,8 @@ def recording(model, x, rec: dict) -> dict:
                     h.remove()
         if rec["weights"]:
             for n, syn in synapses(model):
-                data[f"weights/{circuit_name(model, n)}"] = syn.weight.detach().float().cpu().numpy()
+                data[f"weights/{circuit_name(model, n)}"] = \
+                    syn.weight.detach().float().cpu().numpy()
     finally:
         model.train(was)
     return data
