@@ -13,7 +13,9 @@ a presynaptic trace (the reset is ignored, as in e-prop):
 (for ``lif_box``, which has no synaptic current, ε_t = (1 − dt/τ_mem) ε_{t−1} + dt/τ_mem · a_t).
 The eligibility trace is e_ij,t = ψ_i,t ε_j,t with ψ the surrogate derivative of the spike at
 v_t (eq. 3), and the update is ΔW_ij = Σ_t L_i,t e_ij,t: the product of a learning signal and a
-trace, one weight-gradient-sized product per step, memory independent of T.
+trace, one weight-gradient-sized product per step, memory independent of T.  A constant input
+current makes the first synapse's traces scalar multiples of its input, so its products fold
+into one per batch (``_online_updates``).
 
 The learning signal L_t comes from the per-step readout error err_t = softmax(y_t) − onehot
 (the loss is the mean over steps of the cross-entropy of the readout y_t) and reaches each
@@ -32,37 +34,54 @@ from .errors import SpecError
 from .feedback import FeedbackSynapse
 from .learned import KolenPollack, LearnedFeedback, mean_over_processes
 from .simulator import TimeStepped
-from .spiking import LIFPopulation
+from .spiking import (LIFBoxState, LIFPopulation, LIFState, lif_box_integrate, lif_integrate,
+                      spike_and_reset)
 from .synapses import Dense, Synapse
 
 __all__ = ["presynaptic_traces", "online_step", "surrogate_derivative"]
 
 
-def presynaptic_traces(a: torch.Tensor, c: torch.Tensor | None, eps: torch.Tensor, p, dt: float,
-                       kind: str = "lif"):
+def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif", inplace: bool = False):
     """One step of the presynaptic traces (c, ε) for input a (module docstring).  ``c`` is None
-    for ``lif_box``.  Returns the new (c, ε)."""
-    km = dt * p.tau_mem_inv
-    if kind == "lif":
-        c = c * (1 - dt * p.tau_syn_inv) + a
-        return c, eps * (1 - km) + km * c
-    if kind == "lif_box":
-        return None, eps * (1 - km) + km * a
-    raise SpecError(f"online learning supports lif and lif_box populations, not {kind!r}")
+    for ``lif_box``.  Returns the new (c, ε); with ``inplace`` the given tensors are updated.
+    ``a``, ``c`` and ``ε`` may be Python numbers (the trace of a constant input)."""
+    return _traces(a, c, eps, *_trace_factors(p, dt, kind), inplace)
+
+
+def _trace_factors(p, dt: float, kind: str):
+    """(1 − dt/τ_syn or None for lif_box, dt/τ_mem) as Python numbers (one τ per population)."""
+    if kind not in ("lif", "lif_box"):
+        raise SpecError(f"online learning supports lif and lif_box populations, not {kind!r}")
+    km = dt * float(p.tau_mem_inv)
+    return (1 - dt * float(p.tau_syn_inv) if kind == "lif" else None), km
+
+
+def _traces(a, c, eps, ks, km, inplace=False):
+    if inplace:
+        if ks is not None:
+            c = c.mul_(ks).add_(a)
+        return c, eps.mul_(1 - km).add_(a if ks is None else c, alpha=km)
+    if ks is not None:
+        c = c * ks + a
+    return c, eps * (1 - km) + km * (a if ks is None else c)
 
 
 def surrogate_derivative(v: torch.Tensor, p) -> torch.Tensor:
     """ψ = 1/(α|v − v_th| + 1)², the SuperSpike pseudo-derivative of the spike (Zenke & Ganguli
     2018), the same as the population's surrogate gradient."""
-    return (p.alpha * (v - p.v_th).abs() + 1).pow(-2)
+    d = (v - p.v_th).abs_().mul_(p.alpha).add_(1)
+    return d.mul_(d).reciprocal_()
 
 
-def _pre_reset_voltage(pop: LIFPopulation, current, state):
-    """v_t before the reset, by the step's own operations (so it equals lif_step's)."""
-    p, dt = pop._params_on(current), pop.dt
+def _lif_step_with_voltage(pop: LIFPopulation, current, state, p):
+    """(spikes, new state, v before the reset) by the population's own step functions."""
     if pop.kind == "lif":
-        return state.v + dt * p.tau_mem_inv * ((p.v_leak - state.v) + (state.i + current))
-    return state.v + dt * p.tau_mem_inv * (current + p.v_leak - state.v)
+        v, i = lif_integrate(current, state, p, pop.dt)
+        z, v_after = spike_and_reset(v, p)
+        return z, LIFState(v_after, i), v
+    v = lif_box_integrate(current, state, p, pop.dt)
+    z, v_after = spike_and_reset(v, p)
+    return z, LIFBoxState(v_after), v
 
 
 def _layers(model: TimeStepped):
@@ -167,28 +186,33 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
 @torch.no_grad()
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
     """(readout averaged over steps, layers, weight updates, bias updates, the loss descended:
-    the mean over steps of the readout's cross-entropy) of one batch."""
+    the mean over steps of the readout's cross-entropy) of one batch.
+
+    A constant input current a makes the first synapse's traces scalar multiples of a
+    (c_t = s_t a, ε_t = e_t a, with s_t, e_t the traces of a constant 1, i.e. the bias's), so
+    its update Σ_t δ_tᵀ e_t a is accumulated as D = Σ_t e_t δ_t and applied once, Dᵀ a."""
     layers = check_online(model)
     seq, const = model.encode(x)
-    t_steps, b = model.steps, x.shape[0]
+    t_steps, b, n = model.steps, x.shape[0], len(layers)
     classes = layers[-1][0].out_features
     onehot = F.one_hot(target, classes).to(x.dtype)
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / classes
-    n = len(layers)
-    states = [None] * n
-    traces = [[None, None, None, None] for _ in range(n)]  # c, ε, c_bias, ε_bias
     gw = [torch.zeros_like(s.weight) for s, _ in layers]
+    gb = [None if s.bias is None else torch.zeros_like(s.bias) for s, _ in layers]
     # each feedback matrix once per batch (W does not change within it; brsf draws once)
     fbm = [None if s.feedback.direct else s.feedback.matrix(s.weight) for s, _ in layers]
-    gb = [None if s.bias is None else torch.zeros_like(s.bias) for s, _ in layers]
-    psi = [None] * n
-    inputs = [None] * n
+    params = [None] * n      # each population's parameters on the current's device and dtype
+    factors = [None] * n     # (1 − dt/τ_syn, dt/τ_mem) of each population's traces
+    states = [None] * n
+    traces = [None] * n      # (c, ε) of each hidden synapse's input
+    scalar = [(0.0, 0.0)] * n  # (s, e): the traces of a constant 1 (the bias's input)
+    psi, inputs = [None] * n, [None] * n
+    folded = None            # D of a constant input (docstring)
     out_sum = loss_sum = 0.0
     first_current = None
     for t in range(t_steps):
-        a = seq if const else seq[t]
-        a = a.flatten(1)
+        a = (seq if const else seq[t]).flatten(1)
         for k, (syn, pop) in enumerate(layers):
             inputs[k] = a
             if k == 0 and const:
@@ -200,38 +224,42 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
             if pop is None:  # the readout
                 y = current
                 break
-            pp = pop._params_on(current)  # on the current's device and dtype
-            c, eps, cb, eb = traces[k]
-            if eps is None:
-                eps = torch.zeros_like(a)
-                c = torch.zeros_like(a) if pop.kind == "lif" else None
-                eb = torch.zeros((), dtype=a.dtype, device=a.device)
-                cb = torch.zeros_like(eb) if pop.kind == "lif" else None
-            c, eps = presynaptic_traces(a, c, eps, pp, pop.dt, pop.kind)
-            cb, eb = presynaptic_traces(torch.ones((), dtype=a.dtype, device=a.device), cb, eb,
-                                        pp, pop.dt, pop.kind)
-            traces[k] = [c, eps, cb, eb]
-            if states[k] is None:
+            if params[k] is None:
+                params[k] = pop._params_on(current)
+                factors[k] = _trace_factors(params[k], pop.dt, pop.kind)
                 states[k] = pop.initial_state(current)
-            psi[k] = surrogate_derivative(_pre_reset_voltage(pop, current, states[k]), pp)
-            z, states[k] = pop.step(current, states[k])
-            a = z
+            ks, km = factors[k]
+            scalar[k] = _traces(1.0, *scalar[k], ks, km)
+            if not (k == 0 and const):
+                if traces[k] is None:
+                    traces[k] = (None if ks is None else torch.zeros_like(a), torch.zeros_like(a))
+                traces[k] = _traces(a, *traces[k], ks, km, inplace=True)
+            a, states[k], v = _lif_step_with_voltage(pop, current, states[k], params[k])
+            psi[k] = surrogate_derivative(v, params[k])
         out_sum = out_sum + y
         loss_sum = loss_sum - (onehot * torch.log_softmax(y, -1)).sum()  # the loss descended
         err = (torch.softmax(y, -1) - onehot) / (t_steps * b)
         delta = err
         for k in range(n - 1, -1, -1):
-            gw[k].addmm_(delta.t(), inputs[k] if k == n - 1 else traces[k][1])
-            if gb[k] is not None:
-                gb[k].add_(delta.sum(0) if k == n - 1 else delta.sum(0) * traces[k][3])
+            readout = k == n - 1
+            if k == 0 and const:
+                e = 1.0 if readout else scalar[0][1]
+                folded = delta * e if folded is None else folded.add_(delta, alpha=e)
+            else:
+                gw[k].addmm_(delta.t(), inputs[k] if readout else traces[k][1])
+                if gb[k] is not None:
+                    gb[k].add_(delta.sum(0), alpha=1.0 if readout else scalar[k][1])
             if k == 0:
                 break
-            syn = layers[k][0]
-            fb = syn.feedback
+            fb = layers[k][0].feedback
             if fb.direct:
                 fb.materialize(inputs[k].shape[1:], err.device, err.dtype)
                 signal = fb.project(err, inputs[k].shape)
             else:
                 signal = delta @ fbm[k]
             delta = signal * psi[k - 1]
+    if folded is not None:
+        gw[0].addmm_(folded.t(), inputs[0])
+        if gb[0] is not None:
+            gb[0].add_(folded.sum(0))
     return out_sum / t_steps, layers, gw, gb, loss_sum / (t_steps * b)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 __all__ = ["LIFParameters", "LIFState", "lif_step", "LIFBoxParameters", "LIFBoxState",
-           "lif_box_step", "AdaptiveLIFParameters", "AdaptiveLIFState", "adaptive_lif_step",
+           "lif_box_step", "lif_integrate", "lif_box_integrate", "spike_and_reset",
+           "AdaptiveLIFParameters", "AdaptiveLIFState", "adaptive_lif_step",
            "superspike", "LIFPopulation", "SPIKING_KINDS"]
 
 
@@ -69,11 +70,23 @@ def lif_step(input_current: torch.Tensor, state: LIFState, p: LIFParameters = LI
              dt: float = 1e-3) -> tuple[torch.Tensor, LIFState]:
     """One Euler step of the current-based LIF neuron (norse's ``lif_feed_forward_step``).
     Returns (spikes, new state)."""
+    v, i = lif_integrate(input_current, state, p, dt)
+    z, v = spike_and_reset(v, p)
+    return z, LIFState(v, i)
+
+
+def lif_integrate(input_current: torch.Tensor, state: LIFState, p: LIFParameters = LIFParameters(),
+                  dt: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-threshold part of ``lif_step``: (v before the jump condition, decayed i)."""
     i_new = state.i + input_current
     v_decayed = state.v + dt * p.tau_mem_inv * ((p.v_leak - state.v) + i_new)
-    i_decayed = i_new + (-dt * p.tau_syn_inv * i_new)
-    z = superspike(v_decayed - p.v_th, p.alpha)
-    return z, LIFState(_reset(z, v_decayed, p.v_reset), i_decayed)
+    return v_decayed, i_new + (-dt * p.tau_syn_inv * i_new)
+
+
+def spike_and_reset(v: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The jump condition of ``lif_step`` and ``lif_box_step``: (spikes, v after the reset)."""
+    z = superspike(v - p.v_th, p.alpha)
+    return z, _reset(z, v, p.v_reset)
 
 
 class LIFBoxParameters(NamedTuple):
@@ -93,9 +106,14 @@ def lif_box_step(input_current: torch.Tensor, state: LIFBoxState,
                  p: LIFBoxParameters = LIFBoxParameters(), dt: float = 1e-3):
     """v ← v + dt/τ_mem (I + v_leak − v); z = H(v − v_th); v ← (1 − z) v + z v_reset
     (norse's ``lif_box_feed_forward_step``)."""
-    v_decayed = state.v + dt * p.tau_mem_inv * (input_current + p.v_leak - state.v)
-    z = superspike(v_decayed - p.v_th, p.alpha)
-    return z, LIFBoxState(_reset(z, v_decayed, p.v_reset))
+    z, v = spike_and_reset(lif_box_integrate(input_current, state, p, dt), p)
+    return z, LIFBoxState(v)
+
+
+def lif_box_integrate(input_current: torch.Tensor, state: LIFBoxState,
+                      p: LIFBoxParameters = LIFBoxParameters(), dt: float = 1e-3) -> torch.Tensor:
+    """The sub-threshold part of ``lif_box_step``: v before the jump condition."""
+    return state.v + dt * p.tau_mem_inv * (input_current + p.v_leak - state.v)
 
 
 class AdaptiveLIFParameters(NamedTuple):

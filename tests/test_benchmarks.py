@@ -25,6 +25,17 @@ def test_overhead_prints_each_kind_with_its_bound():
     assert out["ratio_to_bound"]["decay"] == pytest.approx(out["decay"], abs=1e-3)
 
 
+@pytest.mark.parametrize("encoder", ["constant", "poisson"])
+def test_eprop_benchmark_agrees_with_the_plain_per_step_update(encoder):
+    """online_step folds a constant input's traces into one product per batch; its update is
+    the plain per-step e-prop update (one trace and outer product per step) to float32."""
+    r = _run("eprop.py", "--quick", "--rounds", "1", "--encoder", encoder)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["max_rel_diff"] < 1e-5 and out["encoder"] == encoder
+    assert out["eprop_ms"] > 0 and out["speedup_vs_reference"] > 0
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("overhead.py", ["--kinds", "decay,amplitude"], "unknown kind(s) ['amplitude']"),
     ("overhead.py", ["--kinds", "decay,decay"], "--kinds lists a kind twice"),
@@ -33,6 +44,8 @@ def test_overhead_prints_each_kind_with_its_bound():
     ("memory_format.py", ["--steps", "0"], "--rounds and --steps must be >= 1"),
     ("memory_format.py", ["--kinds", "bp,usff"], "unknown arm(s) ['usff']"),
     ("memory_format.py", ["--kinds", "mirror"], "mirror learns in sleep phases"),
+    ("eprop.py", ["--hidden", "0"], "--hidden must be >= 1"),
+    ("eprop.py", ["--encoder", "latency"], "invalid choice: 'latency'"),
 ])
 def test_bad_arguments_are_one_line_errors(script, args, message):
     r = _run(script, *args)
