@@ -32,6 +32,8 @@ def _cmd_run(args):
                         "one results file. Run it without torchrun, or train a circuit under DDP "
                         "from Python (README, 'Under DDP')")
     spec = spec_mod.load_protocol(args.protocol, args.set)
+    from .allocator import keep_freed_memory
+    keep_freed_memory()  # each step reuses the last one's memory (PLASTIC_MALLOC=default: off)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     rp = results.results_path(out)
     if rp.exists() and not args.resume:

@@ -867,3 +867,50 @@ def test_a_warning_is_shown_once_per_command(tmp_path):
         assert main(["run", "--out", str(tmp_path / "r"), "--arms", "fa", "-q", "--set", *FAST,
                      "epochs=1", "circuit.excitatory=0.8"]) == 0
     assert sum("Dale's law with 'tanh'" in str(w.message) for w in got) == 1
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from plastic.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "kept" else False
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+for _ in range(3):  # torch's own first-use allocations settle
+    x = torch.ones(64 << 18)  # 64 MiB, every page touched
+    del x
+x = torch.ones(64 << 18)
+peak = rss()
+del x
+print(applied, (peak - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_plastic_run_keeps_freed_memory_for_the_next_step(monkeypatch, tmp_path):
+    """glibc unmaps a freed 64 MiB block, so the next step faults in fresh pages; after
+    keep_freed_memory the block stays for reuse.  PLASTIC_MALLOC=default leaves malloc alone."""
+    import subprocess
+    from plastic.allocator import keep_freed_memory
+
+    def run(mode, **env):
+        r = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True,
+                           text=True, env={**os.environ, **env}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        applied, dropped = r.stdout.split()
+        return applied, int(dropped)
+    import ctypes.util
+    import plastic.allocator
+    calls = []
+    monkeypatch.setattr(plastic.allocator, "keep_freed_memory", lambda: calls.append(1))
+    assert main(["run", "--out", str(tmp_path / "r"), "--arms", "bp", "-q", "--set", "epochs=1",
+                 "train_limit=64", "test_limit=32", "probe_size=8", "circuit.hidden=[8]"]) == 0
+    assert calls == [1]
+    monkeypatch.undo()
+    if "libc.so.6" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("not glibc")
+    applied, kept = run("kept")
+    assert applied == "True" and kept < 8  # the freed block stayed (MiB returned to the kernel)
+    assert run("default")[1] >= 60          # glibc's default: returned at once
+    monkeypatch.setenv("PLASTIC_MALLOC", "default")
+    assert keep_freed_memory() is False
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        monkeypatch.delenv("PLASTIC_MALLOC"), keep_freed_memory(0)
