@@ -22,6 +22,7 @@ synapse from a pre neuron and is never constrained.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -113,11 +114,12 @@ def dale_signs(n: int, excitatory: float = 0.8, generator: torch.Generator | Non
     ``n`` only, so synapses reading the same population get the same signs, as Dale's law needs.
     With a generator, which neurons are excitatory is a random permutation of that (still exactly
     ``round(excitatory * n)`` excitatory).  An 80/20 split is the usual cortical ratio."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise SpecError(f"dale_signs: n must be a positive integer, got {n!r}")
-    if not isinstance(excitatory, (int, float)) or isinstance(excitatory, bool) \
+    n = int(n)
+    if not isinstance(excitatory, numbers.Real) or isinstance(excitatory, bool) \
             or not 0.0 <= excitatory <= 1.0:
-        raise SpecError(f"dale_signs: the excitatory fraction must be in [0, 1], "
+        raise SpecError(f"dale_signs: the excitatory fraction must be a number in [0, 1], "
                         f"got {excitatory!r}")
     n_exc = int(math.floor(excitatory * n + 0.5))
     signs = torch.full((n,), -1.0)
@@ -263,9 +265,10 @@ def random_mask(shape, density: float, generator: torch.Generator | None = None)
 
 
 def _check_density(density, what):
-    if not isinstance(density, (int, float)) or isinstance(density, bool) \
+    if not isinstance(density, numbers.Real) or isinstance(density, bool) \
             or not (0.0 < density <= 1.0):
-        raise SpecError(f"{what}: density (connectivity) must be in (0, 1], got {density!r}")
+        raise SpecError(f"{what}: density (connectivity) must be a number in (0, 1], "
+                        f"got {density!r}")
 
 
 class SparseMask(Constraint):
@@ -430,14 +433,16 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
         the same circuit gets the same masks.  ``1.0`` (like ``None``) adds no mask.
 
     Returns ``{name: {"n_pre", "excitatory" (None if unconstrained), "density"}}``."""
+    from .metrics import unwrapped
+    model = unwrapped(model)  # a DDP or DataParallel wrapper: the circuit's own names and masks
     syns = list(synapses(model))
     if not syns:
         raise SpecError("apply_circuit_constraints: the circuit has no plastic synapse "
                         "(use plastic.convert first)")
     if excitatory is not None and (isinstance(excitatory, bool)
-                                   or not isinstance(excitatory, (int, float))
+                                   or not isinstance(excitatory, numbers.Real)
                                    or not 0.0 <= excitatory <= 1.0):
-        raise SpecError(f"excitatory fraction must be in [0, 1], got {excitatory!r}")
+        raise SpecError(f"excitatory fraction must be a number in [0, 1], got {excitatory!r}")
     if connectivity is not None:
         _check_density(connectivity, "connectivity")
     if excitatory is not None:
@@ -445,7 +450,11 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
         signed = sorted({m.activation_name for m in model.modules()
                          if isinstance(m, RatePopulation) and m.activation_name in (
                              "tanh", "identity", "linear", "gelu", "elu", "leaky_relu",
-                             "hardtanh", "silu")})
+                             "hardtanh", "silu")}
+                        | {type(m).__name__ for m in model.modules() if isinstance(m, (
+                            nn.Tanh, nn.GELU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish,
+                            nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Tanhshrink,
+                            nn.Softsign))})
         if signed:
             warnings.warn(f"Dale's law with {', '.join(map(repr, signed))} populations: their "
                           "rates go negative, and an excitatory neuron with a negative rate "

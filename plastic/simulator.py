@@ -35,7 +35,7 @@ from .spiking import FUSED_KINDS, SPIKING_KINDS, LIFPopulation, lif_sequence
 from .synapses import Conv2d, Dense, Synapse
 
 __all__ = ["TimeStepped", "Recording", "spiking_version", "is_time_stepped", "fan_out",
-           "decision_steps", "inference_stats"]
+           "synaptic_events", "decision_steps", "inference_stats"]
 
 ENCODINGS = ("constant", "poisson", "latency")
 #: what counts as a synapse of a circuit: plastic synapses, and torch layers not yet converted
@@ -51,6 +51,25 @@ def fan_out(syn: Synapse) -> float:
         kh, kw = syn.kernel_size
         return syn.out_channels / syn.groups * kh * kw / (syn.stride[0] * syn.stride[1])
     raise SpecError(f"no fan-out rule for {type(syn).__name__}")
+
+
+def synaptic_events(syn: nn.Module, x: torch.Tensor) -> float:
+    """Synaptic events the non-zero entries of ``x`` (a synapse's input, any leading dims)
+    cause: each active input unit times its fan-out (``fan_out``).  Under a sparse connectivity
+    mask (``plastic.constraints.SparseMask``) each input unit counts only the synapses it has."""
+    from .constraints import SparseMask, constraints_of
+    mask = next((c.mask for c in constraints_of(syn) if isinstance(c, SparseMask)), None)
+    if mask is None:
+        return float((x != 0).sum()) * fan_out(syn)
+    active = x != 0
+    if isinstance(syn, (Dense, nn.Linear)):  # mask (out, in): input j reaches mask[:, j].sum()
+        per_input = mask.sum(0)
+        return float((active.reshape(-1, per_input.numel()).sum(0) * per_input).sum())
+    kh, kw = syn.kernel_size  # mask (out, in/groups, kh, kw), as fan_out: mean over positions
+    g = syn.groups
+    per_input = mask.sum((2, 3)).reshape(g, -1, mask.shape[1]).sum(1).reshape(-1)  # (in,)
+    per_channel = active.movedim(-3, 0).reshape(per_input.numel(), -1).sum(1)
+    return float((per_channel * per_input).sum()) / (syn.stride[0] * syn.stride[1])
 
 
 def decision_steps(outputs: torch.Tensor) -> torch.Tensor:
@@ -169,8 +188,7 @@ class TimeStepped(nn.Module):
                         seq, const = seq.expand(t, *seq.shape), False
                     seq = torch.cat([seq.new_zeros((d, *seq.shape[1:])), seq[:t - d]])
                 if stats:
-                    nnz = float((seq != 0).sum()) / b
-                    rec.ops += nnz * fan_out(m) * (t if const else 1)
+                    rec.ops += synaptic_events(m, seq) / b * (t if const else 1)
                 seq = self._through(m, seq, const, spiking_input)
                 spiking_input = False
             elif isinstance(m, LIFPopulation):
@@ -349,7 +367,7 @@ def inference_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, di
     acc = {"ops": 0.0, "act": 0.0, "n": 0.0}
 
     def syn_hook(m, inp, out):
-        acc["ops"] += float((inp[0] != 0).sum()) / b * fan_out(m)
+        acc["ops"] += synaptic_events(m, inp[0]) / b
 
     def pop_hook(m, inp, out):
         acc["act"] += float(out.sum()) / b

@@ -292,20 +292,20 @@ def test_bad_specs_raise_spec_error():
                                         r"shape \(10, 128\)"):
         constrain(dense, SparseMask(torch.ones(10, 64, dtype=torch.bool)))
     for bad in (0, 0.0, -0.1, 1.5, float("nan")):
-        with pytest.raises(SpecError, match=r"density \(connectivity\) must be in \(0, 1\]"):
+        with pytest.raises(SpecError, match=r"density \(connectivity\) must be a number in \(0, 1\]"):
             random_mask((4, 4), bad)
     with pytest.raises(SpecError, match="no connections"):
         SparseMask(torch.zeros(4, 4))
     with pytest.raises(SpecError, match="only 0 and 1"):
         SparseMask(torch.full((4, 4), 0.5))
-    with pytest.raises(SpecError, match="excitatory fraction must be in"):
+    with pytest.raises(SpecError, match="excitatory fraction must be a number in"):
         dale_signs(10, 1.2)
     with pytest.raises(SpecError, match="Dense or Conv2d synapse"):
         constrain(nn.Linear(3, 2), Dale(dale_signs(3)))
     constrain(dense, Dale(dale_signs(128)))
     with pytest.raises(SpecError, match="already obeys Dale's law"):
         constrain(dense, Dale(dale_signs(128)))
-    with pytest.raises(SpecError, match="excitatory fraction must be in"):
+    with pytest.raises(SpecError, match="excitatory fraction must be a number in"):
         apply_circuit_constraints(_mlp(), 1.5, None, seed=0)
     with pytest.raises(SpecError, match="density"):
         apply_circuit_constraints(_mlp(), None, 0.0, seed=0)
@@ -368,6 +368,64 @@ def test_dale_on_populations_whose_rates_go_negative_warns():
     with pytest.warns(UserWarning, match="'tanh' populations: their rates go negative"):
         apply_circuit_constraints(plastic.convert(plastic.models.mlp(8, [6], 3, "tanh"), "fa"),
                                   0.8, None)
+    # a converted torch model's own activations too (they passed without a word)
+    with pytest.warns(UserWarning, match="'Tanh' populations: their rates go negative"):
+        apply_circuit_constraints(plastic.convert(nn.Sequential(
+            nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), "fa"), 0.8, None)
+
+
+def test_numpy_scalars_are_numbers_and_a_wrapped_circuit_draws_its_own_masks():
+    """np.float32(0.5) was refused as out of (0, 1]; a DataParallel-wrapped circuit named its
+    synapses module.N and drew other masks than the circuit itself."""
+    import numpy as np
+    assert random_mask((4, 4), np.float32(0.5)).sum() == 8
+    assert int((dale_signs(np.int64(10), np.float32(0.8)) > 0).sum()) == 8
+    with pytest.raises(SpecError, match="must be a number in"):
+        random_mask((4, 4), "0.5")
+
+    def masks(wrap):
+        torch.manual_seed(0)
+        net = plastic.convert(plastic.models.mlp(8, [6], 3, "relu"), "fa", seed=0)
+        apply_circuit_constraints(wrap(net), 0.8, 0.5, seed=0)
+        return [c.mask for _, s in plastic.synapses(net) for c in constraints_of(s)
+                if isinstance(c, SparseMask)]
+    plain, wrapped = masks(lambda n: n), masks(nn.DataParallel)
+    assert len(plain) == 2 and all(torch.equal(a, b) for a, b in zip(plain, wrapped))
+
+
+@pytest.mark.parametrize("spiking", [False, True])
+def test_synaptic_operations_count_only_the_synapses_a_sparse_mask_leaves(spiking):
+    """Each active input causes as many events as it has synapses: at connectivity 0.2 the count
+    was that of the full circuit (6.42e4 against 1.30e4 present)."""
+    from plastic.simulator import TimeStepped, inference_stats, synaptic_events
+    from plastic.spiking import LIFPopulation
+    torch.manual_seed(0)
+    seq = nn.Sequential(plastic.Dense(64, 100), LIFPopulation() if spiking else
+                        RatePopulation("relu"), plastic.Dense(100, 10))
+    net = plastic.convert(TimeStepped(seq, steps=4) if spiking else seq, "fa", seed=0)
+    apply_circuit_constraints(net, None, 0.2, seed=0)
+    x = torch.rand(8, 64) * (8 if spiking else 1)
+    _, stats = inference_stats(net, x)
+    first, second = [s for _, s in plastic.synapses(net)]
+    m1, m2 = (next(c.mask for c in constraints_of(s) if isinstance(c, SparseMask))
+              for s in (first, second))
+    with torch.no_grad():
+        if spiking:  # the hidden spikes of every step, (T, B, 100)
+            hidden = net.run(x, record=("spikes",))[1].spikes["circuit.1"]
+        else:
+            hidden = net[1](net[0](x))
+    expected = (float(((x != 0).float() @ m1.sum(0).float()).sum()) * (4 if spiking else 1)
+                + float(((hidden != 0).float() @ m2.sum(0).float()).sum())) / 8
+    assert stats["synaptic_ops"] == pytest.approx(expected, rel=1e-6)
+    assert stats["synaptic_ops"] < 0.3 * (64 * 100 * (4 if spiking else 1) + 100 * 10 * 4)
+    # a grouped, strided conv: each input channel counts the synapses of its own group
+    conv = plastic.convert(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, groups=2)), "fa")
+    apply_circuit_constraints(conv, None, 0.5, seed=0)
+    mask = constraints_of(conv[0])[0].mask
+    xc = (torch.rand(2, 4, 8, 8) > 0.5).float()
+    per_channel = torch.cat([mask[:3].sum((0, 2, 3)), mask[3:].sum((0, 2, 3))]).float()
+    assert synaptic_events(conv[0], xc) == pytest.approx(
+        float((xc.sum((0, 2, 3)) * per_channel).sum()) / 4)
 
 
 def test_the_batch_norm_gain_constraint_comes_last_so_older_state_dicts_load():
