@@ -103,6 +103,16 @@ class Constraint(nn.Module):
         return {}
 
 
+def _on_a_real_device(t: torch.Tensor, what: str) -> None:
+    """A one-line error for a constraint built on, or bound to, the meta device: its signs and
+    masks are values, which a meta tensor does not hold (``to_empty`` would fill them with
+    whatever memory held)."""
+    if t.is_meta:
+        raise SpecError(f"{what} on the meta device: constraints hold values (signs, masks); "
+                        "attach them after the circuit is materialised (to_empty and "
+                        "reset_parameters)")
+
+
 # ---------------------------------------------------------------------------------------- Dale
 
 
@@ -145,6 +155,7 @@ class Dale(Constraint):
     def __init__(self, signs):
         super().__init__()
         s = torch.as_tensor(signs)
+        _on_a_real_device(s, "Dale")
         if s.dim() != 1 or s.numel() == 0:
             raise SpecError(f"Dale: signs must be a non-empty 1-D tensor over the pre neurons, "
                             f"got shape {tuple(s.shape)}")
@@ -280,6 +291,7 @@ class SparseMask(Constraint):
     def __init__(self, mask):
         super().__init__()
         m = torch.as_tensor(mask).detach()
+        _on_a_real_device(m, "SparseMask")
         if m.dtype != torch.bool:
             if not bool(((m == 0) | (m == 1)).all()):
                 raise SpecError("SparseMask: the mask must be bool or hold only 0 and 1")
@@ -343,6 +355,7 @@ def constrain(synapse: Synapse, *constraints: Constraint) -> Synapse:
     if not isinstance(synapse, (Dense, Conv2d)):
         raise SpecError(f"constrain: needs a plastic Dense or Conv2d synapse (use plastic.convert "
                         f"first), got {type(synapse).__name__}")
+    _on_a_real_device(synapse.weight, f"constrain: synapse {_label(synapse)}")
     existing = constraints_of(synapse)
     for c in constraints:
         if not isinstance(c, Constraint):

@@ -436,3 +436,21 @@ def test_the_batch_norm_gain_constraint_comes_last_so_older_state_dicts_load():
     apply_circuit_constraints(net, 0.5, 0.5)
     syn = dict(plastic.synapses(net))["4"]
     assert [type(c) for c in syn.constraints] == [Dale, SparseMask, NonNegativeGain]
+
+
+def test_constraints_on_the_meta_device_are_one_line_errors():
+    """Built under torch.device("meta") they were a bare 'Tensor.item() cannot be called on meta
+    tensors'; bound to a meta synapse, to_empty filled their signs with leftover memory (weights
+    of 5e34 after enforce, no error)."""
+    with torch.device("meta"):
+        with pytest.raises(SpecError, match="Dale on the meta device"):
+            Dale(dale_signs(4))
+        with pytest.raises(SpecError, match="SparseMask on the meta device"):
+            SparseMask(torch.ones(3, 4, dtype=torch.bool))
+        syn = plastic.Dense(4, 3)
+    with pytest.raises(SpecError, match="after the circuit is materialised"):
+        constrain(syn, Dale(dale_signs(4)))
+    with torch.device("meta"):
+        net = plastic.convert(plastic.models.mlp(4, [3], 2, "relu"), "fa")
+    with pytest.raises(SpecError, match="meta device"):
+        apply_circuit_constraints(net, 0.5, 0.5)
