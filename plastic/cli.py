@@ -32,8 +32,6 @@ def _cmd_run(args):
                         "one results file. Run it without torchrun, or train a circuit under DDP "
                         "from Python (README, 'Under DDP')")
     spec = spec_mod.load_protocol(args.protocol, args.set)
-    from .allocator import keep_freed_memory
-    keep_freed_memory()  # each step reuses the last one's memory (PLASTIC_MALLOC=default: off)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     rp = results.results_path(out)
     if rp.exists() and not args.resume:
@@ -153,6 +151,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def console_main() -> int:
+    """The ``plastic`` command: ``main`` in a process of its own, whose C allocator keeps freed
+    memory for the next training step (``plastic.allocator``; ``PLASTIC_MALLOC=default`` turns
+    it off).  ``main`` called from Python leaves the caller's allocator alone."""
+    from .allocator import keep_freed_memory
+    keep_freed_memory()
+    return main()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -191,4 +198,4 @@ _python_format_warning = warnings.formatwarning
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

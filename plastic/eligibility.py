@@ -49,11 +49,16 @@ def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif", inplace: bool
 
 
 def _trace_factors(p, dt: float, kind: str):
-    """(1 − dt/τ_syn or None for lif_box, dt/τ_mem) as Python numbers (one τ per population)."""
+    """(1 − dt/τ_syn or None for lif_box, dt/τ_mem): Python numbers for one τ per population,
+    tensors for one per neuron (which ``presynaptic_traces`` broadcasts as the caller shapes
+    them; ``online_step`` refuses them)."""
     if kind not in ("lif", "lif_box"):
         raise SpecError(f"online learning supports lif and lif_box populations, not {kind!r}")
-    km = dt * float(p.tau_mem_inv)
-    return (1 - dt * float(p.tau_syn_inv) if kind == "lif" else None), km
+
+    def scalar(v):
+        return float(v) if torch.as_tensor(v).numel() == 1 else v
+    km = dt * scalar(p.tau_mem_inv)
+    return (1 - dt * scalar(p.tau_syn_inv) if kind == "lif" else None), km
 
 
 def _traces(a, c, eps, ks, km, inplace=False):
@@ -69,6 +74,11 @@ def _traces(a, c, eps, ks, km, inplace=False):
 def surrogate_derivative(v: torch.Tensor, p) -> torch.Tensor:
     """ψ = 1/(α|v − v_th| + 1)², the SuperSpike pseudo-derivative of the spike (Zenke & Ganguli
     2018), the same as the population's surrogate gradient."""
+    return (p.alpha * (v - p.v_th).abs() + 1).pow(-2)
+
+
+def _surrogate_derivative_(v: torch.Tensor, p) -> torch.Tensor:
+    """``surrogate_derivative`` in place on one temporary (no autograd; α broadcast to v)."""
     d = (v - p.v_th).abs_().mul_(p.alpha).add_(1)
     return d.mul_(d).reciprocal_()
 
@@ -235,7 +245,7 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                     traces[k] = (None if ks is None else torch.zeros_like(a), torch.zeros_like(a))
                 traces[k] = _traces(a, *traces[k], ks, km, inplace=True)
             a, states[k], v = _lif_step_with_voltage(pop, current, states[k], params[k])
-            psi[k] = surrogate_derivative(v, params[k])
+            psi[k] = _surrogate_derivative_(v, params[k])
         out_sum = out_sum + y
         loss_sum = loss_sum - (onehot * torch.log_softmax(y, -1)).sum()  # the loss descended
         err = (torch.softmax(y, -1) - onehot) / (t_steps * b)

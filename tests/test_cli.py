@@ -885,32 +885,38 @@ print(applied, (peak - rss()) >> 20)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
-def test_plastic_run_keeps_freed_memory_for_the_next_step(monkeypatch, tmp_path):
+def test_the_plastic_command_keeps_freed_memory_for_the_next_step(monkeypatch, tmp_path):
     """glibc unmaps a freed 64 MiB block, so the next step faults in fresh pages; after
-    keep_freed_memory the block stays for reuse.  PLASTIC_MALLOC=default leaves malloc alone."""
-    import subprocess
-    from plastic.allocator import keep_freed_memory
-
-    def run(mode, **env):
-        r = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True,
-                           text=True, env={**os.environ, **env}, timeout=120)
-        assert r.returncode == 0, r.stderr
-        applied, dropped = r.stdout.split()
-        return applied, int(dropped)
+    keep_freed_memory the block stays for reuse.  Only the command does it (main called from
+    Python leaves the caller's allocator alone), and PLASTIC_MALLOC=default or the user's own
+    malloc settings leave malloc alone."""
     import ctypes.util
     import plastic.allocator
+    import plastic.cli
     calls = []
     monkeypatch.setattr(plastic.allocator, "keep_freed_memory", lambda: calls.append(1))
-    assert main(["run", "--out", str(tmp_path / "r"), "--arms", "bp", "-q", "--set", "epochs=1",
-                 "train_limit=64", "test_limit=32", "probe_size=8", "circuit.hidden=[8]"]) == 0
-    assert calls == [1]
+    run = ["run", "--out", str(tmp_path / "r"), "--arms", "bp", "-q", "--set", "epochs=1",
+           "train_limit=64", "test_limit=32", "probe_size=8", "circuit.hidden=[8]"]
+    assert main(run) == 0 and calls == []
+    monkeypatch.setattr(sys, "argv", ["plastic", *run[:2], str(tmp_path / "s"), *run[3:]])
+    assert plastic.cli.console_main() == 0 and calls == [1]
     monkeypatch.undo()
     if "libc.so.6" not in (ctypes.util.find_library("c") or ""):
         pytest.skip("not glibc")
-    applied, kept = run("kept")
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("PLASTIC_MALLOC", "GLIBC_TUNABLES")}
+
+    def freed(mode, **env):
+        r = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True,
+                           text=True, env={**clean, **env}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        applied, dropped = r.stdout.split()
+        return applied, int(dropped)
+    applied, kept = freed("kept")
     assert applied == "True" and kept < 8  # the freed block stayed (MiB returned to the kernel)
-    assert run("default")[1] >= 60          # glibc's default: returned at once
-    monkeypatch.setenv("PLASTIC_MALLOC", "default")
-    assert keep_freed_memory() is False
+    assert freed("default")[1] >= 60       # glibc's default: returned at once
+    assert freed("kept", PLASTIC_MALLOC="default")[0] == "False"
+    applied, dropped = freed("kept", MALLOC_TRIM_THRESHOLD_="131072")  # the user's own stand
+    assert applied == "False" and dropped >= 60
     with pytest.raises(ValueError, match="positive number of bytes"):
-        monkeypatch.delenv("PLASTIC_MALLOC"), keep_freed_memory(0)
+        plastic.allocator.keep_freed_memory(0)

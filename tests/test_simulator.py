@@ -663,3 +663,23 @@ def test_measuring_a_poisson_circuit_does_not_change_its_training(tmp_path):
     w = {d: torch.load(tmp_path / d / "weights" / "lif-fa-seed0.pt") for d in runs}
     for d in "bc":
         assert all(torch.equal(w["a"][k], w[d][k]) for k in w["a"]), d
+
+
+def test_the_public_trace_functions_take_autograd_and_per_neuron_parameters():
+    """The e-prop speed-up made surrogate_derivative work in place (an autograd error, and an
+    α of another shape no longer broadcast) and presynaptic_traces read τ as one number (a
+    bare ValueError for one τ per neuron); the loop keeps its own in-place versions."""
+    from plastic.eligibility import presynaptic_traces, surrogate_derivative
+    from plastic.spiking import LIFParameters
+    v = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    psi = surrogate_derivative(v, LIFParameters(alpha=torch.as_tensor(2.0)))
+    (g,) = torch.autograd.grad(psi.sum(), v)
+    x = (v.detach() - 1).abs()
+    assert torch.allclose(g, -4 * (2 * x + 1).pow(-3) * torch.sign(v.detach() - 1))
+    assert surrogate_derivative(v.detach(), LIFParameters(alpha=torch.ones(3, 4, 6))).shape \
+        == (3, 4, 6)
+    per_neuron = LIFParameters(tau_mem_inv=torch.tensor([100.0, 50.0]),
+                               tau_syn_inv=torch.tensor([200.0, 100.0]))
+    c, eps = presynaptic_traces(torch.ones(3, 2), torch.zeros(3, 2), torch.zeros(3, 2),
+                                per_neuron, 1e-3)
+    assert torch.allclose(eps[0], torch.tensor([0.1, 0.05]))
