@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .convert import _seed_for, circuit_name, mark_fixed_buffers, synapses
+from .convert import _seed_for, circuit_name, synapses
 from .errors import SpecError
 from .feedback import FeedbackSynapse
 from .learned import KolenPollack
@@ -151,8 +151,6 @@ class Dale(Constraint):
     optimizer step they are projected back, W <- s relu(s W): a synapse whose update would carry
     it across zero stays at zero (projected gradient descent; cf. Cornford et al. 2021, ICLR,
     "Learning to live with Dale's principle")."""
-
-    fixed_buffers = ("signs",)  # never change (convert.mark_fixed_buffers)
 
     def __init__(self, signs):
         super().__init__()
@@ -289,8 +287,6 @@ class SparseMask(Constraint):
     shape) do not exist.  They are zeroed when attached, their gradient is masked before every
     optimizer step (so momentum and Adam's moments never move them) and they are zeroed again
     after it (in case of weight decay or anything else), so they stay exactly zero."""
-
-    fixed_buffers = ("mask",)
 
     def __init__(self, mask):
         super().__init__()
@@ -504,5 +500,4 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
             if "density" in s:
                 row["density"] = s["density"]
         summary[name] = row
-    mark_fixed_buffers(model)
     return summary

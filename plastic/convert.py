@@ -17,7 +17,7 @@ from .feedback import (FEEDBACK_KINDS, DirectFeedbackHub, check_meant_as_rule, i
                        is_rule)
 from .synapses import Conv2d, Dense, Synapse
 
-__all__ = ["convert", "synapses", "resolve_kind", "mark_fixed_buffers"]
+__all__ = ["convert", "synapses", "resolve_kind"]
 
 
 def synapses(module: nn.Module) -> Iterator[tuple[str, Synapse]]:
@@ -190,23 +190,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
                 parent_name, _, attr = place.rpartition(".")
                 parent = root.get_submodule(parent_name) if parent_name else root
                 setattr(parent, attr, syn)
-    return mark_fixed_buffers(new_root if new_root is not None else root)
-
-
-def mark_fixed_buffers(model: nn.Module) -> nn.Module:
-    """List the buffers of ``model`` that never change (a fixed random B, frSF's magnitudes,
-    Dale's signs, sparse masks) in ``model._ddp_params_and_buffers_to_ignore``, which
-    ``DistributedDataParallel`` reads when it wraps ``model``: with its default
-    ``broadcast_buffers=True`` it would re-send them from rank 0 before every forward pass
-    (+18 % on a constrained 784-1000-10 MLP, +37 % for fa, two processes), although every
-    process draws them alike from the same seed and name.  A process seeded apart keeps its own
-    draws, as brsf does.  ``convert``, ``apply_circuit_constraints`` and ``TimeStepped`` call it;
-    call it again after attaching constraints by hand.  Returns ``model``."""
-    names = {f"{m_name}.{b}" if m_name else b for m_name, m in model.named_modules()
-             for b in getattr(m, "fixed_buffers", ()) if m._buffers.get(b) is not None}
-    old = getattr(model, "_ddp_params_and_buffers_to_ignore", ())
-    model._ddp_params_and_buffers_to_ignore = sorted(set(old) | names)
-    return model
+    return new_root if new_root is not None else root
 
 
 def _deciding_pattern(name: str, feedback: Mapping) -> str | None:

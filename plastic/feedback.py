@@ -138,7 +138,6 @@ class FixedRandom(FeedbackSynapse):
     from the same distribution as W's initialisation, independent of W."""
 
     kind = "fa"
-    fixed_buffers = ("weight",)  # never change: DDP need not re-send them (convert.mark_fixed_buffers)
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
@@ -187,7 +186,6 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     kind = "frsf"
     local = False
-    fixed_buffers = ("magnitude",)
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()

@@ -143,8 +143,6 @@ class TimeStepped(nn.Module):
         self.register_buffer("input_mean", None if input_mean is None else torch.as_tensor(input_mean).float())
         self.register_buffer("input_std", None if input_std is None else torch.as_tensor(input_std).float())
         self._gen = None
-        from .convert import mark_fixed_buffers
-        mark_fixed_buffers(self)  # DDP need not re-send fixed B, masks and signs
 
     # -- encoding --------------------------------------------------------------------------
     def encode(self, x: torch.Tensor):

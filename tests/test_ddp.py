@@ -121,37 +121,3 @@ def test_ddp_matches_single_process(tmp_path, kind):
             assert plastic.angle(r0[k], v) < 5, k
             continue
         assert torch.allclose(r0[k], v, atol=1e-5), k  # = training on the whole batch
-
-
-def _worker_seeded_apart(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from plastic.constraints import apply_circuit_constraints
-        torch.manual_seed(0)
-        net = plastic.convert(models.mlp(16, [12], 4, "relu"), "fa", seed=rank)
-        apply_circuit_constraints(net, 0.8, 0.5, seed=rank)
-        ddp = torch.nn.parallel.DistributedDataParallel(net)  # broadcast_buffers=True
-        x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
-        F.cross_entropy(ddp(x), y).backward()
-        F.cross_entropy(ddp(x), y).backward()  # a second forward: DDP broadcasts buffers here
-        torch.save({k: v.clone() for k, v in net.named_buffers()}, f"{out}/buffers{rank}.pt")
-        del ddp
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def test_ddp_does_not_resend_the_fixed_feedback_weights_masks_and_signs(tmp_path):
-    """A fixed B, sparse masks and Dale's signs never change and every process draws them from
-    the same seed, yet DDP re-sent them from rank 0 before every forward pass (+35 % step time
-    for fa on a 784-1000-10 MLP, two processes).  They are left to each process now: processes
-    seeded apart keep their own draws (as brsf's do)."""
-    mp.spawn(_worker_seeded_apart, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    b0, b1 = (torch.load(tmp_path / f"buffers{r}.pt") for r in (0, 1))
-    fixed = [k for k in b0 if k.endswith(("feedback.weight", ".mask"))]
-    assert len(fixed) == 4 and all(not torch.equal(b0[k], b1[k]) for k in fixed), fixed
