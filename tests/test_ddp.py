@@ -121,3 +121,44 @@ def test_ddp_matches_single_process(tmp_path, kind):
             assert plastic.angle(r0[k], v) < 5, k
             continue
         assert torch.allclose(r0[k], v, atol=1e-5), k  # = training on the whole batch
+
+
+def _worker_forward_sync_off(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from plastic.constraints import apply_circuit_constraints
+        torch.manual_seed(rank)  # each process draws its own B from the global stream
+        net = torch.nn.Sequential(plastic.Dense(16, 12, feedback="fa"), torch.nn.ReLU(),
+                                  plastic.Dense(12, 4, feedback="frsf"))
+        apply_circuit_constraints(net, 0.8, 0.5, seed=rank)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.manual_seed(0)
+        for _ in range(2):
+            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/state{rank}.pt")
+        del ddp
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.mark.skipif("forward_sync_buffers" not in __import__("inspect").signature(
+    torch.nn.parallel.DistributedDataParallel).parameters, reason="torch < 2.13")
+def test_the_readmes_advice_for_fixed_buffers_keeps_replicas_equal(tmp_path):
+    """README: without batch norm, pass forward_sync_buffers=False so that DDP stops re-sending
+    the fixed B, masks and signs every step; it still syncs them when it is built, so processes
+    that drew their own B (or that did not load rank 0's checkpoint) start and stay equal."""
+    mp.spawn(_worker_forward_sync_off, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+             join=True)
+    s0, s1 = (torch.load(tmp_path / f"state{r}.pt") for r in (0, 1))
+    assert any(k.endswith("feedback.weight") for k in s0)
+    assert [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
