@@ -11,8 +11,9 @@ and of the CIFAR ConvNet from 55 to 51 ms; whole runs gain less (5-7 %), since t
 allocations keep part of the heap in use anyway.  Results are bit-identical.  The cost is that the
 process keeps its peak heap instead of handing it back between steps (peak memory +3-8 %, once
 +24 %).  The ``plastic`` command calls it (``plastic.cli.console_main``; ``plastic.cli.main``
-called from Python does not); ``PLASTIC_MALLOC=default`` turns it off, and so does any malloc
-setting of the user's own (``MALLOC_*_`` variables, ``GLIBC_TUNABLES=glibc.malloc.…``).  Other
+called from Python does not); ``PLASTIC_MALLOC=default`` turns it off, and so do thresholds
+the user set (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+``MALLOC_MMAP_MAX_``, or those tunables in ``GLIBC_TUNABLES``).  Other
 C libraries (macOS, musl) are left as they are.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Let glibc's malloc keep up to ``limit`` bytes of freed memory for reuse (module
     docstring).  True if applied; False on another C library, under ``PLASTIC_MALLOC=default``
-    or where the user set malloc's thresholds themselves.
+    or where the user set malloc's thresholds themselves (``_user_settings``).
     It changes the whole process's allocator, so call it from a program, not from a library."""
     if not (isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < 1 << 31):
         raise ValueError(f"limit must be a positive number of bytes below 2 GiB, got {limit!r}")
@@ -47,8 +48,9 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
 def _user_settings() -> bool:
     """Whether the user set glibc's malloc thresholds themselves (environment variables or
-    tunables): theirs stand."""
+    tunables): theirs stand.  Other malloc settings (arenas, perturbation) are kept as well, and
+    do not stop ours."""
     env = os.environ
-    return any(k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                  "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")) \
-        or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+    names = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    return any(f"MALLOC_{n.upper()}_" in env or f"glibc.malloc.{n}=" in tunables for n in names)

@@ -466,8 +466,10 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
                              "hardtanh", "silu")}
                         | {type(m).__name__ for m in model.modules() if isinstance(m, (
                             nn.Tanh, nn.GELU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish,
-                            nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Tanhshrink,
-                            nn.Softsign))})
+                            nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardswish,
+                            nn.Tanhshrink, nn.Softsign, nn.Softshrink, nn.Hardshrink,
+                            nn.LogSigmoid, nn.GLU)) or isinstance(m, nn.Threshold)
+                           and m.value < 0})
         if signed:
             warnings.warn(f"Dale's law with {', '.join(map(repr, signed))} populations: their "
                           "rates go negative, and an excitatory neuron with a negative rate "

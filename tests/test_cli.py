@@ -920,3 +920,13 @@ def test_the_plastic_command_keeps_freed_memory_for_the_next_step(monkeypatch, t
     assert applied == "False" and dropped >= 60
     with pytest.raises(ValueError, match="positive number of bytes"):
         plastic.allocator.keep_freed_memory(0)
+    for env, theirs in ((dict(GLIBC_TUNABLES="glibc.malloc.trim_threshold=5"), True),
+                        (dict(MALLOC_TOP_PAD_="1"), True),
+                        (dict(GLIBC_TUNABLES="glibc.malloc.arena_max=2"), False),
+                        (dict(MALLOC_ARENA_MAX="2"), False)):
+        with monkeypatch.context() as m:
+            for k in ("GLIBC_TUNABLES", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"):
+                m.delenv(k, raising=False)
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert plastic.allocator._user_settings() is theirs, env

@@ -369,9 +369,16 @@ def test_dale_on_populations_whose_rates_go_negative_warns():
         apply_circuit_constraints(plastic.convert(plastic.models.mlp(8, [6], 3, "tanh"), "fa"),
                                   0.8, None)
     # a converted torch model's own activations too (they passed without a word)
-    with pytest.warns(UserWarning, match="'Tanh' populations: their rates go negative"):
+    for act, name in ((nn.Tanh(), "Tanh"), (nn.Hardswish(), "Hardswish"),
+                      (nn.Threshold(0.0, -1.0), "Threshold")):
+        with pytest.warns(UserWarning, match=f"'{name}' populations: their rates go negative"):
+            apply_circuit_constraints(plastic.convert(nn.Sequential(
+                nn.Linear(8, 6), act, nn.Linear(6, 3)), "fa"), 0.8, None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a threshold to 0 keeps rates non-negative
         apply_circuit_constraints(plastic.convert(nn.Sequential(
-            nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), "fa"), 0.8, None)
+            nn.Linear(8, 6), nn.Threshold(0.1, 0.0), nn.Linear(6, 3)), "fa"), 0.8, None)
 
 
 def test_numpy_scalars_are_numbers_and_a_wrapped_circuit_draws_its_own_masks():
