@@ -148,21 +148,31 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
     to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
     are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
     Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
-    is stored: memory is that of one step.  ``label_smoothing`` mixes the one-hot target with
+    is stored: memory is that of one step.  What is averaged is the whole ``.grad`` of the
+    circuit's synapses, as DDP's own all-reduce would, in one all-reduce; inside
+    ``ddp.no_sync()`` nothing is (micro-batches accumulate; the next synchronised step averages
+    the sum).  ``label_smoothing`` mixes the one-hot target with
     the uniform distribution, as in ``F.cross_entropy``.  A DDP-wrapped circuit may be passed
     (the circuit inside is stepped).  With ``return_loss``: (readout, loss), the loss being
     the one the updates descend, the mean over steps of the per-step readout's cross-entropy
     (not the cross-entropy of the averaged readout)."""
     from .metrics import unwrapped
     out, layers, gw, gb, loss = _online_updates(unwrapped(model), x, target, label_smoothing)
-    # no autograd pass for DDP to hook: average over processes here
-    mean_over_processes([*gw, *(g for g in gb if g is not None)])
+    updated = []
     for k, (syn, _) in enumerate(layers):
         FeedbackSynapse.accumulate(syn.weight, gw[k])
+        updated.append(syn.weight)
         if syn.bias is not None:
             FeedbackSynapse.accumulate(syn.bias, gb[k])
+            updated.append(syn.bias)
         if isinstance(syn.feedback, KolenPollack):
             FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
+            updated.append(syn.feedback.weight)
+    # no autograd pass for DDP to hook: average over processes here, as DDP would, the whole
+    # .grad (what ddp.no_sync() micro-batches accumulated included), in one all-reduce; inside
+    # no_sync, nothing
+    if getattr(model, "require_backward_grad_sync", True):
+        mean_over_processes([p.grad for p in updated])
     return (out, loss) if return_loss else out
 
 

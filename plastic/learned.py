@@ -326,9 +326,15 @@ def mean_over_processes(tensors) -> None:
             and torch.distributed.get_world_size() > 1):
         return
     world = torch.distributed.get_world_size()
+    by_dtype = {}
     for t in tensors:
-        torch.distributed.all_reduce(t)
-        t /= world
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for group in by_dtype.values():  # one all-reduce per dtype, not one per tensor
+        flat = torch._utils._flatten_dense_tensors(group)
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for t, mean in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+            t.copy_(mean)
 
 
 def make_learned(kind, forward_weight, generator=None, **options):

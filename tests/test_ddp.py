@@ -162,3 +162,64 @@ def test_the_readmes_advice_for_fixed_buffers_keeps_replicas_equal(tmp_path):
     s0, s1 = (torch.load(tmp_path / f"state{r}.pt") for r in (0, 1))
     assert any(k.endswith("feedback.weight") for k in s0)
     assert [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
+
+
+def _worker_eprop_no_sync(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from plastic.eligibility import online_step
+        torch.manual_seed(0)
+        net = _net("kolen-pollack-eprop")
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        calls, real = [], dist.all_reduce
+        dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        inside = []
+        for x, y in _data():
+            shard_x, shard_y = x[rank::world].flatten(1), y[rank::world]
+            opt.zero_grad()
+            with ddp.no_sync():  # the first micro-batch only accumulates
+                n = len(calls)
+                online_step(ddp, shard_x[:4], shard_y[:4])
+                inside.append(len(calls) - n)
+            online_step(ddp, shard_x[4:], shard_y[4:])
+            opt.step()
+        dist.all_reduce = real
+        torch.save((inside, len(calls), {k: v.clone() for k, v in net.state_dict().items()}),
+                   f"{out}/eprop{rank}.pt")
+        del ddp
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_online_learning_accumulates_under_no_sync_and_averages_once():
+    """online_step averaged its updates in every call, inside ddp.no_sync() too, with one
+    all-reduce per tensor (six per step here).  Now micro-batches accumulate locally and the
+    synchronised call averages the sum in one all-reduce, which equals one process training on
+    each micro-batch of the whole batch in turn."""
+    import tempfile
+
+    from plastic.eligibility import online_step
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker_eprop_no_sync, args=(2, _free_port(), tmp), nprocs=2, join=True)
+        r0, r1 = (torch.load(f"{tmp}/eprop{r}.pt") for r in (0, 1))
+    assert r0[0] == [0] * 4 and r0[1] == 4  # none inside no_sync, one per synchronised step
+    torch.manual_seed(0)
+    net = _net("kolen-pollack-eprop")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for x, y in _data():
+        x, y = x.flatten(1), y
+        opt.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):  # micro-batch m: each rank's m-th half
+            idx = torch.cat([torch.arange(16)[r::2][half] for r in (0, 1)])
+            online_step(net, x[idx], y[idx])
+        opt.step()
+    for k, v in net.state_dict().items():
+        assert torch.equal(r0[2][k], r1[2][k]), k
+        assert torch.allclose(r0[2][k], v, atol=1e-6), k
