@@ -172,7 +172,12 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
             g = h.create_group(part)
             g.create_dataset("images", data=np.ascontiguousarray(xs, dtype=np.uint8),
                              compression="gzip", compression_opts=4, chunks=True)
-            g.create_dataset("labels", data=np.asarray(ys, dtype=np.uint8), compression="gzip")
+            ys = np.asarray(ys)
+            if ys.size and ys.min() < 0:
+                raise DataError(f"{name}: /{part} labels must be class indices >= 0")
+            # uint8 while it holds every label (labels of 256 and more wrapped around)
+            dtype = np.uint8 if not ys.size or ys.max() < 256 else np.int64
+            g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")
         h.attrs.update(name=name, source=source, mean=mean, std=std,
                        classes=list(classes or [str(i) for i in range(int(split["train"][1].max()) + 1)]))
     os.replace(tmp, out)
@@ -493,11 +498,21 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
     try:
         with h5py.File(path, "r") as h:
             parts = {}
+            limits = {"train": train_limit or None, "test": test_limit or None}
             for part in ("train", "test"):
                 if part not in h or "images" not in h[part] or "labels" not in h[part]:
                     raise DataError(f"{path}: no /{part}/images and /{part}/labels datasets")
-                parts[part] = (torch.from_numpy(h[part]["images"][:]),
-                               torch.from_numpy(h[part]["labels"][:]))
+                xs, ys = h[part]["images"], h[part]["labels"]
+                if len(xs.shape) < 1 or len(ys.shape) < 1 or xs.shape[0] != ys.shape[0]:
+                    raise DataError(f"{path}: /{part} images {xs.shape} and labels {ys.shape} "
+                                    "do not match")
+                # only the images a limit keeps are read (not the whole file, then a view)
+                labels = np.asarray(ys[:limits[part]])
+                if labels.dtype.kind not in "iu":
+                    raise DataError(f"{path}: /{part}/labels must be integers, not {labels.dtype}")
+                if labels.dtype != np.uint8:
+                    labels = labels.astype(np.int64)  # torch reduces few other integer types
+                parts[part] = (torch.from_numpy(xs[:limits[part]]), torch.from_numpy(labels))
             mean = torch.tensor(np.asarray(h.attrs["mean"], dtype=np.float64))
             std = torch.tensor(np.asarray(h.attrs["std"], dtype=np.float64))
             classes = [str(c) for c in h.attrs["classes"]]
@@ -515,6 +530,13 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
         if len(y) and int(y.max()) >= len(classes):
             raise DataError(f"{path}: /{part} has label {int(y.max())}, but the file names "
                             f"{len(classes)} classes")
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{path}: /{part} has label {int(y.min())}; labels are class "
+                            f"indices 0..{len(classes) - 1}")
+        if x.dim() == 4 and x.shape[1] > 4 and x.shape[-1] in (1, 3, 4):
+            raise DataError(f"{path}: /{part}/images {tuple(x.shape)} look like (N, H, W, C); "
+                            "plastic stores images as (N, C, H, W) (numpy.transpose(x, (0, 3, "
+                            "1, 2)) before writing)")
     channels = parts["train"][0].shape[1]
     if parts["test"][0].shape[1:] != parts["train"][0].shape[1:] or not (
             mean.numel() == std.numel() and mean.numel() in (1, channels)):
@@ -523,8 +545,4 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
                         f"{tuple(parts['train'][0].shape)}, test {tuple(parts['test'][0].shape)}, "
                         f"{mean.numel()} mean(s), {std.numel()} std(s)")
     (trx, try_), (tex, tey) = parts["train"], parts["test"]
-    if train_limit:
-        trx, try_ = trx[:train_limit], try_[:train_limit]
-    if test_limit:
-        tex, tey = tex[:test_limit], tey[:test_limit]
     return Dataset(ds_name, trx, try_, tex, tey, mean, std, classes)

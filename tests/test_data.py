@@ -221,3 +221,35 @@ def test_data_list_and_fetch_from_a_missing_folder_are_one_line_errors(tmp_path,
         assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
     assert main(["data", "list"]) == 0
     assert "mnist-sample" in capsys.readouterr().out
+
+
+def test_labels_beyond_255_survive_and_bad_labels_and_layouts_are_refused(tmp_path):
+    """The writer stored labels as uint8, so label 256 of a 1000-class set came back as 0; a
+    file's uint16 labels were a bare NotImplementedError and a label of -1 an IndexError in
+    the middle of an epoch; (N, H, W, C) images with a mean per row trained as 64-channel
+    images; and a train_limit kept a view of the whole file in memory."""
+    rng = np.random.default_rng(0)
+    y = np.arange(1000)
+    split = {"train": (rng.integers(0, 255, (1000, 3, 4, 4), dtype=np.uint8), y),
+             "test": (np.zeros((2, 3, 4, 4), np.uint8), np.array([999, 256]))}
+    data.write_h5(tmp_path / "big.h5", "big", "test", split)
+    ds = data.load(str(tmp_path / "big.h5"), train_limit=300)
+    assert ds.train_y.tolist() == list(range(300)) and ds.test_y.tolist() == [999, 256]
+    assert ds.train_x.untyped_storage().nbytes() == 300 * 3 * 4 * 4  # the limit only is read
+    with pytest.raises(DataError, match="class indices"):
+        data.write_h5(tmp_path / "neg.h5", "neg", "test",
+                      {"train": split["train"], "test": (split["test"][0], np.array([1, -1]))})
+    with h5py.File(tmp_path / "big.h5", "a") as h:
+        del h["test/labels"]
+        h["test/labels"] = np.array([3, 5], dtype=np.uint16)
+    assert data.load(str(tmp_path / "big.h5")).test_y.tolist() == [3, 5]
+    with h5py.File(tmp_path / "big.h5", "a") as h:
+        del h["test/labels"]
+        h["test/labels"] = np.array([3, -1], dtype=np.int16)
+    with pytest.raises(DataError, match=r"has label -1; labels are class indices 0\.\.999"):
+        data.load(str(tmp_path / "big.h5"))
+    hwc = {"train": (np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 2])),
+           "test": (np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]))}
+    data.write_h5(tmp_path / "hwc.h5", "hwc", "test", hwc, classes=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"look like \(N, H, W, C\)"):
+        data.load(str(tmp_path / "hwc.h5"))
