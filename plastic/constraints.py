@@ -434,6 +434,17 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> Attachment:
                        optimizer.register_step_post_hook(after_step)])
 
 
+def _goes_negative(m: nn.Module) -> bool:
+    """Whether a torch activation module can output negative rates."""
+    if isinstance(m, nn.Hardtanh):  # ReLU6 and Hardtanh(0, 1) among them
+        return m.min_val < 0
+    if isinstance(m, nn.Threshold):  # x where x > threshold, else value
+        return m.threshold < 0 or m.value < 0
+    return isinstance(m, (nn.Tanh, nn.GELU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish,
+                          nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardswish, nn.Tanhshrink,
+                          nn.Softsign, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.GLU))
+
+
 def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
                               connectivity: float | None, seed: int = 0) -> dict[str, dict]:
     """The circuit spec's constraints on a converted circuit.
@@ -464,12 +475,7 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
                          if isinstance(m, RatePopulation) and m.activation_name in (
                              "tanh", "identity", "linear", "gelu", "elu", "leaky_relu",
                              "hardtanh", "silu")}
-                        | {type(m).__name__ for m in model.modules() if isinstance(m, (
-                            nn.Tanh, nn.GELU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish,
-                            nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardswish,
-                            nn.Tanhshrink, nn.Softsign, nn.Softshrink, nn.Hardshrink,
-                            nn.LogSigmoid, nn.GLU)) or isinstance(m, nn.Threshold)
-                           and m.value < 0})
+                        | {type(m).__name__ for m in model.modules() if _goes_negative(m)})
         if signed:
             warnings.warn(f"Dale's law with {', '.join(map(repr, signed))} populations: their "
                           "rates go negative, and an excitatory neuron with a negative rate "

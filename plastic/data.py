@@ -164,6 +164,9 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".h5.part")
+    for part, (_, ys) in split.items():  # before anything is written
+        if np.asarray(ys).size and np.asarray(ys).min() < 0:
+            raise DataError(f"{name}: /{part} labels must be class indices >= 0")
     x = split["train"][0].astype(np.float64) / 255.0
     mean = x.mean(axis=(0, 2, 3))
     std = x.std(axis=(0, 2, 3))
@@ -173,8 +176,6 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
             g.create_dataset("images", data=np.ascontiguousarray(xs, dtype=np.uint8),
                              compression="gzip", compression_opts=4, chunks=True)
             ys = np.asarray(ys)
-            if ys.size and ys.min() < 0:
-                raise DataError(f"{name}: /{part} labels must be class indices >= 0")
             # uint8 while it holds every label (labels of 256 and more wrapped around)
             dtype = np.uint8 if not ys.size or ys.max() < 256 else np.int64
             g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")
@@ -533,7 +534,7 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
         if len(y) and int(y.min()) < 0:
             raise DataError(f"{path}: /{part} has label {int(y.min())}; labels are class "
                             f"indices 0..{len(classes) - 1}")
-        if x.dim() == 4 and x.shape[1] > 4 and x.shape[-1] in (1, 3, 4):
+        if x.dim() == 4 and x.shape[1] > 4 and x.shape[2] > 4 and x.shape[-1] in (1, 3, 4):
             raise DataError(f"{path}: /{part}/images {tuple(x.shape)} look like (N, H, W, C); "
                             "plastic stores images as (N, C, H, W) (numpy.transpose(x, (0, 3, "
                             "1, 2)) before writing)")

@@ -370,15 +370,17 @@ def test_dale_on_populations_whose_rates_go_negative_warns():
                                   0.8, None)
     # a converted torch model's own activations too (they passed without a word)
     for act, name in ((nn.Tanh(), "Tanh"), (nn.Hardswish(), "Hardswish"),
-                      (nn.Threshold(0.0, -1.0), "Threshold")):
+                      (nn.Threshold(0.0, -1.0), "Threshold"), (nn.Threshold(-1.0, 0.0),
+                                                                "Threshold")):
         with pytest.warns(UserWarning, match=f"'{name}' populations: their rates go negative"):
             apply_circuit_constraints(plastic.convert(nn.Sequential(
                 nn.Linear(8, 6), act, nn.Linear(6, 3)), "fa"), 0.8, None)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a threshold to 0 keeps rates non-negative
-        apply_circuit_constraints(plastic.convert(nn.Sequential(
-            nn.Linear(8, 6), nn.Threshold(0.1, 0.0), nn.Linear(6, 3)), "fa"), 0.8, None)
+        for act in (nn.Threshold(0.1, 0.0), nn.ReLU6(), nn.Hardtanh(0.0, 1.0)):
+            apply_circuit_constraints(plastic.convert(nn.Sequential(
+                nn.Linear(8, 6), act, nn.Linear(6, 3)), "fa"), 0.8, None)
 
 
 def test_numpy_scalars_are_numbers_and_a_wrapped_circuit_draws_its_own_masks():

@@ -239,6 +239,7 @@ def test_labels_beyond_255_survive_and_bad_labels_and_layouts_are_refused(tmp_pa
     with pytest.raises(DataError, match="class indices"):
         data.write_h5(tmp_path / "neg.h5", "neg", "test",
                       {"train": split["train"], "test": (split["test"][0], np.array([1, -1]))})
+    assert not list(tmp_path.glob("neg.h5*"))  # nothing half-written left behind
     with h5py.File(tmp_path / "big.h5", "a") as h:
         del h["test/labels"]
         h["test/labels"] = np.array([3, 5], dtype=np.uint16)
@@ -253,3 +254,7 @@ def test_labels_beyond_255_survive_and_bad_labels_and_layouts_are_refused(tmp_pa
     data.write_h5(tmp_path / "hwc.h5", "hwc", "test", hwc, classes=["a", "b", "c"])
     with pytest.raises(DataError, match=r"look like \(N, H, W, C\)"):
         data.load(str(tmp_path / "hwc.h5"))
+    features = {"train": (np.zeros((3, 16, 1, 1), np.uint8), np.array([0, 1, 2])),
+                "test": (np.zeros((2, 16, 1, 1), np.uint8), np.array([0, 1]))}
+    data.write_h5(tmp_path / "tab.h5", "tab", "test", features, classes=["a", "b", "c"])
+    assert data.load(str(tmp_path / "tab.h5")).train_x.shape == (3, 16, 1, 1)  # 16 features
