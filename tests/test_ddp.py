@@ -1,6 +1,7 @@
 """DistributedDataParallel works unchanged: the feedback pathway lives inside autograd, so DDP's
 all-reduce sees ordinary W.grad (and, for learned feedback, the plasticity of B as B.grad), and
 replicas stay identical to single-process training."""
+import contextlib
 import os
 import socket
 import sys
@@ -124,10 +125,7 @@ def test_ddp_matches_single_process(tmp_path, kind):
 
 
 def _worker_forward_sync_off(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         from plastic.constraints import apply_circuit_constraints
         torch.manual_seed(rank)  # each process draws its own B from the global stream
         net = torch.nn.Sequential(plastic.Dense(16, 12, feedback="fa"), torch.nn.ReLU(),
@@ -143,12 +141,6 @@ def _worker_forward_sync_off(rank, world, port, out):
             opt.step()
         torch.save({k: v.clone() for k, v in net.state_dict().items()}, f"{out}/state{rank}.pt")
         del ddp
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.skipif("forward_sync_buffers" not in __import__("inspect").signature(
@@ -165,10 +157,7 @@ def test_the_readmes_advice_for_fixed_buffers_keeps_replicas_equal(tmp_path):
 
 
 def _worker_eprop_no_sync(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         from plastic.eligibility import online_step
         torch.manual_seed(0)
         net = _net("kolen-pollack-eprop")
@@ -190,12 +179,6 @@ def _worker_eprop_no_sync(rank, world, port, out):
         torch.save((inside, len(calls), {k: v.clone() for k, v in net.state_dict().items()}),
                    f"{out}/eprop{rank}.pt")
         del ddp
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def test_online_learning_accumulates_under_no_sync_and_averages_once():
@@ -226,3 +209,20 @@ def test_online_learning_accumulates_under_no_sync_and_averages_once():
         moved = (v - start[k]).abs().max()
         assert moved > 1e-7, k  # every synapse and B learned; the DDP result to 0.1 % of that
         assert (r0[2][k] - v).abs().max() <= 1e-3 * moved + 1e-9, (k, moved)
+
+
+@contextlib.contextmanager
+def _process_group(rank, world, port):
+    """A gloo group for one spawned worker; the worker leaves without finalizing (see
+    ``_worker``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
