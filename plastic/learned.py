@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, suggest
-from .feedback import FeedbackSynapse, random_like, randn_like_logical
+from .feedback import FeedbackSynapse, _generator, _state_of, random_like, randn_like_logical
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
@@ -92,6 +92,12 @@ class LearnedFeedback(FeedbackSynapse):
         self.rule = parse_rule(rule)
         if not self.rule:
             raise SpecError("a learned feedback rule needs at least one non-zero primitive")
+        if forward_weight.is_floating_point():
+            top = torch.finfo(forward_weight.dtype).max
+            big = {k: c for k, c in self.rule.items() if abs(c) > top}
+            if big:  # finite in float64 (parse_rule checks), infinite in B's dtype
+                raise SpecError(f"feedback rule coefficient(s) {big} overflow "
+                                f"{forward_weight.dtype} (largest {top:g}): B.grad would be inf")
         if drive not in DRIVES:
             raise SpecError(f"unknown drive {drive!r}; known: {', '.join(DRIVES)}")
         if average not in AVERAGES:
@@ -123,6 +129,7 @@ class LearnedFeedback(FeedbackSynapse):
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
         self.every, self.subsample = every, float(subsample)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
+        self._drawn_from = _state_of(generator)  # for reset_parameters
         self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
         if center not in (None, "batch"):
@@ -132,6 +139,14 @@ class LearnedFeedback(FeedbackSynapse):
         self.pre_shape: tuple | None = None  # the pre population's shape, seen on forward
         self._pass = None  # the backward pass ``updates`` last counted (``every``)
         self._wake_without_sleep = 0  # a diagnostic: sleep-driven B that never sleeps stays random
+
+    def reset_parameters(self):
+        """Redraw B exactly as it was drawn, with its norm and the pass count (torch's
+        ``to_empty`` + ``reset_parameters`` idiom for a model built on the meta device)."""
+        with torch.no_grad():
+            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
+            self.initial_norm.copy_(self.weight.norm())
+            self.updates.zero_()
 
     @property
     def reads_post(self) -> bool:
@@ -262,7 +277,13 @@ class KolenPollack(FeedbackSynapse):
 
     def __init__(self, forward_weight: torch.Tensor, *, generator=None):
         super().__init__()
+        self._drawn_from = _state_of(generator)  # for reset_parameters
         self.weight = nn.Parameter(random_like(forward_weight, generator))
+
+    def reset_parameters(self):
+        """Redraw B exactly as it was drawn (the meta-device idiom, as for fa)."""
+        with torch.no_grad():
+            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
 
     def matrix(self, forward_weight):
         return self.weight.detach()

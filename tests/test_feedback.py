@@ -479,6 +479,26 @@ def test_fixed_random_feedback_is_redrawn_by_reset_parameters_after_the_meta_dev
             assert torch.equal(b, ref[0].feedback.weight)
 
 
+def test_learned_feedback_is_redrawn_by_reset_parameters_after_the_meta_device():
+    """Learned rules, the mirror and Kolen-Pollack had no reset_parameters: after to_empty, B
+    was whatever memory held (0, or 2.8e30 for the mirror) and the rules' norms with it."""
+    opts = {"information": {"normalize": True}, "mirror": {}, "kolen-pollack": {}}
+    for kind, options in opts.items():
+        def build():
+            return plastic.convert(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)),
+                                   kind, seed=3, options=options or None)
+        ref = build()
+        with torch.device("meta"):
+            net = build()
+        net = net.to_empty(device="cpu")
+        for mod in net.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+        for a, b in zip(net.state_dict().items(), ref.state_dict().items()):
+            if "feedback" in a[0]:
+                assert torch.equal(a[1], b[1]), (kind, a[0])
+
+
 def test_synapse_inputs_a_spiking_tuple_and_torch_s_padding_mode():
     from plastic.spiking import LIFPopulation
     net = nn.Sequential(plastic.Dense(4, 6), LIFPopulation(), plastic.Dense(6, 3))
@@ -536,3 +556,13 @@ def test_a_dfa_synapse_s_shape_error_names_the_batch_it_got():
                                               torch.nn.Linear(5, 3)), "dfa")
     with pytest.raises(RuntimeError, match=r"\(4x100 and 10x5\)"):
         net(torch.randn(4, 100))
+
+
+def test_a_coefficient_beyond_the_weights_dtype_is_a_one_line_error():
+    """{"decay": 1e39} passed the float64 finiteness check and gave an infinite B.grad in
+    float32, with no word."""
+    with pytest.raises(SpecError, match=r"overflow torch.float32 \(largest 3.40282e\+38\)"):
+        plastic.Dense(5, 3).set_feedback({"decay": 1e39})
+    s = plastic.Dense(5, 3, dtype=torch.float64).set_feedback({"decay": 1e39})
+    s(torch.randn(2, 5, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert torch.isfinite(s.feedback.weight.grad).all()
