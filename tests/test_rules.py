@@ -507,6 +507,26 @@ def test_every_counts_backward_passes_not_uses_of_a_shared_synapse():
     assert int(fb.updates) == 4
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_every_under_activation_checkpointing(reentrant):
+    """Non-reentrant checkpointing counts one loss.backward() once.  Reentrant checkpointing
+    runs a backward per segment, and each counts (the README's stated limit): a fix that took
+    forwards run inside a backward for recomputations miscounted hooks that run the model."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    syn = plastic.Dense(5, 5, feedback="fa").double()  # used twice: square
+    fb = LearnedFeedback(syn.weight, {"amp": 1.0}, every=2)
+    syn.set_feedback(fb)
+    x = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    for step in range(2):
+        fb.weight.grad = None
+        h = checkpoint(syn, x, use_reentrant=reentrant)
+        checkpoint(syn, torch.tanh(h), use_reentrant=reentrant).sum().backward()
+        assert int(fb.updates) == (2 * (step + 1) if reentrant else step + 1)
+        if not reentrant:
+            assert (fb.weight.grad.abs().sum() > 0) == bool(step % 2), step
+
+
 def test_subsample_takes_rows_evenly_so_every_time_step_contributes():
     """Rows of a time-stepped circuit's activity are (step, sample), step major: the first half
     of the rows were the first half of the steps."""
