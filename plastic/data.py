@@ -164,8 +164,9 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".h5.part")
+    split = {part: (xs, np.asarray(ys)) for part, (xs, ys) in split.items()}
     for part, (_, ys) in split.items():  # before anything is written
-        if np.asarray(ys).size and np.asarray(ys).min() < 0:
+        if ys.size and ys.min() < 0:
             raise DataError(f"{name}: /{part} labels must be class indices >= 0")
     x = split["train"][0].astype(np.float64) / 255.0
     mean = x.mean(axis=(0, 2, 3))
@@ -175,7 +176,6 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
             g = h.create_group(part)
             g.create_dataset("images", data=np.ascontiguousarray(xs, dtype=np.uint8),
                              compression="gzip", compression_opts=4, chunks=True)
-            ys = np.asarray(ys)
             # uint8 while it holds every label (labels of 256 and more wrapped around)
             dtype = np.uint8 if not ys.size or ys.max() < 256 else np.int64
             g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")

@@ -41,11 +41,11 @@ from .synapses import Dense, Synapse
 __all__ = ["presynaptic_traces", "online_step", "surrogate_derivative"]
 
 
-def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif", inplace: bool = False):
+def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif"):
     """One step of the presynaptic traces (c, ε) for input a (module docstring).  ``c`` is None
-    for ``lif_box``.  Returns the new (c, ε); with ``inplace`` the given tensors are updated.
-    ``a``, ``c`` and ``ε`` may be Python numbers (the trace of a constant input)."""
-    return _traces(a, c, eps, *_trace_factors(p, dt, kind), inplace)
+    for ``lif_box``.  Returns the new (c, ε).  ``a``, ``c`` and ``ε`` may be Python numbers (the
+    trace of a constant input)."""
+    return _traces(a, c, eps, *_trace_factors(p, dt, kind))
 
 
 def _trace_factors(p, dt: float, kind: str):

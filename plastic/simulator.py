@@ -65,9 +65,8 @@ def synaptic_events(syn: nn.Module, x: torch.Tensor) -> float:
     if isinstance(syn, (Dense, nn.Linear)):  # mask (out, in): input j reaches mask[:, j].sum()
         per_input = mask.sum(0)
         return float((active.reshape(-1, per_input.numel()).sum(0) * per_input).sum())
-    kh, kw = syn.kernel_size  # mask (out, in/groups, kh, kw), as fan_out: mean over positions
-    g = syn.groups
-    per_input = mask.sum((2, 3)).reshape(g, -1, mask.shape[1]).sum(1).reshape(-1)  # (in,)
+    # mask (out, in/groups, kh, kw); as in fan_out, the mean over positions
+    per_input = mask.sum((2, 3)).reshape(syn.groups, -1, mask.shape[1]).sum(1).reshape(-1)  # (in,)
     per_channel = active.movedim(-3, 0).reshape(per_input.numel(), -1).sum(1)
     return float((per_channel * per_input).sum()) / (syn.stride[0] * syn.stride[1])
 
