@@ -46,9 +46,24 @@ def test_eprop_benchmark_agrees_with_the_plain_per_step_update(encoder):
     ("memory_format.py", ["--kinds", "mirror"], "mirror learns in sleep phases"),
     ("eprop.py", ["--hidden", "0"], "--hidden must be >= 1"),
     ("eprop.py", ["--encoder", "latency"], "invalid choice: 'latency'"),
+    ("ddp.py", ["--kinds", "fa,bp"], "unknown kind(s) ['bp']"),
+    ("ddp.py", ["--kinds", "fa,fa"], "--kinds lists a kind twice"),
+    ("ddp.py", ["--hidden", "32,x"], "--hidden takes comma-separated widths"),
+    ("ddp.py", ["--world", "0"], "--world must be >= 1"),
 ])
 def test_bad_arguments_are_one_line_errors(script, args, message):
     r = _run(script, *args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
     assert r.stdout == ""
+
+
+def test_ddp_benchmark_times_each_kind_against_ddp_backprop_and_keeps_replicas_equal():
+    r = _run("ddp.py", "--quick", "--kinds", "fa,kolen-pollack,mirror", "--json-only")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["replicas_equal"] is True
+    for kind in ("fa", "kolen-pollack", "mirror"):
+        assert out[kind] > 0 and out["bare"][kind] > 0 and kind in out["ddp_extra_ms"]
+    assert set(out["_meta"]["ms"]) == {f"{k}/{m}" for k in ("bp", "fa", "kolen-pollack", "mirror")
+                                       for m in ("ddp", "bare")}
