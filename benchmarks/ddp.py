@@ -15,7 +15,8 @@ one SGD-momentum step is zero_grad, forward, cross-entropy, backward, step.  Eve
 same initial MLP through ``plastic.convert`` (``transpose`` is backprop through it: the cost of
 plastic's machinery alone).  ``--constrained`` puts Dale's law (80 % excitatory) and a 20 %
 connectivity mask on every converted arm (``apply_circuit_constraints``, kept by ``attach``);
-plain backprop stays unconstrained.  Each is timed twice in the same processes: wrapped
+plain backprop stays unconstrained; every arm's MLP is then a ReLU one (Dale's law needs
+non-negative rates).  Each is timed twice in the same processes: wrapped
 in DDP, and bare (each process steps alone, no communication), which separates the rule's own
 cost from what DDP adds to it.  Rounds visit the (arm, wrapped or bare) blocks in an order
 shuffled afresh each round, the same on every process; the figures are medians over rounds.
@@ -73,7 +74,7 @@ def _free_port():
 def _arms(args):
     """name -> model, every one from the same initial MLP."""
     torch.manual_seed(0)
-    mlp = models.mlp(args.inputs, args.hidden, 10, "tanh")
+    mlp = models.mlp(args.inputs, args.hidden, 10, args.activation)
     arms = {"bp": copy.deepcopy(mlp)}
     for kind in args.kinds:
         arms[kind] = plastic.convert(copy.deepcopy(mlp), kind, seed=0)
@@ -94,7 +95,7 @@ def _worker(rank, world, port, args, out):
         y = torch.randint(0, 10, (args.batch,), generator=g)
         blocks = []
         for name, net in _arms(args).items():
-            mirror = name in ("mirror", "weight-mirror")
+            mirror = name == "mirror"
             ddp = torch.nn.parallel.DistributedDataParallel(
                 net, find_unused_parameters=mirror,
                 forward_sync_buffers=args.forward_sync_buffers)
@@ -162,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds:
+        ap.error("--kinds lists no kind")
     unknown = [k for k in kinds if k not in FEEDBACK_KINDS or k in ("bp", "backprop")]
     if unknown:
         ap.error(f"unknown kind(s) {unknown} (plain DDP backprop is always timed); known: "
@@ -178,12 +181,15 @@ def main(argv=None):
         args.hidden = [int(h) for h in str(args.hidden).split(",")]
     except ValueError:
         ap.error(f"--hidden takes comma-separated widths, got {args.hidden!r}")
-    for opt in ("batch", "steps", "rounds", "world", "threads"):
+    for opt in ("batch", "steps", "rounds", "threads"):
         if getattr(args, opt) < 1:
             ap.error(f"--{opt} must be >= 1")
+    if args.world < 2:
+        ap.error("--world must be >= 2 (the replicas are compared)")
     if min(args.hidden) < 1:
         ap.error("--hidden widths must be >= 1")
     args.inputs = 64 if args.quick else 784
+    args.activation = "relu" if args.constrained else "tanh"
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -204,7 +210,8 @@ def main(argv=None):
                               for k in kinds}
     report["replicas_equal"] = equal
     report["_meta"] = {"ms": {f"{n}/{m}": v for (n, m), v in ms.items()},
-                       "hidden": args.hidden, "batch_per_process": args.batch,
+                       "inputs": args.inputs, "hidden": args.hidden,
+                       "activation": args.activation, "batch_per_process": args.batch,
                        "world": args.world, "threads": args.threads,
                        "forward_sync_buffers": args.forward_sync_buffers,
                        "constrained": args.constrained,

@@ -24,8 +24,9 @@ inputs.  Timed, interleaved (A B C, C B A, ...), medians over rounds:
 - ``plastic_bptt``: the same BPTT through the plastic circuit (the ``lif-fa`` arm's step).
 
 The last line of stdout is one JSON object: ``speedup_vs_reference`` = reference / eprop,
-``ratio_to_norse_bptt`` = eprop / norse_bptt, the medians in ms, and ``max_rel_diff`` of the
-weight updates (float32).
+``ratio_to_norse_bptt`` = eprop / norse_bptt, ``ratio_to_plastic_bptt`` = eprop / plastic_bptt,
+the medians in ms (``eprop_ms`` is ``online_step``'s), and ``max_rel_diff`` of the weight updates
+(float32); the exit status is 1 if that exceeds 1e-5.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ from plastic import models  # noqa: E402
 from plastic.eligibility import online_step  # noqa: E402
 from plastic.simulator import TimeStepped  # noqa: E402
 from spiking import interleaved, log  # noqa: E402
+
+
+TOLERANCE = 1e-5  # relative difference of the float32 updates to the reference
 
 
 def circuit(n_in, hidden, steps, encoder, alpha):
@@ -186,7 +190,12 @@ def main(argv=None):
            "wall_s": round(time.perf_counter() - t_start, 1)}
     print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v
                       for k, v in out.items()}))
+    if not diff <= TOLERANCE:  # a NaN fails too
+        print(f"eprop.py: online_step's update differs from the reference by {diff:.2e} "
+              f"(relative, more than {TOLERANCE:g})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

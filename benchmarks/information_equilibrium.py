@@ -13,11 +13,14 @@ Needs ``plastic data fetch cifar10``.  About a minute on 2 cores.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-import plastic
-from plastic import data, metrics, models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's plastic
+
+import plastic  # noqa: E402
+from plastic import data, metrics, models  # noqa: E402
 
 
 VARIANTS = ("plain", "sample_center", "sample+batch_center", "batch_center_both")

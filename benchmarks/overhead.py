@@ -8,7 +8,9 @@ The baseline is the plain ``nn.Module`` (no ``plastic.convert``); every candidat
 ``copy.deepcopy`` of the same initial weights.  After a warm-up, the baseline and the candidates
 are timed interleaved: each round runs one timed block of ``--steps`` steps per model, in an order
 shuffled anew every round, so that drifting machine load (other jobs) hits all of them alike.
-Per model we take the median per-step time over rounds; the ratio of a kind is
+A kind that runs its rule on every k-th step only (``information-every4``) is timed in blocks
+of whole cycles (``--steps`` rounded up to a multiple of k), so every block holds the same share
+of rule steps.  Per model we take the median per-step time over rounds; the ratio of a kind is
 median(kind) / median(baseline).  ``transpose`` (backprop through ``convert``) measures the
 overhead of the plastic machinery itself and should be ~1.0.
 
@@ -16,10 +18,12 @@ Output: human-readable lines, then as the LAST line of stdout one JSON object
 ``{"transpose": 1.0, "fa": 1.03, ..., "bounds": {...}, "ratio_to_bound": {...}, "_meta": {...}}``:
 each kind's step-time ratio to backprop; when learned rules were timed, ``bounds`` (each rule's
 operation-count lower bound) and ``ratio_to_bound`` (ratio / bound, the issue's limit is 1.15);
-extra information under ``_meta``.
+extra information under ``_meta`` (``non_finite_loss`` lists kinds whose loss diverged).
 
     python benchmarks/overhead.py [--rounds 15] [--steps 3] [--batch 128] [--threads N]
-                                  [--kinds transpose,fa,usf,brsf,frsf,dfa] [--json-only]
+                                  [--kinds fa,dfa,information,...] [--json-only]
+
+The default ``--kinds`` is every entry of ``CANDIDATES``.
 
 To add a kind, add an entry to ``CANDIDATES``: a name -> factory taking the plain model and
 returning the model to train (it must not modify its argument).
@@ -33,15 +37,20 @@ import json
 import platform
 import random
 import statistics
+import math
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import plastic
-from plastic.models import convnet
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's plastic
+
+import plastic  # noqa: E402
+from plastic.models import convnet  # noqa: E402
 
 SEED = 0
 IMAGE_SHAPE = (3, 32, 32)
@@ -97,6 +106,9 @@ BOUNDS = {"decay": 1.0, "self": 1.0, "symmetric": 1.0, "kolen-pollack": 1.0, "am
           "null": 5 / 3, "sparse": 5 / 3, "information": 5 / 3, "activation": 5 / 3,
           "information-normalized": 5 / 3,
           "mirror-concurrent": 5 / 3}
+
+#: kinds that run their rule on every k-th step only: timed in blocks of whole cycles
+PERIODS = {"information-every4": 4}
 
 
 def _mirror_concurrent(model):
@@ -164,6 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
     a = p.parse_args(argv)
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if not a.kinds:
+        p.error("--kinds lists no kind")
     unknown = [k for k in a.kinds if k not in CANDIDATES]
     if unknown:
         p.error(f"unknown kind(s) {unknown}; known: {', '.join(CANDIDATES)}")
@@ -191,12 +205,14 @@ def main(argv=None) -> dict:
     names = [BASELINE] + args.kinds
     factories = {BASELINE: BASELINE_FACTORY, **{k: CANDIDATES[k] for k in args.kinds}}
     runners = {n: Runner(n, factories[n](base), x, y) for n in names}
+    # steps per block: whole cycles of a kind's period, the same share of rule steps in each
+    block = {n: math.ceil(args.steps / PERIODS.get(n, 1)) * PERIODS.get(n, 1) for n in names}
 
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
         f"{args.rounds} rounds x {args.steps} steps, warm-up {args.warmup} blocks")
     for _ in range(args.warmup):
         for n in names:
-            runners[n].block(args.steps)
+            runners[n].block(block[n])
 
     rng = random.Random(SEED)
     times: dict[str, list[float]] = {n: [] for n in names}  # seconds per step, one per round
@@ -208,7 +224,7 @@ def main(argv=None) -> dict:
             order = names[:]
             rng.shuffle(order)
             for n in order:
-                times[n].append(runners[n].block(args.steps) / args.steps)
+                times[n].append(runners[n].block(block[n]) / block[n])
             gc.collect()
     finally:
         if gc_was_enabled:
@@ -219,6 +235,7 @@ def main(argv=None) -> dict:
     base_med = med[BASELINE]
     result: dict = {}
     paired_all: dict[str, float] = {}
+    diverged = []
     say(f"{'kind':<10} {'median ms':>10} {'ratio':>7} {'IQR ms':>15} {'paired':>7}  final loss")
     for n in names:
         v = [t * 1e3 for t in times[n]]
@@ -227,7 +244,9 @@ def main(argv=None) -> dict:
         # median of the per-round ratios, a cross-check robust to slow drifts in load
         paired = statistics.median(t / b for t, b in zip(times[n], times[BASELINE]))
         loss = runners[n].last_loss
-        flag = "" if loss == loss and abs(loss) != float("inf") else "  NON-FINITE LOSS"
+        flag = "" if math.isfinite(loss) else "  NON-FINITE LOSS"
+        if flag:
+            diverged.append(n)
         say(f"{n:<10} {med[n] * 1e3:10.1f} {ratio:7.3f} {q1:7.1f}-{q3:7.1f} {paired:7.3f}"
             f"  {loss:.3f}{flag}")
         if n != BASELINE:
@@ -246,6 +265,8 @@ def main(argv=None) -> dict:
         "ms": {n: round(m * 1e3, 2) for n, m in med.items()},
         "paired_ratio": paired_all, "max_iqr_over_median": round(spread, 3),
         "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
+        "steps_per_block": {n: k for n, k in block.items() if k != args.steps},
+        "non_finite_loss": diverged,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "wall_s": round(elapsed, 1),
     }

@@ -58,7 +58,8 @@ def log(*args):
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
-    """Median seconds per call of each of two functions, timed in alternating order."""
+    """Median seconds per call of each function, timed interleaved: in the listed order in even
+    rounds, reversed in odd ones."""
     names = list(fns)
     for name in names:  # warm-up
         fns[name]()
@@ -232,7 +233,7 @@ def workload_b(batch: int, steps: int, rounds: int, n_in: int = 784, n_hidden: i
     med = interleaved({"ours": ours, "norse": norse_fn}, rounds)
     out = {"b.batch": batch, "b.T": steps, "b.sizes": [n_in, n_hidden, n_out],
            "b.input_rate": d_in, "b.hidden_rate": d_hidden, "b.output_rate": float(z_o.mean()),
-           "b.propagation_modes": modes, "b.dyadic_weights": True, "b.identical_spikes": identical,
+           "b.predicted_propagation_modes": modes, "b.dyadic_weights": True, "b.identical_spikes": identical,
            "b.median_ms_ours": med["ours"] * 1e3, "b.median_ms_norse": med["norse"] * 1e3,
            "b.speedup_vs_norse": med["norse"] / med["ours"]}
     log(f"  median: ours {out['b.median_ms_ours']:.1f} ms, norse {out['b.median_ms_norse']:.1f} "
@@ -320,7 +321,17 @@ def main(argv=None):
     out.update(meta, wall_s=round(time.perf_counter() - t_start, 1))
     print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v
                       for k, v in out.items()}))
+    if not args.crossover:
+        silent = [k for k in ("a.firing_rate", "b.hidden_rate") if out.get(k) == 0.0]
+        if silent:  # identical spikes would then be a vacuous check
+            print(f"spiking.py: no spike to compare ({', '.join(silent)} is 0); raise --n",
+                  file=sys.stderr)
+            return 1
+        if not out["identical_spikes"]:
+            print("spiking.py: the spikes differ from norse's", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,17 @@ def test_overhead_prints_each_kind_with_its_bound():
     assert out["ratio_to_bound"]["decay"] == pytest.approx(out["decay"], abs=1e-3)
 
 
+def test_overhead_times_a_rule_run_every_kth_step_in_whole_cycles():
+    """information-every4 runs the rule on every 4th step: a block of 3 steps would hold one
+    rule step in three blocks of four and none in the fourth, so the median block would not be
+    the mean cost; blocks are whole cycles (4 steps) instead."""
+    r = _run("overhead.py", "--kinds", "information-every4,fa", "--rounds", "1", "--steps", "3",
+             "--warmup", "0", "--batch", "4", "--json-only")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout.strip().splitlines()[-1])["_meta"]
+    assert meta["steps_per_block"] == {"information-every4": 4} and meta["non_finite_loss"] == []
+
+
 @pytest.mark.parametrize("encoder", ["constant", "poisson"])
 def test_eprop_benchmark_agrees_with_the_plain_per_step_update(encoder):
     """online_step folds a constant input's traces into one product per batch; its update is
@@ -49,7 +60,10 @@ def test_eprop_benchmark_agrees_with_the_plain_per_step_update(encoder):
     ("ddp.py", ["--kinds", "fa,bp"], "unknown kind(s) ['bp']"),
     ("ddp.py", ["--kinds", "fa,fa"], "--kinds lists a kind twice"),
     ("ddp.py", ["--hidden", "32,x"], "--hidden takes comma-separated widths"),
-    ("ddp.py", ["--world", "0"], "--world must be >= 1"),
+    ("ddp.py", ["--world", "1"], "--world must be >= 2"),
+    ("ddp.py", ["--kinds", ","], "--kinds lists no kind"),
+    ("overhead.py", ["--kinds", ""], "--kinds lists no kind"),
+    ("memory_format.py", ["--kinds", "bp,bp"], "--kinds lists an arm twice"),
 ])
 def test_bad_arguments_are_one_line_errors(script, args, message):
     r = _run(script, *args)

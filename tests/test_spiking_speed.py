@@ -227,7 +227,7 @@ def test_benchmark_quick_run_reports_identical_spikes():
     assert out["identical_spikes"] is True and out["b.dyadic_weights"] is True
     assert out["a.speedup_vs_norse"] > 0 and out["b.speedup_vs_norse"] > 0
     assert out["a.grad_rel_diff_vs_norse_alpha1"] < 1e-4
-    assert 0.005 < out["b.hidden_rate"] < 0.05 and out["b.propagation_modes"][0] == "event"
+    assert 0.005 < out["b.hidden_rate"] < 0.05 and out["b.predicted_propagation_modes"][0] == "event"
     # a workload that is not there ran nothing and reported identical spikes; 0 rounds were 2
     for bad in (["--workloads", "c"], ["--workloads", "a, c"], ["--rounds", "0"],
                 ["--threads", "0"]):
