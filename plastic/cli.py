@@ -31,6 +31,9 @@ def _cmd_run(args):
                         f"{os.environ['WORLD_SIZE']}) every rank would run all of it and race for "
                         "one results file. Run it without torchrun, or train a circuit under DDP "
                         "from Python (README, 'Under DDP')")
+    if args.resume and not args.out:
+        raise SpecError("--resume needs --out DIR, the directory of the run to continue (a run "
+                        "without --out writes to a new runs/NAME-DATE directory)")
     spec = spec_mod.load_protocol(args.protocol, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     rp = results.results_path(out)
@@ -74,6 +77,11 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
     if layers:
         print()
         print(results.format_layers(rows, markdown=markdown))
+    experiments = results.experiments([r["spec"] for r in rs])
+    if len(experiments) > 1:
+        print(f"plastic: note: these files hold {len(experiments)} different experiments "
+              f"({'; '.join(experiments)}): rows from different ones are not comparable",
+              file=sys.stderr)
     for r in rows:
         if r["differs"]:
             print(f"plastic: note: {r['arm']} and {r['differs_from']} ran under different specs "

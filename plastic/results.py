@@ -136,6 +136,9 @@ class ResultsWriter:
                                f"{e.strerror or e} ({e.filename})") from None
         self.path = results_path(self.dir)
         if resume and self.path.exists():
+            with warnings.catch_warnings():  # a half-written row is reported below
+                warnings.simplefilter("ignore")
+                read(self.path)  # a damaged file: a one-line error before anything is written
             self.h5 = _open(self.path, "a")
             old = json.loads(self.h5.attrs["spec"])
             merged = dict(old)
@@ -169,10 +172,20 @@ class ResultsWriter:
     def _drop_half_written_rows(self):
         """A run killed between the resizes of one row (SIGKILL, out of memory) leaves some
         metric datasets a row longer than others: cut them back to the complete rows before
-        resuming (that epoch has no checkpoint, so it is trained again)."""
-        for g in self.h5["arms"].values():
+        resuming (that epoch has no checkpoint, so it is trained again), with a warning.  A
+        ``drop_rows`` cut between its two steps is completed first."""
+        for arm, g in self.h5["arms"].items():
+            if _SWAP in g:
+                if "metrics" in g:  # the old columns are whole: the drop is redone on resume
+                    del g[_SWAP]
+                else:
+                    g.move(_SWAP, "metrics")
             stored = dict(_datasets(g["metrics"])) if "metrics" in g else {}
             n = _complete_rows(stored)
+            if any(len(ds) != n for ds in stored.values()):
+                warnings.warn(f"{self.path}: arm {arm!r} has a half-written last row (the run "
+                              f"was killed while writing it); dropping it and resuming from "
+                              f"its {n} complete rows", stacklevel=2)
             for ds in stored.values():
                 if len(ds) != n:
                     ds.resize((n,))
@@ -212,10 +225,19 @@ class ResultsWriter:
         keep = ~((seeds == seed) & (epochs >= from_epoch))
         if keep.all():
             return
+        # the kept rows go to a new group that then replaces the old one: a run killed (or
+        # interrupted) part-way leaves either the old columns or the new ones, never a mix
+        # (``_finish_swap`` completes a swap cut between its two steps)
+        if _SWAP in g:
+            del g[_SWAP]
+        new = g.create_group(_SWAP)
         for name, ds in _datasets(m):
-            data = ds[:][keep]
-            ds.resize((len(data),))
-            ds[:] = data
+            data = ds[:len(keep)][keep]
+            new.create_dataset(name, data=data, maxshape=(None,), dtype="f8",
+                               fillvalue=np.nan, chunks=(256,))
+        self.h5.flush()
+        del g["metrics"]
+        g.move(_SWAP, "metrics")
         self.h5.flush()
 
     def append(self, arm: str, row: dict):
@@ -251,13 +273,26 @@ class ResultsWriter:
             pass
 
 
+#: the group ``drop_rows`` writes the kept rows to before it replaces ``metrics`` with it
+_SWAP = "metrics.compacted"
+
+
 def _datasets(group, prefix=""):
     import h5py
     for k, v in group.items():
         if isinstance(v, h5py.Dataset):
             yield prefix + k, v
-        else:
+        elif isinstance(v, h5py.Group):
             yield from _datasets(v, prefix + k + "/")
+        else:  # a dangling link (h5py gives None): the file is damaged
+            raise ValueError(f"{group.name}/{k} is a broken link")
+
+
+def _metrics_group(g):
+    """An arm's metrics group, or the compacted one a ``drop_rows`` cut between its two steps
+    left in its place."""
+    m = g.get("metrics")
+    return m if m is not None else g.get(_SWAP)
 
 
 def _open(path: Path, mode="r"):
@@ -286,21 +321,25 @@ def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict
     """{epoch: {"<population>/<what>": array}} of one arm (its first seed unless given)."""
     path = results_path(path)
     with _open(path) as h:
-        g = h["arms"].get(arm)
-        if g is None:
-            raise ResultsError(f"{path}: no arm {arm!r}; arms: {', '.join(h['arms'])}")
-        rec = g.get("recordings")
-        if rec is None or not len(rec):
-            return {}
-        recorded = sorted(int(k[4:]) for k in rec)  # seed2 before seed10
-        if seed is None:  # the protocol's first seed that has a recording
-            order = [int(v) for v in json.loads(h.attrs.get("seeds", "[]"))]
-            seed = next((v for v in order if v in recorded), recorded[0])
-        elif seed not in recorded:
-            raise ResultsError(f"{path}: arm {arm!r} has no recording of seed {seed}; recorded "
-                               f"seeds: {', '.join(map(str, recorded))}")
-        s = rec[f"seed{seed}"]
-        return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
+        try:
+            g = h["arms"].get(arm)
+            if g is None:
+                raise ResultsError(f"{path}: no arm {arm!r}; arms: {', '.join(h['arms'])}")
+            rec = g.get("recordings")
+            if rec is None or not len(rec):
+                return {}
+            recorded = sorted(int(k[4:]) for k in rec)  # seed2 before seed10
+            if seed is None:  # the protocol's first seed that has a recording
+                order = [int(v) for v in json.loads(h.attrs.get("seeds", "[]"))]
+                seed = next((v for v in order if v in recorded), recorded[0])
+            elif seed not in recorded:
+                raise ResultsError(f"{path}: arm {arm!r} has no recording of seed {seed}; "
+                                   f"recorded seeds: {', '.join(map(str, recorded))}")
+            s = rec[f"seed{seed}"]
+            return {int(e[5:]): {k: ds[:] for k, ds in _datasets(s[e])} for e in s}
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError, AttributeError) as e:
+            raise ResultsError(f"{path}: its recordings of arm {arm!r} are damaged ({e})") \
+                from None
 
 
 def _complete_rows(stored: dict) -> int | None:
@@ -323,11 +362,11 @@ def read(path: str | Path) -> dict:
             if not isinstance(out["spec"], dict):
                 raise ValueError("its spec is not a table")
             for arm, g in h["arms"].items():
-                if not isinstance(g, h5py.Group) or not isinstance(g.get("metrics"), h5py.Group):
+                if not isinstance(g, h5py.Group) or not isinstance(_metrics_group(g), h5py.Group):
                     raise ValueError(f"arm {arm!r} has no metrics group")
                 attrs = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v)
                          for k, v in g.attrs.items()}
-                stored = dict(_datasets(g["metrics"]))
+                stored = dict(_datasets(_metrics_group(g)))
                 n = _complete_rows(stored)
                 metrics = {k: ds[:n] for k, ds in stored.items()}
                 if any(len(ds) != n for ds in stored.values()):
@@ -340,7 +379,7 @@ def read(path: str | Path) -> dict:
                 if bad:
                     raise ValueError(f"arm {arm!r}: column {bad[0]!r} is not numeric")
                 out["arms"][arm] = {"attrs": attrs, "metrics": metrics}
-        except (KeyError, ValueError, TypeError, OSError) as e:
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError, AttributeError) as e:
             raise ResultsError(f"{path}: not a plastic results file, or a damaged one ({e})") \
                 from None
     return out
@@ -431,7 +470,8 @@ _NOT_THE_EXPERIMENT = ("seeds", "name", "description", "circuit.name", "circuit.
 
 def summary(results: list[dict]) -> list[dict]:
     """One row per arm.  Files that ran an arm under the same spec (a protocol run in parts, or
-    one seed per file) pool its seeds, a later file's seed replacing an earlier one's.  An arm run
+    one seed per file) pool its seeds; a seed in several files is taken from the one where it
+    got furthest (finished before unfinished at the same epoch; the later file at a tie).  An arm run
     under different specs (another data set, other epochs, another rule under the same name)
     gets one row per spec, named ``arm [directory]``, with the keys that differ from the first
     such row in ``row["differs"]`` and that row's name in ``row["differs_from"]``: a table never
@@ -451,13 +491,16 @@ def summary(results: list[dict]) -> list[dict]:
             gs = groups.setdefault(arm, [])
             g = next((g for g in gs if not differs(g)), None)
             if g is None:
-                g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": {},
+                g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": {}, "reached": {},
                      "planned": set(), "paths": [], "differs": differs(gs[0]) if gs else []}
                 gs.append(g)
-            g["seeds"].update(slices)
-            # a seed's rows and its completion come from the same (the latest) file
+            # a seed's rows and its completion come from the same file: the one where the seed
+            # got furthest (an interrupted re-run in a later file does not hide a finished one)
             finished = set(a["attrs"].get("done_seeds", []))
-            g["done"].update({s: s in finished for s in slices})
+            for s, rows in slices.items():
+                got = (int(np.max(rows["epoch"])), s in finished)
+                if s not in g["seeds"] or got >= g["reached"][s]:
+                    g["seeds"][s], g["done"][s], g["reached"][s] = rows, s in finished, got
             g["planned"] |= {int(s) for s in spec.get("seeds", []) if isinstance(s, int)}
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
@@ -668,8 +711,22 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
     return True
 
 
-def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
-    """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``."""
+def experiments(specs: list[dict]) -> list[str]:
+    """"protocol: circuit on data" of each different experiment among ``specs``, in order."""
+    names = []
+    for spec in specs:
+        circuit = spec.get("circuit", {})
+        circuit = circuit if isinstance(circuit, dict) else {"name": circuit}
+        t = (f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')} "
+             f"on {spec.get('data', '')}")
+        if t not in names:
+            names.append(t)
+    return names
+
+
+def _draw(arms: dict, specs: list[dict], out_dir: Path) -> list[Path]:
+    """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``,
+    titled by the experiments ``specs`` ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -696,9 +753,7 @@ def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
     ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)
-    circuit = spec.get("circuit", {})
-    fig.suptitle(f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')} "
-                 f"on {spec.get('data', '')}")
+    fig.suptitle(" | ".join(experiments(specs)))
     fig.tight_layout()
     files.append(out_dir / "learning_curves.png")
     fig.savefig(files[-1], dpi=110)
@@ -712,7 +767,7 @@ def _draw(arms: dict, spec: dict, out_dir: Path) -> list[Path]:
 def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
     """learning_curves.png and angles.png of several results files in one, their arms named and
     their seeds pooled as in ``plastic report`` (a protocol run in parts, or one seed per file).
-    The title is the first file's protocol."""
+    The title names each different experiment (protocol, circuit, data) among the files."""
     rs = [read(results_path(p)) for p in paths]
     arms = {row["arm"]: {"metrics": row["metrics"], "synapses": row["synapses"]}
             for row in summary(rs)}
@@ -723,18 +778,23 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
-    return _draw(arms, rs[0]["spec"], out_dir) if arms else []
+    return _draw(arms, [r["spec"] for r in rs], out_dir) if arms else []
 
 
 def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """learning_curves.png and angles.png from a results file."""
     r = read(path)
     out_dir = Path(out_dir) if out_dir else results_path(path).parent
-    arms = dict(_ordered_arms(r))
-    if not arms:
+    if not r["arms"]:
         return []
+    # each arm's seeds as the table pools them: those that reached its furthest epoch (a seed
+    # still behind would pull the curve's later epochs toward fewer seeds)
+    arms = {arm: {"metrics": _concat([rows for _, rows in
+                                      sorted(_furthest(_seed_slices(a["metrics"])).items())]),
+                  "attrs": a["attrs"]}
+            for arm, a in _ordered_arms(r)}
     spec = r["spec"]
-    files = _draw(arms, spec, out_dir)
+    files = _draw(arms, [spec], out_dir)
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})
     circuit = spec.get("circuit")

@@ -20,7 +20,7 @@ from torch import nn
 from . import data as data_mod
 from . import models
 from .convert import circuit_name, convert, synapses
-from .errors import SpecError
+from .errors import ResultsError, SpecError
 from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter, results_path
@@ -329,7 +329,12 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     ckpt = _checkpoint_path(out_dir, arm_name, seed)
     state = None
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+        except Exception as e:  # truncated or overwritten: a one-line error, not a traceback
+            raise ResultsError(f"{ckpt}: a damaged checkpoint ({str(e).splitlines()[0][:200]}); "
+                               f"delete it to train [{arm_name} seed {seed}] again from its "
+                               "start") from None
         if not writer.has_row(arm_name, seed, state["epoch"]):  # not this file's run
             warnings.warn(f"{ckpt} is at epoch {state['epoch']}, but {writer.path} has no row "
                           f"of it; [{arm_name} seed {seed}] starts from epoch 0")

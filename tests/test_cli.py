@@ -552,8 +552,9 @@ def test_a_half_written_row_is_dropped_on_report_and_on_resume(tmp_path, capsys)
         and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no Python source line
     with pytest.warns(UserWarning, match="half-written last row"):
         assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0]
-    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST,
-                 "epochs=1"]) == 0
+    with pytest.warns(UserWarning, match="half-written last row.*dropping it"):
+        assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST,
+                     "epochs=1"]) == 0
     m = results.read(out)["arms"]["fa"]["metrics"]
     assert list(m["epoch"]) == [0, 1] and all(len(v) == 2 for v in m.values())
     capsys.readouterr()
@@ -930,3 +931,145 @@ def test_the_plastic_command_keeps_freed_memory_for_the_next_step(monkeypatch, t
             for k, v in env.items():
                 m.setenv(k, v)
             assert plastic.allocator._user_settings() is theirs, env
+
+
+def _two_seed_file(tmp_path, rows=((0, 0), (0, 1), (1, 0), (1, 1), (1, 2))):
+    """A results file of arm fa, by default seed 0 at epochs 0-1 and seed 1 at epochs 0-2;
+    angle/1 holds 10 * seed + epoch and test_accuracy a hundredth of it, so a row out of line
+    shows."""
+    from plastic import spec as S
+    w = results.ResultsWriter(tmp_path / "r", S.load_protocol("quickstart", [*FAST,
+                                                                           "seeds=[0,1]"]))
+    w.arm_group("fa", {"feedback": "fa"})
+    for seed, epoch in rows:
+        w.append("fa", {"seed": seed, "epoch": epoch, "test_accuracy": (10 * seed + epoch) / 100,
+                        "angle/1": 10 * seed + epoch, "train_loss": 1.0})
+    return w
+
+
+def _rows(path):
+    m = results.read(path)["arms"]["fa"]["metrics"]
+    assert np.array_equal(m["angle/1"], 10 * m["seed"] + m["epoch"])  # in line
+    assert np.allclose(m["test_accuracy"], m["angle/1"] / 100)
+    return sorted(zip(m["seed"].astype(int), m["epoch"].astype(int)))
+
+
+def test_restarting_a_seed_can_be_interrupted_without_losing_or_misaligning_rows(tmp_path,
+                                                                                 monkeypatch):
+    """drop_rows (a seed restarted on resume) rewrote the columns one at a time: an interrupt
+    part-way left them out of line and lost a finished seed's row for good.  The kept rows now
+    go to a new group that replaces the old one whole."""
+    w = _two_seed_file(tmp_path)
+    calls = []
+    real_create = h5py.Group.create_dataset
+
+    def interrupted(self, *a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_create(self, *a, **k)
+    monkeypatch.setattr(h5py.Group, "create_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.drop_rows("fa", 0)
+    monkeypatch.undo()
+    w.close()
+    everything = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert _rows(tmp_path / "r") == everything  # the old columns, whole
+    # cut between deleting the old group and moving the new one in
+    w = results.ResultsWriter(tmp_path / "r", w_spec := json.loads(
+        h5py.File(tmp_path / "r" / "results.h5", "r").attrs["spec"]), resume=True)
+    monkeypatch.setattr(h5py.Group, "move", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        w.drop_rows("fa", 0)
+    monkeypatch.undo()
+    w.close()
+    with h5py.File(tmp_path / "r" / "results.h5", "r") as h:
+        assert "metrics" not in h["arms/fa"]
+    assert _rows(tmp_path / "r") == everything[2:]  # read takes the compacted group
+    w = results.ResultsWriter(tmp_path / "r", w_spec, resume=True)  # and resume moves it in
+    w.close()
+    with h5py.File(tmp_path / "r" / "results.h5", "r") as h:
+        assert sorted(h["arms/fa"]) == ["metrics"]
+    assert _rows(tmp_path / "r") == everything[2:]
+
+
+def test_report_takes_each_seed_from_the_file_where_it_got_furthest(tmp_path):
+    """A finished seed 1 in one file and an interrupted re-run of it in another: the table
+    depended on the order of the files, and one order dropped the finished seed."""
+    from plastic import spec as S
+    a = _two_seed_file(tmp_path / "a", [(s, e) for s in (0, 1) for e in (0, 1, 2)])
+    a.mark_done("fa", 0)
+    a.mark_done("fa", 1)
+    a.close()
+    b = results.ResultsWriter(tmp_path / "b" / "r", S.load_protocol("quickstart",
+                                                                    [*FAST, "seeds=[0,1]"]))
+    b.arm_group("fa", {"feedback": "fa"})
+    b.append("fa", {"seed": 1, "epoch": 0, "test_accuracy": 99, "angle/1": 99})
+    b.close()
+    files = [results.read(tmp_path / "a" / "r"), results.read(tmp_path / "b" / "r")]
+    for order in (files, files[::-1]):
+        (row,) = results.summary(order)
+        assert row["seeds"] == 2 and row["done"] == 2 and row["test_accuracy"] == [0.02, 0.12]
+
+
+def test_the_figure_of_a_file_pools_the_seeds_the_table_pools(tmp_path, saved_figures):
+    """A seed interrupted at epoch 1 of 2 was averaged into the curve at epoch 1, while the
+    table left it out."""
+    w = _two_seed_file(tmp_path)  # seed 1 reached epoch 2, seed 0 only epoch 1
+    w.close()
+    results.figures(tmp_path / "r")
+    (line,) = saved_figures["learning_curves.png"].axes[0].get_lines()
+    assert list(line.get_xdata()) == [1, 2]
+    assert np.allclose(line.get_ydata(), [100 * (1 - 0.11), 100 * (1 - 0.12)])  # seed 1's
+
+
+def test_damaged_links_and_checkpoints_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    w = _two_seed_file(tmp_path)
+    w.close()
+    with h5py.File(tmp_path / "r" / "results.h5", "a") as h:
+        h["arms/fa/metrics/lost"] = h5py.SoftLink("/nowhere")
+    assert main(["report", str(tmp_path / "r")]) == 2
+    assert "broken link" in _err_line(capsys)
+    from plastic import train as T
+    monkeypatch.setattr(T, "_save_weights", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "c"
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST]) == 130
+    monkeypatch.undo()
+    ckpt = out / "checkpoints" / "fa-seed0.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST]) == 2
+    assert "a damaged checkpoint" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["x/y", ".", "..", ""])
+def test_an_arm_name_that_cannot_name_a_results_group_is_refused(tmp_path, capsys, name):
+    """'x/y' trained and then left the results file unreadable; '.' made every arm's group
+    unreadable; '' ended in an h5py traceback."""
+    toml = (Path(plastic.__file__).parents[1] / "protocols" / "quickstart.toml").read_text()
+    (tmp_path / "p.toml").write_text(toml.replace("[arms.usf]", f'[arms."{name}"]'))
+    assert main(["run", str(tmp_path / "p.toml"), "--out", str(tmp_path / "x")]) == 2
+    assert f"arm name {name!r} cannot name a group of the results file" in _err_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_without_out_is_refused(capsys):
+    assert main(["run", "--resume"]) == 2
+    assert "--resume needs --out DIR" in _err_line(capsys)
+
+
+def test_report_of_different_experiments_says_so_and_titles_each(tmp_path, capsys,
+                                                                 saved_figures):
+    a = {"name": "quickstart", "circuit": {"name": "mlp-small"}, "data": "mnist-sample"}
+    b = {"name": "cifar10", "circuit": {"name": "convnet-cifar"}, "data": "cifar10"}
+    assert results.experiments([a, b, dict(a)]) == ["quickstart: mlp-small on mnist-sample",
+                                                   "cifar10: convnet-cifar on cifar10"]
+    for d, name in (("a", "quickstart"), ("b", "other")):
+        assert main(["run", "--out", str(tmp_path / d), "--arms", "fa", "-q", "--set", *FAST,
+                     "epochs=1", f"name={name}"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                 str(tmp_path / "f")]) == 0
+    assert "these files hold 2 different experiments" in capsys.readouterr().err
+    title = saved_figures["learning_curves.png"]._suptitle.get_text()
+    assert "quickstart: " in title and "other: " in title
