@@ -135,6 +135,13 @@ class TimeStepped(nn.Module):
             if isinstance(m, LIFPopulation):
                 m.dt = self.dt
                 m.check()
+        adaptive = sum(isinstance(m, LIFPopulation) and m.kind == "adaptive_lif" for m in circuit)
+        if adaptive and steps <= adaptive:
+            # an adaptive LIF population (norse's LSNN step) adds its input after the step: each
+            # one delays the signal a step, and the readout would not depend on the input
+            raise SpecError(f"{adaptive} adaptive_lif population(s) each delay the input by a "
+                            f"step: {steps} time step(s) leave the output independent of the "
+                            f"input; take more than {adaptive} steps")
         if encoder != "constant":
             if input_mean is None or input_std is None:
                 raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "

@@ -182,6 +182,13 @@ class LIFPopulation(nn.Module):
                             f"(use {type(SPIKING_KINDS[self.kind][1]).__name__})")
         if not self.dt > 0:
             raise SpecError(f"{self.kind!r} population: dt must be > 0, got {self.dt}")
+        alpha = torch.as_tensor(self.p.alpha, dtype=torch.float64)
+        if not bool(torch.isfinite(alpha).all() and (alpha > 0).all()):
+            # 1/(α|x| + 1)² with α < 0 has a pole at |x| = 1/|α|: infinite gradients
+            raise SpecError(f"{self.kind!r} population: the surrogate's alpha must be a finite "
+                            f"number > 0, got {alpha.tolist()}")
+        if not bool(torch.isfinite(torch.as_tensor(self.p.v_th, dtype=torch.float64)).all()):
+            raise SpecError(f"{self.kind!r} population: v_th must be finite")
         for name in ("tau_syn_inv", "tau_mem_inv", "tau_adapt_inv"):
             if name in fields:
                 v = torch.as_tensor(getattr(self.p, name), dtype=torch.float64)
@@ -206,7 +213,9 @@ class LIFPopulation(nn.Module):
         not reach, so a copy follows the input: on its device, and per-neuron ones in its dtype
         (scalars stay as they are; a tensor operand of the input's dtype keeps it).  ``self.p``
         itself is never changed, so a bf16 input does not round a later float32 run's
-        parameters.  The copy is cached for the current parameters, device and dtype."""
+        parameters.  The copy is cached for the current parameters, device, dtype and the
+        tensors' versions (an in-place change, such as an optimizer step, makes a new copy);
+        parameters that require grad are copied afresh at every call, so gradients reach them."""
         p = self.p
 
         def fits(v):
@@ -214,11 +223,14 @@ class LIFPopulation(nn.Module):
                 v.dim() == 0 or not v.is_floating_point() or v.dtype == x.dtype)
         if all(fits(v) for v in p):
             return p
+        key = (x.device, x.dtype, tuple(_version(v) for v in p))
         cache = self.__dict__.get("_params_cache")
-        if cache is None or cache[0] is not p or cache[1] != (x.device, x.dtype):
+        if cache is None or cache[0] is not p or cache[1] != key:
             conv = type(p)(*(v.to(x.device, x.dtype if v.is_floating_point() and v.dim() else
                                   v.dtype) if torch.is_tensor(v) else v for v in p))
-            cache = self.__dict__["_params_cache"] = (p, (x.device, x.dtype), conv)
+            if any(torch.is_tensor(v) and v.requires_grad for v in p):
+                return conv  # a differentiable copy belongs to this call's graph: not cached
+            cache = self.__dict__["_params_cache"] = (p, key, conv)
         return cache[2]
 
     def step(self, input_current: torch.Tensor, state=None):
@@ -241,10 +253,26 @@ class LIFPopulation(nn.Module):
         return torch.stack(out), state
 
     def extra_repr(self):
-        taus = ", ".join(f"{name[:-4]}={1 / float(getattr(self.p, name)):g}"
+        def value(v, invert=False):  # a per-neuron parameter shows its range
+            v = torch.as_tensor(v, dtype=torch.float64).detach()
+            v = 1 / v if invert else v
+            return f"{float(v):g}" if v.numel() == 1 else \
+                f"{float(v.min()):g}..{float(v.max()):g} (per neuron)"
+        taus = ", ".join(f"{name[:-4]}={value(getattr(self.p, name), invert=True)}"
                          for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
                          if name in self.p._fields)
-        return f"kind={self.kind!r}, {taus}, v_th={float(self.p.v_th):g}, dt={self.dt:g}"
+        return f"kind={self.kind!r}, {taus}, v_th={value(self.p.v_th)}, dt={self.dt:g}"
+
+
+def _version(v):
+    """A tensor's in-place version counter (a fresh object, never equal, where it has none: an
+    inference tensor); None for a non-tensor."""
+    if not torch.is_tensor(v):
+        return None
+    try:
+        return v._version
+    except RuntimeError:
+        return object()
 
 
 # -- whole sequences: one autograd node for T steps -------------------------------------------
@@ -483,6 +511,15 @@ def lif_sequence(currents: torch.Tensor, state=None, p: NamedTuple | None = None
                             or out.device != currents.device):
         raise _spec_error("out= needs a tensor shaped, typed and placed like the currents, and "
                           "no autograd (run under torch.no_grad())")
+    if out is not None:
+        # the currents themselves (step t reads currents[t] before writing spikes[t]) or memory
+        # of its own; an expanded view (a constant current) would write every step at once
+        itself = out.data_ptr() == currents.data_ptr() and out.stride() == currents.stride()
+        shares = out.untyped_storage().data_ptr() == currents.untyped_storage().data_ptr()
+        if torch._debug_has_internal_overlap(out) != 0 or (shares and not itself):
+            raise _spec_error("out= must not overlap itself (an expanded view, such as a constant "
+                              "current) nor overlap the currents other than being them; pass a "
+                              "contiguous buffer")
     if grad and any(isinstance(x, torch.Tensor) and x.requires_grad for x in p):
         spikes, vs = [], []  # the adjoint has no parameter gradients: autograd through steps
         for t in range(currents.shape[0]):

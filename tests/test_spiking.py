@@ -162,3 +162,65 @@ def test_a_low_precision_input_does_not_round_a_later_run_s_parameters():
     first = pop(x)[0]
     pop(x.bfloat16())
     assert torch.equal(pop.p.tau_mem_inv, p.tau_mem_inv) and torch.equal(pop(x)[0], first)
+
+
+def test_per_neuron_parameters_trained_or_changed_in_place_are_seen_in_another_dtype():
+    """The parameters' copy in the input's dtype was cached by the NamedTuple alone: in float64
+    (or on a GPU) an optimizer step or an in-place change of v_th went unseen, and gradients
+    were taken against stale values."""
+    torch.manual_seed(0)
+    v_th = torch.full((8,), 1.0, requires_grad=True)
+    pop = LIFPopulation(LIFParameters(v_th=v_th))
+    x = torch.rand(20, 4, 8, dtype=torch.float64) * 3
+    opt = torch.optim.SGD([v_th], lr=1.0)
+    rates = []
+    for _ in range(3):
+        opt.zero_grad()
+        z, _ = pop(x)
+        (-z.sum()).backward()  # more spikes: lower thresholds
+        assert v_th.grad is not None and v_th.grad.abs().sum() > 0
+        opt.step()
+        rates.append(float(z.detach().mean()))
+    assert rates[2] > rates[0]
+    with torch.no_grad():
+        pop(x)  # cached without grad ...
+        v_th.fill_(100.0)  # ... then changed in place
+        assert pop(x)[0].sum() == 0
+
+
+def test_a_per_neuron_population_prints_and_a_bad_surrogate_is_refused():
+    from plastic.errors import SpecError
+    pop = LIFPopulation(LIFParameters(v_th=torch.linspace(0.5, 1.5, 8)))
+    assert "v_th=0.5..1.5 (per neuron)" in repr(pop)
+    for alpha in (-100.0, 0.0, float("nan")):
+        with pytest.raises(SpecError, match="alpha must be a finite number > 0"):
+            LIFPopulation(LIFParameters(alpha=torch.as_tensor(alpha)))
+    with pytest.raises(SpecError, match="v_th must be finite"):
+        LIFPopulation(LIFParameters(v_th=torch.as_tensor(float("nan"))))
+
+
+def test_spikes_are_not_written_into_an_expanded_view():
+    """out= may be the currents themselves; an expanded view (a constant current) wrote every
+    step's spikes into the one shared row: 0 spikes where there are 73."""
+    from plastic.errors import SpecError
+    from plastic.spiking import lif_sequence
+    c = (torch.rand(3, 8) * 3).expand(10, 3, 8)
+    with torch.no_grad(), pytest.raises(SpecError, match="must not overlap itself"):
+        lif_sequence(c, out=c)
+    own = c.contiguous()
+    with torch.no_grad():
+        ref, _ = lif_sequence(c)
+        z, _ = lif_sequence(own, out=own)
+    assert ref.sum() > 0 and torch.equal(z, ref)
+
+
+def test_adaptive_lif_needs_more_steps_than_populations():
+    """norse's LSNN step adds the input after the step, so each adaptive population delays it a
+    step: with T at most their number the output did not depend on the input, and training ran
+    without a gradient to the hidden weights."""
+    from plastic import models
+    from plastic.errors import SpecError
+    from plastic.simulator import TimeStepped
+    with pytest.raises(SpecError, match="adaptive_lif population.*take more than 1 steps"):
+        TimeStepped(models.mlp(20, [16], 3, "adaptive_lif"), 1)
+    TimeStepped(models.mlp(20, [16], 3, "adaptive_lif"), 2)
