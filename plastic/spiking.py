@@ -419,7 +419,9 @@ class _LIFSequence(torch.autograd.Function):
         like = dict(dtype=pre.dtype, device=pre.device)
         a = torch.as_tensor(dt * p.tau_mem_inv, **like)
         one_minus_a = 1 - a
-        c = torch.as_tensor(1 + (-dt * p.tau_syn_inv), **like) if kind == "lif" else None
+        # the forward's decay, i + (-dt/τ_syn) i, rounds -dt/τ_syn in the parameters' dtype and
+        # then works in the currents': so does its derivative (1 + that, in the currents' dtype)
+        c = 1 + torch.as_tensor(-dt * p.tau_syn_inv, **like) if kind == "lif" else None
         alpha, v_th, v_reset = (torch.as_tensor(x).to(**like)
                                 for x in (p.alpha, p.v_th, p.v_reset))
         U = torch.empty_like(pre)
