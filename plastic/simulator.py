@@ -201,8 +201,13 @@ class TimeStepped(nn.Module):
                 if const:
                     seq, const = seq.expand(t, *seq.shape), False
                 if "voltages" in record:
-                    seq, v = self._with_voltages(m, seq)
+                    z, v = self._with_voltages(m, seq)
                     rec.voltages[name] = _thinned(v, every)
+                    # the spikes passed on are the module's own call's when anything can change
+                    # them (a hook, such as an ablation; an overridden forward): the recorded run
+                    # is then the one trained and evaluated (the voltages are the neurons')
+                    own = _hooked(m) or type(m).forward is not LIFPopulation.forward
+                    seq = m(seq)[0] if own else z
                 else:
                     seq, _ = m(seq)
                 spiking_input = True
@@ -310,13 +315,18 @@ def _plain_linear(m: nn.Module) -> bool:
     """Whether ``m(x)`` is exactly ``propagate(x, m.weight, m.bias)``: a Dense synapse or a
     Linear with their own forward and no hooks (a pruning mask, a hook on the output, a
     subclass's or an instance's own forward were skipped by the event-driven shortcut)."""
-    from torch.nn.modules import module as M
     plain = ((isinstance(m, Dense) and type(m).forward is Synapse.forward
               and type(m)._forward_op is Dense._forward_op)
              or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
-    hooked = (m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
-              or M._global_forward_pre_hooks)
-    return plain and "forward" not in m.__dict__ and not hooked
+    return plain and not _hooked(m)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m(x)`` may differ from its class's own forward: a forward hook or pre-hook (its
+    own or a global one), or a forward set on the instance."""
+    from torch.nn.modules import module as M
+    return bool(m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks
+                or M._global_forward_pre_hooks or "forward" in m.__dict__)
 
 
 def _is_relu(f) -> bool:

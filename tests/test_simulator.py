@@ -683,3 +683,22 @@ def test_the_public_trace_functions_take_autograd_and_per_neuron_parameters():
     c, eps = presynaptic_traces(torch.ones(3, 2), torch.zeros(3, 2), torch.zeros(3, 2),
                                 per_neuron, 1e-3)
     assert torch.allclose(eps[0], torch.tensor([0.1, 0.05]))
+
+
+def test_recording_voltages_keeps_a_population_s_hooks():
+    """Recording voltages ran the population's dynamics directly, skipping a hook on it (an
+    ablation): the recorded run differed from the one trained and evaluated."""
+    torch.manual_seed(0)
+    snn = TimeStepped(models.mlp(20, [32], 3, "lif"), 10)
+    x = torch.rand(4, 20) * 8
+    h = snn.circuit[2].register_forward_hook(lambda m, i, out: (out[0] * 0, out[1]))
+    with torch.no_grad():
+        plain, _ = snn.run(x)
+        spikes_only, r1 = snn.run(x, record=("spikes",))
+        both, r2 = snn.run(x, record=("spikes", "voltages"))
+    h.remove()
+    assert torch.equal(plain, spikes_only) and torch.equal(plain, both)
+    name = next(iter(r2.spikes))
+    assert r2.spikes[name].sum() == 0 and r2.voltages[name].abs().sum() > 0
+    with torch.no_grad():  # without the hook the neurons do fire
+        assert snn.run(x, record=("spikes", "voltages"))[1].spikes[name].sum() > 0
