@@ -180,6 +180,11 @@ class LIFPopulation(nn.Module):
             raise SpecError(f"{self.kind!r} population: its parameters ({type(self.p).__name__}) "
                             f"lack {', '.join(missing)}; they are another kind's "
                             f"(use {type(SPIKING_KINDS[self.kind][1]).__name__})")
+        own = type(SPIKING_KINDS[self.kind][1])
+        others = {type(d) for _, d, _ in SPIKING_KINDS.values()} - {own}
+        if type(self.p) in others:  # its extra fields (adaptation, a synaptic τ) would be unused
+            raise SpecError(f"{self.kind!r} population: its parameters are another kind's "
+                            f"({type(self.p).__name__}); use {own.__name__}")
         if not self.dt > 0:
             raise SpecError(f"{self.kind!r} population: dt must be > 0, got {self.dt}")
         alpha = torch.as_tensor(self.p.alpha, dtype=torch.float64)

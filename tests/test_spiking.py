@@ -197,6 +197,12 @@ def test_a_per_neuron_population_prints_and_a_bad_surrogate_is_refused():
             LIFPopulation(LIFParameters(alpha=torch.as_tensor(alpha)))
     with pytest.raises(SpecError, match="v_th must be finite"):
         LIFPopulation(LIFParameters(v_th=torch.as_tensor(float("nan"))))
+    from plastic.spiking import AdaptiveLIFParameters
+    # another kind's parameters with every field this kind reads: adaptation silently dropped
+    with pytest.raises(SpecError, match="another kind's \\(AdaptiveLIFParameters\\)"):
+        LIFPopulation(AdaptiveLIFParameters(beta=torch.as_tensor(50.0)), kind="lif")
+    with pytest.raises(SpecError, match="another kind's \\(LIFParameters\\)"):
+        LIFPopulation(LIFParameters(), kind="lif_box")
 
 
 def test_spikes_are_not_written_into_an_expanded_view():
