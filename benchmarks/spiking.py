@@ -324,7 +324,7 @@ def main(argv=None):
     if not args.crossover:
         silent = [k for k in ("a.firing_rate", "b.hidden_rate") if out.get(k) == 0.0]
         if silent:  # identical spikes would then be a vacuous check
-            print(f"spiking.py: no spike to compare ({', '.join(silent)} is 0); raise --n",
+            print(f"spiking.py: no spike to compare ({', '.join(silent)} is 0); raise --n for (a), or the input rates",
                   file=sys.stderr)
             return 1
         if not out["identical_spikes"]:

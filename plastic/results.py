@@ -227,7 +227,7 @@ class ResultsWriter:
             return
         # the kept rows go to a new group that then replaces the old one: a run killed (or
         # interrupted) part-way leaves either the old columns or the new ones, never a mix
-        # (``_finish_swap`` completes a swap cut between its two steps)
+        # (on resume, ``_drop_half_written_rows`` completes a swap cut between its two steps)
         if _SWAP in g:
             del g[_SWAP]
         new = g.create_group(_SWAP)
@@ -345,7 +345,11 @@ def read_recordings(path: str | Path, arm: str, seed: int | None = None) -> dict
 def _complete_rows(stored: dict) -> int | None:
     """The number of rows every metric dataset ({name: dataset}) has: fewer than the longest only
     if the run was killed (SIGKILL, out of memory) between the datasets' resizes of one row.
-    None: no datasets."""
+    None: no datasets.  0 when the seed or epoch column is missing beside columns of at most one
+    row: the run was killed during an arm's first row, whose columns are created one by one."""
+    if stored and ("seed" not in stored or "epoch" not in stored) \
+            and max(len(ds) for ds in stored.values()) <= 1:
+        return 0
     return min((len(ds) for ds in stored.values()), default=None)
 
 
@@ -368,7 +372,8 @@ def read(path: str | Path) -> dict:
                          for k, v in g.attrs.items()}
                 stored = dict(_datasets(_metrics_group(g)))
                 n = _complete_rows(stored)
-                metrics = {k: ds[:n] for k, ds in stored.items()}
+                # no complete row (killed during the arm's first row): the arm has no rows
+                metrics = {k: ds[:n] for k, ds in stored.items()} if n else {}
                 if any(len(ds) != n for ds in stored.values()):
                     warnings.warn(f"{path}: arm {arm!r} has a half-written last row (the run was "
                                   f"killed while writing it); reading its {n} complete rows",
@@ -712,16 +717,21 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
 
 
 def experiments(specs: list[dict]) -> list[str]:
-    """"protocol: circuit on data" of each different experiment among ``specs``, in order."""
-    names = []
+    """"protocol: circuit on data" of each different experiment among ``specs``, in order.
+    Specs that differ only where ``summary`` still pools seeds (seeds, names, descriptions,
+    arms) are one experiment; two experiments of one title are told apart by a number."""
+    seen = []  # (resolved spec, title)
     for spec in specs:
+        r = _resolved(spec)
+        if any(not _differences(r, o, _NOT_THE_EXPERIMENT) for o, _ in seen):
+            continue
         circuit = spec.get("circuit", {})
         circuit = circuit if isinstance(circuit, dict) else {"name": circuit}
-        t = (f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')} "
-             f"on {spec.get('data', '')}")
-        if t not in names:
-            names.append(t)
-    return names
+        seen.append((r, f"{spec.get('name', '')}: {circuit.get('name') or circuit.get('kind', '')}"
+                        f" on {spec.get('data', '')}"))
+    titles = [t for _, t in seen]
+    return [t if titles.count(t) == 1 else f"{t} (#{titles[:i + 1].count(t)})"
+            for i, t in enumerate(titles)]
 
 
 def _draw(arms: dict, specs: list[dict], out_dir: Path) -> list[Path]:

@@ -405,10 +405,10 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
                       "(set arms.NAME.feedback)", UserWarning, stacklevel=2)
     resolved = {}
     for name, arm in arms.items():
-        if not name.strip() or name in (".", "..") or "/" in name:
+        if not name.strip() or name in (".", "..") or "/" in name or "\x00" in name:
             # the results file keeps each arm in an HDF5 group of its name
             raise SpecError(f"arm name {name!r} cannot name a group of the results file: use a "
-                            "non-empty name without '/' (and not '.' or '..')")
+                            "non-empty name without '/' or NUL (and not '.' or '..')")
         if not isinstance(arm, dict):
             raise SpecError(f"arms.{name} must be a table")
         for key in arm:

@@ -43,7 +43,7 @@ def test_eprop_benchmark_agrees_with_the_plain_per_step_update(encoder):
     r = _run("eprop.py", "--quick", "--rounds", "1", "--encoder", encoder)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["max_rel_diff"] < 1e-5 and out["encoder"] == encoder
+    assert out["max_rel_diff"] < 1e-5 and out["agrees"] is True and out["encoder"] == encoder
     assert out["eprop_ms"] > 0 and out["speedup_vs_reference"] > 0
 
 

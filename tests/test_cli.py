@@ -1042,14 +1042,17 @@ def test_damaged_links_and_checkpoints_are_one_line_errors(tmp_path, capsys, mon
     assert "a damaged checkpoint" in _err_line(capsys)
 
 
-@pytest.mark.parametrize("name", ["x/y", ".", "..", ""])
+@pytest.mark.parametrize("name", ["x/y", ".", "..", "", "fa\\u0000x"])
 def test_an_arm_name_that_cannot_name_a_results_group_is_refused(tmp_path, capsys, name):
     """'x/y' trained and then left the results file unreadable; '.' made every arm's group
-    unreadable; '' ended in an h5py traceback."""
+    unreadable; '' ended in an h5py traceback; a NUL wrote to the group of the name cut at it,
+    then ended in a traceback."""
     toml = (Path(plastic.__file__).parents[1] / "protocols" / "quickstart.toml").read_text()
     (tmp_path / "p.toml").write_text(toml.replace("[arms.usf]", f'[arms."{name}"]'))
     assert main(["run", str(tmp_path / "p.toml"), "--out", str(tmp_path / "x")]) == 2
-    assert f"arm name {name!r} cannot name a group of the results file" in _err_line(capsys)
+    import tomllib
+    parsed = tomllib.loads(f'x = "{name}"')["x"]  # "\u0000" is NUL, which h5py cut short
+    assert f"arm name {parsed!r} cannot name a group of the results file" in _err_line(capsys)
     assert not (tmp_path / "x").exists()
 
 
@@ -1064,12 +1067,36 @@ def test_report_of_different_experiments_says_so_and_titles_each(tmp_path, capsy
     b = {"name": "cifar10", "circuit": {"name": "convnet-cifar"}, "data": "cifar10"}
     assert results.experiments([a, b, dict(a)]) == ["quickstart: mlp-small on mnist-sample",
                                                    "cifar10: convnet-cifar on cifar10"]
-    for d, name in (("a", "quickstart"), ("b", "other")):
+    # files that differ only where the table still pools seeds are one experiment
+    assert results.experiments([a, {**a, "name": "copy", "seeds": [3]}]) == [
+        "quickstart: mlp-small on mnist-sample"]
+    assert results.experiments([a, {**a, "epochs": 9}]) == [
+        "quickstart: mlp-small on mnist-sample (#1)", "quickstart: mlp-small on mnist-sample (#2)"]
+    for d, width in (("a", 32), ("b", 16)):  # FAST's circuit, and a narrower one
         assert main(["run", "--out", str(tmp_path / d), "--arms", "fa", "-q", "--set", *FAST,
-                     "epochs=1", f"name={name}"]) == 0
+                     "epochs=1", f"circuit.hidden=[{width}]"]) == 0
     capsys.readouterr()
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
                  str(tmp_path / "f")]) == 0
     assert "these files hold 2 different experiments" in capsys.readouterr().err
     title = saved_figures["learning_curves.png"]._suptitle.get_text()
-    assert "quickstart: " in title and "other: " in title
+    assert "mnist-sample (#1)" in title and "mnist-sample (#2)" in title
+
+
+def test_resume_repairs_an_arm_killed_during_its_first_row(tmp_path):
+    """append() creates a new arm's columns one by one: a kill part-way leaves some without
+    seed or epoch.  Resume (which now reads the file first) refused such a file as damaged."""
+    w = _two_seed_file(tmp_path)
+    g = w.h5["arms"].require_group("usf").require_group("metrics")
+    g.create_dataset("train_loss", data=[1.0], maxshape=(None,), chunks=(256,))
+    spec = json.loads(w.h5.attrs["spec"])
+    w.close()
+    with pytest.warns(UserWarning, match="half-written last row"):
+        assert results.read(tmp_path / "r")["arms"]["usf"]["metrics"] == {}
+    with pytest.warns(UserWarning, match="half-written last row"):
+        w = results.ResultsWriter(tmp_path / "r", spec, resume=True)
+    w.arm_group("usf", {"feedback": "usf"})
+    w.append("usf", {"seed": 0, "epoch": 0, "test_accuracy": 0.5, "train_loss": 2.0})
+    w.close()
+    m = results.read(tmp_path / "r")["arms"]["usf"]["metrics"]
+    assert list(m["train_loss"]) == [2.0] and list(m["seed"]) == [0]
