@@ -205,7 +205,8 @@ class TimeStepped(nn.Module):
                     rec.voltages[name] = _thinned(v, every)
                     # the spikes passed on are the module's own call's when anything can change
                     # them (a hook, such as an ablation; an overridden forward): the recorded run
-                    # is then the one trained and evaluated (the voltages are the neurons')
+                    # is then the one trained and evaluated (the voltages are the neurons', from
+                    # the currents before any pre-hook)
                     own = _hooked(m) or type(m).forward is not LIFPopulation.forward
                     seq = m(seq)[0] if own else z
                 else:

@@ -219,7 +219,8 @@ class LIFPopulation(nn.Module):
         (scalars stay as they are; a tensor operand of the input's dtype keeps it).  ``self.p``
         itself is never changed, so a bf16 input does not round a later float32 run's
         parameters.  The copy is cached for the current parameters, device, dtype and the
-        tensors' versions (an in-place change, such as an optimizer step, makes a new copy);
+        tensors' versions (an in-place change that torch counts, such as an optimizer step,
+        makes a new copy; one through ``.data`` is not counted);
         parameters that require grad are copied afresh at every call, so gradients reach them."""
         p = self.p
 
@@ -267,6 +268,19 @@ class LIFPopulation(nn.Module):
                          for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
                          if name in self.p._fields)
         return f"kind={self.kind!r}, {taus}, v_th={value(self.p.v_th)}, dt={self.dt:g}"
+
+
+def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges two tensors reach meet (conservative: interleaved views that
+    share no element count as meeting)."""
+    def span(t):
+        lo = t.data_ptr() + t.element_size() * sum(s * (n - 1) for s, n in zip(t.stride(), t.shape)
+                                                   if s < 0)
+        hi = t.data_ptr() + t.element_size() * (1 + sum(s * (n - 1) for s, n in
+                                                        zip(t.stride(), t.shape) if s > 0))
+        return lo, hi
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
 def _version(v):
@@ -522,8 +536,10 @@ def lif_sequence(currents: torch.Tensor, state=None, p: NamedTuple | None = None
         # the currents themselves (step t reads currents[t] before writing spikes[t]) or memory
         # of its own; an expanded view (a constant current) would write every step at once
         itself = out.data_ptr() == currents.data_ptr() and out.stride() == currents.stride()
-        shares = out.untyped_storage().data_ptr() == currents.untyped_storage().data_ptr()
-        if torch._debug_has_internal_overlap(out) != 0 or (shares and not itself):
+        overlap = torch._debug_has_internal_overlap(out)  # 0 no, 1 yes, 2 cannot tell
+        if overlap == 1 or overlap == 2 and any(s == 0 and n > 1 for s, n in
+                                                zip(out.stride(), out.shape)) \
+                or (not itself and _spans_meet(out, currents)):
             raise _spec_error("out= must not overlap itself (an expanded view, such as a constant "
                               "current) nor overlap the currents other than being them; pass a "
                               "contiguous buffer")

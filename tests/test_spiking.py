@@ -218,6 +218,14 @@ def test_spikes_are_not_written_into_an_expanded_view():
         ref, _ = lif_sequence(c)
         z, _ = lif_sequence(own, out=own)
     assert ref.sum() > 0 and torch.equal(z, ref)
+    # buffers of their own, strided or beside the currents in one storage, are fine
+    with torch.no_grad():
+        strided = torch.zeros(10, 3, 16)[..., ::2]
+        assert torch.equal(lif_sequence(c.contiguous(), out=strided)[0], ref)
+        big = torch.cat([c, torch.zeros_like(c)])
+        assert torch.equal(lif_sequence(big[:10], out=big[10:])[0], ref)
+        with pytest.raises(SpecError, match="must not overlap"):
+            lif_sequence(big[:10], out=big[5:15])
 
 
 def test_adaptive_lif_needs_more_steps_than_populations():
