@@ -248,6 +248,9 @@ class TimeStepped(nn.Module):
         flat = seq.reshape(t * b, *seq.shape[2:])
         if spikes and not torch.is_grad_enabled() and _plain_linear(m):
             y = propagate(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
+            kind = y.device.type
+            if _autocast_on(kind):  # in the dtype m(flat) would give, whatever the density
+                y = y.to(torch.get_autocast_dtype(kind))
         else:
             y = m(flat)
         return y.reshape(t, b, *y.shape[1:])
@@ -320,6 +323,15 @@ def _plain_linear(m: nn.Module) -> bool:
               and type(m)._forward_op is Dense._forward_op)
              or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
     return plain and not _hooked(m)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False where torch cannot say per device, and
+    for a device type autocast does not know)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):
+        return False
 
 
 def _hooked(m: nn.Module) -> bool:

@@ -702,3 +702,17 @@ def test_recording_voltages_keeps_a_population_s_hooks():
     assert r2.spikes[name].sum() == 0 and r2.voltages[name].abs().sum() > 0
     with torch.no_grad():  # without the hook the neurons do fire
         assert snn.run(x, record=("spikes", "voltages"))[1].spikes[name].sum() > 0
+
+
+def test_under_autocast_the_event_driven_path_gives_the_dense_path_s_dtype():
+    """Without grad, sparse spikes went through the event-driven sum in float32 and dense ones
+    through F.linear in bf16: the next population ran at a precision set by the data."""
+    torch.manual_seed(0)
+    snn = TimeStepped(torch.nn.Sequential(plastic.Dense(784, 1000), LIFPopulation(),
+                                          plastic.Dense(1000, 10)), 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for density in (0.005, 0.5):
+            x = (torch.rand(128, 784) < density).float()  # 640 rows: event path below 5 %
+            seq = x.expand(5, *x.shape)
+            y = TimeStepped._through(snn.circuit[0], seq, False, True)
+            assert y.dtype == torch.bfloat16, density
