@@ -203,6 +203,12 @@ class LIFPopulation(nn.Module):
                         f"{self.kind!r} population: dt {self.dt:g} s and {name} give "
                         f"dt/τ in [{lo:g}, {hi:g}]; the Euler step needs 0 <= dt/τ < 2 "
                         f"(it diverges otherwise): take a smaller dt or a longer τ")
+                if hi > 1:
+                    import warnings
+                    warnings.warn(f"{self.kind!r} population: dt {self.dt:g} s and {name} give "
+                                  f"dt/τ up to {hi:g} > 1: the Euler step overshoots, and the "
+                                  "state flips sign from step to step instead of decaying; take "
+                                  "a smaller dt or a longer τ", UserWarning, stacklevel=3)
 
     def initial_state(self, input_current: torch.Tensor):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's

@@ -256,3 +256,14 @@ def test_the_float64_adjoint_agrees_with_autograd_through_the_steps_with_float32
                                                                    dtype=torch.float64)).sum(), x)
     assert torch.equal(z, torch.stack(zs)) and z.sum() > 0
     assert float((g - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
+def test_a_step_that_overshoots_is_warned_of():
+    """1 < dt/τ < 2 does not diverge, but the state flips sign each step: (i, v) went (−0.6,
+    0.8), (0.36, −0.32), ... after a positive pulse."""
+    with pytest.warns(UserWarning, match="dt/τ up to 1.6 > 1: the Euler step overshoots"):
+        LIFPopulation(dt=8e-3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LIFPopulation(dt=1e-3)
