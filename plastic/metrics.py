@@ -186,7 +186,10 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
 
     def grads():
         outs = {n: [] for n, _ in named}  # every use of a synapse (a tied or reused one)
-        hooks = [s.register_forward_hook(lambda m, i, o, n=n: outs[n].append(o))
+        # the output itself is kept and a copy passed on: an in-place operation after the
+        # synapse (ReLU(inplace=True)) would otherwise rewrite it, and its error would be the
+        # activation's output's, without f'
+        hooks = [s.register_forward_hook(lambda m, i, o, n=n: (outs[n].append(o), o.clone())[1])
                  for n, s in named]
         try:
             loss = loss_fn(model(x), y)
@@ -218,7 +221,20 @@ def hidden_angles(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
 
     def ang(a, b):
         return angle(a, b) if a is not None and b is not None else float("nan")
-    update = {n: ang(a, b) for (n, _), a, b in zip(named, w_rule, w_bp)}
+
+    def applied(s, g):
+        """The update training applies: with the synapse's gradient masks (a sparse
+        connectivity's absent entries never change), as ``constraints.attach`` masks .grad."""
+        from .constraints import constraints_of
+        cs = constraints_of(s)
+        if g is None or not cs:
+            return g
+        g = g.clone()
+        with torch.no_grad():
+            for c in cs:
+                c.mask_grad_weight_(s, g)
+        return g
+    update = {n: ang(applied(s, a), applied(s, b)) for (n, s), a, b in zip(named, w_rule, w_bp)}
     signal = {n: ang(a, b) for (n, _), a, b in zip(named, s_rule, s_bp)}
     return update, signal
 

@@ -424,7 +424,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "schedule": sched.state_dict(), "generator": gen.get_state(),
                           "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall}, ckpt)
-        ua = [v for k, v in row.items() if k.startswith("update_angle/")]
+        ua = [v for k, v in row.items() if k.startswith("update_angle/") and v == v]  # not NaN
         angle_txt = f", update angle {sum(ua) / len(ua):.1f}°" if ua else ""
         progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "
                        f"loss {row['train_loss']:.4f}, test acc {100 * row['test_accuracy']:.2f}%"

@@ -201,3 +201,49 @@ def test_measuring_an_unconverted_model_is_an_error():
                     lambda: plastic.metrics.rule_values(net, x)):
         with pytest.raises(plastic.SpecError, match="no plastic synapse to measure; convert it"):
             measure()
+
+
+def test_the_error_angle_is_the_synapse_output_s_under_an_in_place_activation():
+    """The hook kept the synapse's output, which ReLU(inplace=True) then rewrote: the error
+    taken was the activation's output's, without f' (89.70 degrees against 92.61)."""
+    from torch import nn
+
+    def net(inplace):
+        torch.manual_seed(0)
+        return plastic.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=inplace),
+                                             nn.Conv2d(8, 8, 3), nn.ReLU(inplace=inplace),
+                                             nn.Flatten(), nn.Linear(8 * 4 * 4, 10)),
+                               "fa", seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    plain = plastic.metrics.hidden_angles(net(False), F.cross_entropy, x, y)
+    inplace = plastic.metrics.hidden_angles(net(True), F.cross_entropy, x, y)
+    assert plain == inplace and all(70 < v < 110 for v in plain[1].values())
+
+
+def test_the_update_angle_is_that_of_the_updates_training_applies_under_sparse_connectivity():
+    """attach() masks W.grad of absent synapses before each step; the angle counted the
+    unmasked entries too (88.73 degrees reported where the applied updates are 84.77 apart)."""
+    from plastic.constraints import apply_circuit_constraints, constraints_of
+    torch.manual_seed(0)
+    net = plastic.convert(models.mlp(40, [64, 64], 10, "tanh"), "fa", seed=0)
+    apply_circuit_constraints(net, None, 0.1, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 40, generator=g), torch.randint(0, 10, (32,), generator=g)
+    got = plastic.update_angles(net, F.cross_entropy, x, y)
+
+    def grads(bp):
+        net.zero_grad()
+        with (plastic.metrics.backprop(net) if bp else contextlib.nullcontext()), \
+                plastic.plasticity_paused():
+            F.cross_entropy(net(x), y).backward()
+        out = {}
+        for name, s in plastic.synapses(net):
+            gw = s.weight.grad.clone()
+            for c in constraints_of(s):
+                c.mask_grad_weight_(s, gw)
+            out[name] = gw
+        return out
+    rule, bp = grads(False), grads(True)
+    for name, v in got.items():
+        assert v == pytest.approx(plastic.metrics.angle(rule[name], bp[name]), abs=1e-6)
