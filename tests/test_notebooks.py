@@ -98,22 +98,33 @@ def _check_quickstart(text: str):
 
 
 def _check_alignment(text: str):
-    """B-W^T angles of the first hidden synapse after three epochs (measured: fa 90.3,
-    symmetric 5.7, kolen-pollack 23.8, mirror 32.0, activation 37.0, information 55.3): fixed
-    random B stays near 90 degrees, the learned rules move B towards W^T."""
-    fa = _value(text, "final angle fa")
-    assert fa > 80, f"fa angle {fa}"
-    for rule, bound in (("symmetric", 10), ("kolen-pollack", 35), ("mirror", 45)):
-        v = _value(text, f"final angle {rule}")
-        assert v < bound, f"{rule} angle {v} deg (bound {bound})"
+    """B-W^T angles of the hidden synapse 3 and the output synapse 5 after three epochs, and the
+    hidden update angle over the last three records (measured, synapse 3 / 5 / update: fa 77.5 /
+    36.7 / 31.2, symmetric 3.4 / 2.5 / 3.5, mirror 14.3 / 13.5 / 13.3, information 39.6 / 25.1
+    / 31.0, activation 39.4 / 24.0 / 24.3, kolen-pollack 31.6 / 8.7 / 8.0).  The notebook's text
+    says what these bounds hold: fixed B moves only as W aligns with it; the learned rules move
+    B towards W^T; Activation Alignment's updates end closer to backprop's than fa's,
+    Information Alignment's about as close."""
+    def v(rule, what):
+        return _value(text, f"final angle {rule} synapse {what}" if what in ("3", "5")
+                      else f"late update angle {rule}")
+    assert v("fa", "3") > 60, v("fa", "3")
+    for rule, bound3, bound5 in (("symmetric", 10, 10), ("mirror", 25, 25),
+                                 ("kolen-pollack", 45, 20)):
+        assert v(rule, "3") < bound3 and v(rule, "5") < bound5, rule
     for rule in ("information", "activation"):
-        assert _value(text, f"final angle {rule}") < fa, rule
+        assert v(rule, "3") < v("fa", "3") - 20, rule
+    assert v("activation", "update") < v("fa", "update") - 3
+    assert abs(v("information", "update") - v("fa", "update")) < 5
+    assert v("symmetric", "update") < 10 and v("kolen-pollack", "update") < 15
 
 
 def _check_spiking(text: str):
     """The spiking circuit learns with fa through time, spikes before and after, and every arm of
-    the small rate-vs-spiking run learns (measured: rate-bp 0.950, rate-fa 0.904, lif-bptt 0.925,
-    lif-fa 0.886, lif-eprop 0.907, converted 0.946 after 3 epochs on the sample)."""
+    the small rate-vs-spiking run learns (measured: spiking fa 0.917; rate-bp 0.950, rate-fa
+    0.904, lif-bptt 0.925, lif-fa 0.894, lif-eprop 0.909, converted 0.946 after 3 epochs on the
+    sample; the notebook stored before 2026-11-28 held lif-fa 0.886 and lif-eprop 0.907, which
+    its code no longer gave)."""
     assert _value(text, "spiking fa test accuracy") > 0.85
     assert _value(text, "hidden spikes before learning") > 0
     assert _value(text, "hidden spikes after learning") > 0
