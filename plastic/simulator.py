@@ -249,7 +249,9 @@ class TimeStepped(nn.Module):
         if spikes and not torch.is_grad_enabled() and _plain_linear(m):
             y = propagate(flat, m.weight, m.bias)  # event-driven where the spikes are sparse
             kind = y.device.type
-            if _autocast_on(kind):  # in the dtype m(flat) would give, whatever the density
+            # in the dtype m(flat) would give, whatever the density: autocast lowers float32
+            # (and leaves float64 alone)
+            if y.dtype == torch.float32 and _autocast_on(kind):
                 y = y.to(torch.get_autocast_dtype(kind))
         else:
             y = m(flat)

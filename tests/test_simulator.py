@@ -716,3 +716,7 @@ def test_under_autocast_the_event_driven_path_gives_the_dense_path_s_dtype():
             seq = x.expand(5, *x.shape)
             y = TimeStepped._through(snn.circuit[0], seq, False, True)
             assert y.dtype == torch.bfloat16, density
+        # a float64 circuit stays float64, as autocast leaves it
+        m = plastic.Dense(784, 1000).double()
+        x = (torch.rand(128, 784) < 0.005).double()
+        assert TimeStepped._through(m, x.expand(5, *x.shape), False, True).dtype == torch.float64
