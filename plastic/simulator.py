@@ -446,7 +446,16 @@ def calibrate_conversion(snn: TimeStepped, rate: nn.Module, x: torch.Tensor, y: 
     _fold_batch_norm(snn.circuit)
     syns = [m for m in snn.circuit if isinstance(m, SYNAPSES)]
     if len(syns) != len(lambdas) + 1:
-        raise SpecError("calibrate_conversion: expected one population after every hidden synapse")
+        others = sorted({type(m).__name__ for m in rate_seq
+                         if not isinstance(m, (RatePopulation, *SYNAPSES))
+                         and not list(m.parameters()) and type(m).__module__.startswith(
+                             "torch.nn.modules.activation")})
+        hint = (f"; its activations are torch modules ({', '.join(others)}), whose rates it does "
+                "not read: build the rate circuit with plastic.models (RatePopulation)"
+                if others else "")
+        raise SpecError(f"calibrate_conversion: the rate circuit has {len(lambdas)} rate "
+                        f"population(s) for {len(syns)} synapses; it needs one after every hidden "
+                        f"synapse{hint}")
     base = [(s.weight.detach().clone(), None if s.bias is None else s.bias.detach().clone())
             for s in syns]
     prev = [1.0] + lambdas

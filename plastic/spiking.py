@@ -258,6 +258,7 @@ class LIFPopulation(nn.Module):
         if self.kind in FUSED_KINDS:
             return lif_sequence(currents, state, self._params_on(currents), self.dt,
                                 kind=self.kind)
+        _check_sequence(currents, self.p, self.kind, f"a {self.kind!r} population")
         out = []
         for t in range(currents.shape[0]):
             z, state = self.step(currents[t], state)
@@ -274,6 +275,27 @@ class LIFPopulation(nn.Module):
                          for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
                          if name in self.p._fields)
         return f"kind={self.kind!r}, {taus}, v_th={value(self.p.v_th)}, dt={self.dt:g}"
+
+
+def _check_sequence(currents, p, kind: str, what: str) -> None:
+    """One-line errors for a sequence a ``kind`` population cannot run: currents that are not a
+    floating-point (T >= 1, ...) tensor, parameters that lack the kind's fields, or per-neuron
+    parameters that do not broadcast to one step."""
+    if not isinstance(currents, torch.Tensor) or currents.dim() < 1 or currents.shape[0] == 0:
+        raise _spec_error(f"{what} needs time-major currents (T, ...) with T >= 1, got "
+                          f"{tuple(getattr(currents, 'shape', ()))}")
+    if not currents.is_floating_point():
+        raise _spec_error(f"currents must be floating point, got {currents.dtype}")
+    missing = [f for f in SPIKING_KINDS[kind][1]._fields if not hasattr(p, f)]
+    if missing:
+        raise _spec_error(f"{kind!r} parameters need {', '.join(missing)}; "
+                          f"{type(p).__name__} are another kind's")
+    shape = currents.shape[1:]
+    for name in SPIKING_KINDS[kind][1]._fields:
+        value = getattr(p, name)
+        if isinstance(value, torch.Tensor) and not _fits(value.shape, shape):
+            raise _spec_error(f"parameter {name} of shape {tuple(value.shape)} does not "
+                              f"broadcast to one step's shape {tuple(shape)}")
 
 
 def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -511,16 +533,8 @@ def lif_sequence(currents: torch.Tensor, state=None, p: NamedTuple | None = None
                           "function (LIFPopulation does)")
     step, default, state_type = SPIKING_KINDS[kind]
     p = default if p is None else p
-    if not isinstance(currents, torch.Tensor) or currents.dim() < 1 or currents.shape[0] == 0:
-        raise _spec_error("lif_sequence needs time-major currents (T, ...) with T >= 1, got "
-                          f"{tuple(getattr(currents, 'shape', ()))}")
-    if not currents.is_floating_point():
-        raise _spec_error(f"currents must be floating point, got {currents.dtype}")
+    _check_sequence(currents, p, kind, "lif_sequence")
     shape = currents.shape[1:]
-    for name, value in zip(p._fields, p):
-        if isinstance(value, torch.Tensor) and not _fits(value.shape, shape):
-            raise _spec_error(f"parameter {name} of shape {tuple(value.shape)} does not "
-                              f"broadcast to one step's shape {tuple(shape)}")
     if state is None:
         zero = currents.new_zeros(shape)
         state = state_type(*((zero + torch.as_tensor(p.v_leak).to(zero)) if f == "v" else zero

@@ -720,3 +720,15 @@ def test_under_autocast_the_event_driven_path_gives_the_dense_path_s_dtype():
         m = plastic.Dense(784, 1000).double()
         x = (torch.rand(128, 784) < 0.005).double()
         assert TimeStepped._through(m, x.expand(5, *x.shape), False, True).dtype == torch.float64
+
+
+def test_calibrating_a_circuit_of_torch_activations_says_why_it_cannot():
+    """A rate circuit with nn.ReLU converts (spiking_version takes it), but calibration reads
+    RatePopulation rates; its error spoke of a missing population after every synapse."""
+    from plastic.simulator import calibrate_conversion, spiking_version
+    torch.manual_seed(0)
+    rate = torch.nn.Sequential(torch.nn.Flatten(), plastic.Dense(20, 32), torch.nn.ReLU(),
+                               plastic.Dense(32, 3))
+    snn = spiking_version(rate)
+    with pytest.raises(SpecError, match=r"its activations are torch modules \(ReLU\)"):
+        calibrate_conversion(snn, rate, torch.rand(8, 20), torch.randint(0, 3, (8,)))

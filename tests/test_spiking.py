@@ -267,3 +267,22 @@ def test_a_step_that_overshoots_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LIFPopulation(dt=1e-3)
+
+
+def test_the_adaptive_population_refuses_what_the_fused_ones_refuse():
+    """adaptive_lif runs its step function in a loop, which skipped lif_sequence's checks:
+    tracebacks from torch for T = 0 or a per-neuron v_th of the wrong width, and integer
+    currents accepted; lif_sequence with another kind's parameters raised AttributeError."""
+    from plastic.errors import SpecError
+    from plastic.spiking import AdaptiveLIFParameters, LIFBoxParameters, lif_sequence
+    pop = LIFPopulation(kind="adaptive_lif")
+    with pytest.raises(SpecError, match="T >= 1"):
+        pop(torch.zeros(0, 2, 8))
+    with pytest.raises(SpecError, match="must be floating point"):
+        pop(torch.zeros(5, 2, 8, dtype=torch.long))
+    wide = LIFPopulation(AdaptiveLIFParameters(v_th=torch.ones(7)), kind="adaptive_lif")
+    with pytest.raises(SpecError, match=r"parameter v_th of shape \(7,\) does not broadcast"):
+        wide(torch.zeros(5, 2, 8))
+    with pytest.raises(SpecError, match="'lif' parameters need tau_syn_inv"):
+        lif_sequence(torch.zeros(5, 2, 8), None, LIFBoxParameters(), kind="lif")
+    assert pop(torch.rand(5, 2, 8) * 3)[0].shape == (5, 2, 8)
