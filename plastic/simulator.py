@@ -118,12 +118,23 @@ class TimeStepped(nn.Module):
         if not isinstance(circuit, nn.Sequential):
             raise SpecError("time-stepped simulation needs a sequential circuit (mlp, convnet); "
                             f"got {type(circuit).__name__}")
-        if not (isinstance(steps, int) and steps >= 1):
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
             raise SpecError(f"time steps must be a positive integer, got {steps!r}")
         if encoder not in ENCODINGS:
             raise SpecError(f"unknown encoder {encoder!r}; known: {', '.join(ENCODINGS)}")
         self.circuit, self.steps, self.dt = circuit, steps, float(dt)
         self.encoder, self.encoder_options = encoder, dict(encoder_options or {})
+        known = {"constant": ("scale",), "poisson": ("scale", "f_max"),
+                 "latency": ("scale",)}[encoder]
+        unknown = sorted(set(self.encoder_options) - set(known))
+        if unknown:  # a misspelt option (fmax) was ignored
+            raise SpecError(f"unknown option(s) {unknown} of the {encoder!r} encoder; it takes "
+                            f"{', '.join(known)}")
+        bad = [k for k in (delays or {}).values()
+               if isinstance(k, bool) or not isinstance(k, int) and not (
+                   isinstance(k, float) and k.is_integer())]
+        if bad:  # 1.7 was truncated to 1
+            raise SpecError(f"delays are whole steps, got {bad[0]!r}")
         names = {str(i) for i, m in enumerate(circuit) if isinstance(m, SYNAPSES)}
         self.delays = {str(k): int(v) for k, v in (delays or {}).items()}
         for k, v in self.delays.items():
@@ -136,12 +147,15 @@ class TimeStepped(nn.Module):
                 m.dt = self.dt
                 m.check()
         adaptive = sum(isinstance(m, LIFPopulation) and m.kind == "adaptive_lif" for m in circuit)
-        if adaptive and steps <= adaptive:
-            # an adaptive LIF population (norse's LSNN step) adds its input after the step: each
-            # one delays the signal a step, and the readout would not depend on the input
-            raise SpecError(f"{adaptive} adaptive_lif population(s) each delay the input by a "
-                            f"step: {steps} time step(s) leave the output independent of the "
-                            f"input; take more than {adaptive} steps")
+        latency = adaptive + sum(self.delays.values())
+        if latency and steps <= latency:
+            # an adaptive LIF population (norse's LSNN step) adds its input after the step, so
+            # each delays the signal a step, as a synaptic delay does: the readout would not
+            # depend on the input
+            raise SpecError(f"the input reaches the readout after {latency} step(s) ({adaptive} "
+                            f"adaptive_lif population(s), {sum(self.delays.values())} step(s) of "
+                            f"synaptic delay): {steps} time step(s) leave the output independent "
+                            f"of the input; take more than {latency} steps")
         if encoder != "constant":
             if input_mean is None or input_std is None:
                 raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "

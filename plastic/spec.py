@@ -408,7 +408,8 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         if not name.strip() or name in (".", "..") or "/" in name or "\x00" in name:
             # the results file keeps each arm in an HDF5 group of its name
             raise SpecError(f"arm name {name!r} cannot name a group of the results file: use a "
-                            "non-empty name without '/' or NUL (and not '.' or '..')")
+                            "name with a visible character, without '/' or NUL (and not '.' or "
+                            "'..')")
         if not isinstance(arm, dict):
             raise SpecError(f"arms.{name} must be a table")
         for key in arm:

@@ -235,14 +235,15 @@ class LIFPopulation(nn.Module):
                 v.dim() == 0 or not v.is_floating_point() or v.dtype == x.dtype)
         if all(fits(v) for v in p):
             return p
+        def converted():
+            return type(p)(*(v.to(x.device, x.dtype if v.is_floating_point() and v.dim() else
+                                  v.dtype) if torch.is_tensor(v) else v for v in p))
+        if any(torch.is_tensor(v) and v.requires_grad for v in p):
+            return converted()  # a differentiable copy belongs to this call's graph: not cached
         key = (x.device, x.dtype, tuple(_version(v) for v in p))
         cache = self.__dict__.get("_params_cache")
         if cache is None or cache[0] is not p or cache[1] != key:
-            conv = type(p)(*(v.to(x.device, x.dtype if v.is_floating_point() and v.dim() else
-                                  v.dtype) if torch.is_tensor(v) else v for v in p))
-            if any(torch.is_tensor(v) and v.requires_grad for v in p):
-                return conv  # a differentiable copy belongs to this call's graph: not cached
-            cache = self.__dict__["_params_cache"] = (p, key, conv)
+            cache = self.__dict__["_params_cache"] = (p, key, converted())
         return cache[2]
 
     def step(self, input_current: torch.Tensor, state=None):

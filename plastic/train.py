@@ -72,8 +72,10 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     else:
         raise SpecError(f"unknown circuit kind {kind!r}")
     if spiking:
-        _set_population_params(model, circuit.get("population_params") or {})
         t = time or {"steps": 25, "dt": 1e-3, "encoder": "constant"}
+        # checked at the run's dt (TimeStepped sets it too): at the default dt a valid τ was
+        # refused, or warned of, for a dt/τ the run never has
+        _set_population_params(model, circuit.get("population_params") or {}, t["dt"])
         delay = circuit.get("delay", 0)
         names = [str(i) for i, m in enumerate(model) if isinstance(m, SYNAPSES)]
         mean = std = None
@@ -85,9 +87,12 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     return model
 
 
-def _set_population_params(model: nn.Module, params: dict) -> None:
-    """circuit.population_params on every spiking population of ``model``."""
+def _set_population_params(model: nn.Module, params: dict, dt: float | None = None) -> None:
+    """circuit.population_params on every spiking population of ``model``, checked at step
+    ``dt`` (seconds; the populations' own if None)."""
     for m in model.modules():
+        if isinstance(m, LIFPopulation) and dt is not None:
+            m.dt = float(dt)
         if isinstance(m, LIFPopulation) and params:
             unknown = sorted(set(params) - set(m.p._fields))
             if unknown:
@@ -103,7 +108,7 @@ def _set_population_params(model: nn.Module, params: dict) -> None:
 def _encoder_options(t: dict) -> dict:
     """TimeStepped's encoder options from a protocol's [time] table (input_scale 0: the
     encoder's default)."""
-    opts = {"f_max": t.get("f_max", 100.0)}
+    opts = {"f_max": t.get("f_max", 100.0)} if t.get("encoder") == "poisson" else {}
     if t.get("input_scale"):
         opts["scale"] = t["input_scale"]
     return opts

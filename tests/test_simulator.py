@@ -732,3 +732,32 @@ def test_calibrating_a_circuit_of_torch_activations_says_why_it_cannot():
     snn = spiking_version(rate)
     with pytest.raises(SpecError, match=r"its activations are torch modules \(ReLU\)"):
         calibrate_conversion(snn, rate, torch.rand(8, 20), torch.randint(0, 3, (8,)))
+
+
+def test_time_stepping_refuses_settings_it_would_silently_change():
+    """steps=True ran one step, a delay of 1.7 ran as 1, and a misspelt encoder option (fmax)
+    was ignored."""
+    net = models.mlp(20, [16], 3, "lif")
+    for kw, message in (({"steps": True}, "time steps must be a positive integer"),
+                        ({"delays": {"1": 1.7}}, "delays are whole steps, got 1.7"),
+                        ({"encoder": "poisson", "encoder_options": {"fmax": 50},
+                          "input_mean": 0.0, "input_std": 1.0},
+                         r"unknown option\(s\) \['fmax'\] of the 'poisson' encoder")):
+        with pytest.raises(SpecError, match=message):
+            TimeStepped(net, **{"steps": 10, **kw})
+    assert TimeStepped(net, 10, delays={"1": 2.0}).delays == {"1": 2}
+
+
+def test_population_params_are_checked_at_the_run_s_dt():
+    """build_circuit checked circuit.population_params at the default dt of 1 ms before the
+    run's time.dt was set: tau_mem_inv 3000 was refused at dt 1e-4 (dt/τ 0.3), 1500 warned."""
+    import warnings
+    from plastic import train
+    circuit = {"kind": "mlp", "hidden": [16], "population": "lif",
+               "population_params": {"tau_mem_inv": 3000.0}}
+    spec = resolve_protocol({"name": "t", "data": "mnist-sample", "circuit": circuit,
+                             "time": {"steps": 5, "dt": 1e-4}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        snn = train.build_circuit(spec["circuit"], (1, 28, 28), 10, time=spec["time"])
+    assert {m.dt for m in snn.circuit if isinstance(m, LIFPopulation)} == {1e-4}

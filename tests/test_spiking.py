@@ -186,6 +186,13 @@ def test_per_neuron_parameters_trained_or_changed_in_place_are_seen_in_another_d
         pop(x)  # cached without grad ...
         v_th.fill_(100.0)  # ... then changed in place
         assert pop(x)[0].sum() == 0
+    # a parameter cached while frozen and then unfrozen gets its gradient (the review)
+    frozen = torch.full((8,), 0.5)
+    pop = LIFPopulation(LIFParameters(v_th=frozen))
+    pop(x)
+    frozen.requires_grad_(True)
+    (-pop(x)[0].sum()).backward()
+    assert frozen.grad is not None and frozen.grad.abs().sum() > 0
 
 
 def test_a_per_neuron_population_prints_and_a_bad_surrogate_is_refused():
@@ -235,9 +242,15 @@ def test_adaptive_lif_needs_more_steps_than_populations():
     from plastic import models
     from plastic.errors import SpecError
     from plastic.simulator import TimeStepped
-    with pytest.raises(SpecError, match="adaptive_lif population.*take more than 1 steps"):
+    with pytest.raises(SpecError, match="1 adaptive_lif population.*take more than 1 steps"):
         TimeStepped(models.mlp(20, [16], 3, "adaptive_lif"), 1)
     TimeStepped(models.mlp(20, [16], 3, "adaptive_lif"), 2)
+    # a synaptic delay adds its steps (the review: T 2 with a delay of 1 passed, and the output
+    # equalled that of a zero input); so for plain LIF delays that add up to T or more
+    with pytest.raises(SpecError, match=r"after 2 step\(s\).*take more than 2 steps"):
+        TimeStepped(models.mlp(20, [16], 3, "adaptive_lif"), 2, delays={"3": 1})
+    with pytest.raises(SpecError, match=r"after 4 step\(s\) \(0 adaptive"):
+        TimeStepped(models.mlp(20, [16, 16], 3, "lif"), 4, delays={"3": 2, "5": 2})
 
 
 def test_the_float64_adjoint_agrees_with_autograd_through_the_steps_with_float32_parameters():
