@@ -23,11 +23,14 @@ def _populations(rec: dict, what: str) -> list[str]:
 def raster(ax, spikes: np.ndarray, sample: int = 0, dt_ms: float = 1.0, every: int = 1,
            max_neurons: int = 200, color="k"):
     """Spike raster of one sample: spikes (T', samples, neurons...) -> dots at (time, neuron)."""
-    z = np.asarray(spikes)[:, sample].reshape(spikes.shape[0], -1)[:, :max_neurons]
+    full = np.asarray(spikes)[:, sample].reshape(spikes.shape[0], -1)
+    z = full[:, :max_neurons]
     t, n = np.nonzero(z)
     ax.scatter(t * every * dt_ms, n, s=2, marker="|", color=color, linewidths=0.8)
+    shown = "neuron" if z.shape[1] == full.shape[1] else \
+        f"neuron (the first {z.shape[1]} of {full.shape[1]})"  # a subset says so
     ax.set(xlim=(0, z.shape[0] * every * dt_ms), ylim=(-1, z.shape[1]), xlabel="time (ms)",
-           ylabel="neuron")
+           ylabel=shown)
     return ax
 
 

@@ -761,3 +761,19 @@ def test_population_params_are_checked_at_the_run_s_dt():
         warnings.simplefilter("error")
         snn = train.build_circuit(spec["circuit"], (1, 28, 28), 10, time=spec["time"])
     assert {m.dt for m in snn.circuit if isinstance(m, LIFPopulation)} == {1e-4}
+
+
+def test_a_raster_of_a_subset_of_neurons_says_so():
+    """The raster drew the first 200 neurons under the label 'neuron' while the counts beside
+    it were over all 256."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from plastic.plots import raster
+    z = (np.random.default_rng(0).random((20, 2, 256)) < 0.1).astype(np.float32)
+    fig, ax = plt.subplots(1, 2)
+    raster(ax[0], z)
+    raster(ax[1], z[..., :100])
+    assert ax[0].get_ylabel() == "neuron (the first 200 of 256)"
+    assert ax[1].get_ylabel() == "neuron"
+    plt.close(fig)
