@@ -58,6 +58,13 @@ def _generator(state: torch.Tensor) -> torch.Generator:
     return g
 
 
+def _redraw(weight: torch.Tensor, drawn_from: torch.Tensor) -> None:
+    """Draw a feedback weight again, in place, exactly as it was drawn from the stream state
+    ``drawn_from`` (``_state_of``): torch's ``to_empty`` + ``reset_parameters`` idiom."""
+    with torch.no_grad():
+        weight.copy_(random_like(weight, _generator(drawn_from)))
+
+
 def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
     """A random weight of W's shape, drawn like W's default initialisation, independent of W."""
     return _kaiming_uniform_like(forward_weight.shape, forward_weight[0].numel(), generator,
@@ -147,8 +154,7 @@ class FixedRandom(FeedbackSynapse):
     def reset_parameters(self):
         """Redraw B exactly as it was drawn (torch's ``to_empty`` + ``reset_parameters`` idiom
         for a model built on the meta device)."""
-        with torch.no_grad():
-            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
+        _redraw(self.weight, self._drawn_from)
 
     def matrix(self, forward_weight):
         return self.weight

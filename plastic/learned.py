@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, suggest
-from .feedback import FeedbackSynapse, _generator, _state_of, random_like, randn_like_logical
+from .feedback import FeedbackSynapse, _redraw, _state_of, random_like, randn_like_logical
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
@@ -143,8 +143,8 @@ class LearnedFeedback(FeedbackSynapse):
     def reset_parameters(self):
         """Redraw B exactly as it was drawn, with its norm and the pass count (torch's
         ``to_empty`` + ``reset_parameters`` idiom for a model built on the meta device)."""
+        _redraw(self.weight, self._drawn_from)
         with torch.no_grad():
-            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
             self.initial_norm.copy_(self.weight.norm())
             self.updates.zero_()
 
@@ -282,8 +282,7 @@ class KolenPollack(FeedbackSynapse):
 
     def reset_parameters(self):
         """Redraw B exactly as it was drawn (the meta-device idiom, as for fa)."""
-        with torch.no_grad():
-            self.weight.copy_(random_like(self.weight, _generator(self._drawn_from)))
+        _redraw(self.weight, self._drawn_from)
 
     def matrix(self, forward_weight):
         return self.weight.detach()

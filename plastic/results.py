@@ -424,6 +424,13 @@ def _furthest(slices: dict[int, dict]) -> dict[int, dict]:
     return {s: r for s, r in slices.items() if last[s] == top}
 
 
+def _pooled(slices: dict[int, dict]) -> list[dict]:
+    """The rows of the seeds a table and its figures pool, in seed order: those that reached the
+    furthest epoch (a seed still behind is in progress)."""
+    pooled = _furthest(slices)
+    return [pooled[s] for s in sorted(pooled)]
+
+
 def _concat(slices: list[dict]) -> dict:
     """Metric tables one after the other; a key one of them lacks is NaN in its rows."""
     keys = sorted({k for m in slices for k in m})
@@ -525,8 +532,7 @@ def _labels(groups: list[list[str]]) -> list[str]:
 
 
 def _row(name: str, g: dict) -> dict:
-    pooled = _furthest(g["seeds"])  # seeds still behind are in progress, not pooled
-    rows = [pooled[s] for s in sorted(pooled)]
+    rows = _pooled(g["seeds"])
     per_seed = [_final(r) for r in rows]
     a = g["attrs"]
     ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")]) for f in per_seed]
@@ -797,11 +803,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     out_dir = Path(out_dir) if out_dir else results_path(path).parent
     if not r["arms"]:
         return []
-    # each arm's seeds as the table pools them: those that reached its furthest epoch (a seed
-    # still behind would pull the curve's later epochs toward fewer seeds)
-    arms = {arm: {"metrics": _concat([rows for _, rows in
-                                      sorted(_furthest(_seed_slices(a["metrics"])).items())]),
-                  "attrs": a["attrs"]}
+    # each arm's seeds as the table pools them (a seed still behind would pull the curve's
+    # later epochs toward fewer seeds)
+    arms = {arm: {"metrics": _concat(_pooled(_seed_slices(a["metrics"]))), "attrs": a["attrs"]}
             for arm, a in _ordered_arms(r)}
     spec = r["spec"]
     files = _draw(arms, [spec], out_dir)

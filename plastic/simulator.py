@@ -460,10 +460,9 @@ def calibrate_conversion(snn: TimeStepped, rate: nn.Module, x: torch.Tensor, y: 
     _fold_batch_norm(snn.circuit)
     syns = [m for m in snn.circuit if isinstance(m, SYNAPSES)]
     if len(syns) != len(lambdas) + 1:
-        others = sorted({type(m).__name__ for m in rate_seq
-                         if not isinstance(m, (RatePopulation, *SYNAPSES))
-                         and not list(m.parameters()) and type(m).__module__.startswith(
-                             "torch.nn.modules.activation")})
+        others = sorted({type(m).__name__ for m in rate_seq  # torch's activation modules
+                         if type(m).__module__ == "torch.nn.modules.activation"
+                         and not list(m.parameters())})
         hint = (f"; its activations are torch modules ({', '.join(others)}), whose rates it does "
                 "not read: build the rate circuit with plastic.models (RatePopulation)"
                 if others else "")

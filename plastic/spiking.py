@@ -175,7 +175,7 @@ class LIFPopulation(nn.Module):
         for rate populations; beyond, the state diverges silently)."""
         from .errors import SpecError
         fields = SPIKING_KINDS[self.kind][1]._fields
-        missing = [f for f in fields if not hasattr(self.p, f)]
+        missing = _missing_fields(self.p, self.kind)
         if missing:
             raise SpecError(f"{self.kind!r} population: its parameters ({type(self.p).__name__}) "
                             f"lack {', '.join(missing)}; they are another kind's "
@@ -278,6 +278,11 @@ class LIFPopulation(nn.Module):
         return f"kind={self.kind!r}, {taus}, v_th={value(self.p.v_th)}, dt={self.dt:g}"
 
 
+def _missing_fields(p, kind: str) -> list[str]:
+    """The fields ``kind``'s dynamics read that the parameters ``p`` lack (another kind's)."""
+    return [f for f in SPIKING_KINDS[kind][1]._fields if not hasattr(p, f)]
+
+
 def _check_sequence(currents, p, kind: str, what: str) -> None:
     """One-line errors for a sequence a ``kind`` population cannot run: currents that are not a
     floating-point (T >= 1, ...) tensor, parameters that lack the kind's fields, or per-neuron
@@ -287,7 +292,7 @@ def _check_sequence(currents, p, kind: str, what: str) -> None:
                           f"{tuple(getattr(currents, 'shape', ()))}")
     if not currents.is_floating_point():
         raise _spec_error(f"currents must be floating point, got {currents.dtype}")
-    missing = [f for f in SPIKING_KINDS[kind][1]._fields if not hasattr(p, f)]
+    missing = _missing_fields(p, kind)
     if missing:
         raise _spec_error(f"{kind!r} parameters need {', '.join(missing)}; "
                           f"{type(p).__name__} are another kind's")
