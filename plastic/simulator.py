@@ -142,6 +142,12 @@ class TimeStepped(nn.Module):
                 raise SpecError(f"delay for unknown synapse {k!r}; synapses: {sorted(names)}")
             if v < 0 or v >= steps:
                 raise SpecError(f"delay of synapse {k} must be in [0, {steps - 1}] steps, got {v}")
+        nested = _nested(circuit, LIFPopulation)
+        if nested:  # it got the whole (T*B, ...) sequence as one step, or a tuple downstream
+            raise SpecError(f"spiking population {nested} sits inside module "
+                            f"{nested.split('.')[0]} of the circuit: a time-stepped circuit steps "
+                            "only its own top-level populations; flatten it, e.g. "
+                            "nn.Sequential(*block, *rest)")
         for i, m in enumerate(circuit):
             if isinstance(m, LIFPopulation):
                 m.dt = self.dt
@@ -313,6 +319,11 @@ def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: fl
     new = copy.deepcopy(model)
     if not isinstance(new, nn.Sequential):
         raise SpecError("spiking_version needs a sequential circuit (mlp, convnet)")
+    nested = _nested(new, (RatePopulation, LIFPopulation, nn.ReLU) + _ACTIVATIONS)
+    if nested:  # it stayed a rate population in the "spiking" circuit, silently
+        raise SpecError(f"spiking_version: population {nested} sits inside module "
+                        f"{nested.split('.')[0]} of the circuit; only top-level populations "
+                        "become spiking ones; flatten it, e.g. nn.Sequential(*block, *rest)")
     converted = 0
     for i, m in enumerate(new):
         if isinstance(m, RatePopulation) and not _is_relu(m.activation):
@@ -329,6 +340,17 @@ def spiking_version(model: nn.Module, kind: str = "lif", steps: int = 25, dt: fl
         raise SpecError("spiking_version: the circuit has no rate population (or nn.ReLU) to "
                         "make spiking")
     return TimeStepped(new, steps, dt, **options)
+
+
+def _nested(circuit: nn.Sequential, types) -> str | None:
+    """The name (as in ``circuit.named_modules()``) of the first module of ``types`` inside a
+    top-level module of the circuit that is not itself of ``types``; None if there is none."""
+    for i, m in enumerate(circuit):
+        if not isinstance(m, types):
+            for name, sub in m.named_modules():
+                if name and isinstance(sub, types):
+                    return f"{i}.{name}"
+    return None
 
 
 def _plain_linear(m: nn.Module) -> bool:

@@ -187,16 +187,19 @@ class LIFPopulation(nn.Module):
                             f"({type(self.p).__name__}); use {own.__name__}")
         if not self.dt > 0:
             raise SpecError(f"{self.kind!r} population: dt must be > 0, got {self.dt}")
-        alpha = torch.as_tensor(self.p.alpha, dtype=torch.float64)
-        if not bool(torch.isfinite(alpha).all() and (alpha > 0).all()):
+        alpha = _host(self.p.alpha)
+        if alpha is not None and not bool(torch.isfinite(alpha).all() and (alpha > 0).all()):
             # 1/(α|x| + 1)² with α < 0 has a pole at |x| = 1/|α|: infinite gradients
             raise SpecError(f"{self.kind!r} population: the surrogate's alpha must be a finite "
                             f"number > 0, got {alpha.tolist()}")
-        if not bool(torch.isfinite(torch.as_tensor(self.p.v_th, dtype=torch.float64)).all()):
+        v_th = _host(self.p.v_th)
+        if v_th is not None and not bool(torch.isfinite(v_th).all()):
             raise SpecError(f"{self.kind!r} population: v_th must be finite")
         for name in ("tau_syn_inv", "tau_mem_inv", "tau_adapt_inv"):
             if name in fields:
-                v = torch.as_tensor(getattr(self.p, name), dtype=torch.float64)
+                v = _host(getattr(self.p, name))
+                if v is None:
+                    continue
                 lo, hi = float(v.min()) * self.dt, float(v.max()) * self.dt
                 if not (lo >= 0 and hi < 2):
                     raise SpecError(
@@ -268,7 +271,9 @@ class LIFPopulation(nn.Module):
 
     def extra_repr(self):
         def value(v, invert=False):  # a per-neuron parameter shows its range
-            v = torch.as_tensor(v, dtype=torch.float64).detach()
+            v = _host(v)
+            if v is None:
+                return "(on the meta device)"
             v = 1 / v if invert else v
             return f"{float(v):g}" if v.numel() == 1 else \
                 f"{float(v.min()):g}..{float(v.max()):g} (per neuron)"
@@ -276,6 +281,14 @@ class LIFPopulation(nn.Module):
                          for name in ("tau_mem_inv", "tau_syn_inv", "tau_adapt_inv")
                          if name in self.p._fields)
         return f"kind={self.kind!r}, {taus}, v_th={value(self.p.v_th)}, dt={self.dt:g}"
+
+
+def _host(v):
+    """A parameter's values as a float64 tensor on the CPU, for checks and display (also under
+    ``with torch.device("meta")``); None for a tensor on the meta device, which has no values."""
+    if torch.is_tensor(v):
+        return None if v.is_meta else v.detach().to("cpu", torch.float64)
+    return torch.tensor(v, dtype=torch.float64, device="cpu")
 
 
 def _missing_fields(p, kind: str) -> list[str]:
@@ -358,7 +371,9 @@ def _spec_error(message: str):
 
 
 def _is_zero(x) -> bool:
-    return bool((torch.as_tensor(x) == 0).all())
+    if torch.is_tensor(x):  # a meta tensor has no values: not known to be zero
+        return not x.is_meta and bool((x == 0).all())
+    return x == 0
 
 
 def _as_param(x):

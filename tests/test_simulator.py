@@ -777,3 +777,22 @@ def test_a_raster_of_a_subset_of_neurons_says_so():
     assert ax[0].get_ylabel() == "neuron (the first 200 of 256)"
     assert ax[1].get_ylabel() == "neuron"
     plt.close(fig)
+
+
+def test_a_population_inside_a_nested_module_is_refused_not_run_as_one_step():
+    """A spiking population inside a nested nn.Sequential was handed the whole (T*B, ...) sequence
+    as one step (AttributeError, or a synapse's misleading 'runs in time' error); and
+    spiking_version left a nested rate population rate, silently."""
+    from plastic.simulator import spiking_version
+    net = plastic.convert(models.mlp(20, [16, 12], 4, "relu"), feedback="fa", seed=0)
+    snn = spiking_version(net, steps=5)
+    layers = list(snn.circuit)
+    nested = torch.nn.Sequential(torch.nn.Sequential(*layers[:3]), *layers[3:])
+    with pytest.raises(SpecError, match="population 0.2 sits inside module 0"):
+        TimeStepped(nested, steps=5)
+    rate = list(net)
+    half = torch.nn.Sequential(*rate[:2], torch.nn.Sequential(*rate[2:4]), *rate[4:])
+    with pytest.raises(SpecError, match="population 2.0 sits inside module 2"):
+        spiking_version(half, steps=5)
+    # flattened, both run
+    assert TimeStepped(torch.nn.Sequential(*layers), steps=5)(torch.rand(3, 20)).shape == (3, 4)

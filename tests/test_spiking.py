@@ -299,3 +299,17 @@ def test_the_adaptive_population_refuses_what_the_fused_ones_refuse():
     with pytest.raises(SpecError, match="'lif' parameters need tau_syn_inv"):
         lif_sequence(torch.zeros(5, 2, 8), None, LIFBoxParameters(), kind="lif")
     assert pop(torch.rand(5, 2, 8) * 3)[0].shape == (5, 2, 8)
+
+
+def test_a_population_builds_and_runs_on_the_meta_device():
+    """Its checks read parameter values, which the meta device does not have (Tensor.item()
+    cannot be called on meta tensors): a model built under torch.device('meta') failed."""
+    with torch.device("meta"):
+        pop = LIFPopulation(None, 1e-3, "lif")
+        z, _ = pop(torch.randn(5, 3, 8))
+        per_neuron = LIFPopulation(LIFParameters(tau_mem_inv=torch.full((8,), 100.0)), 1e-3)
+    assert z.is_meta and z.shape == (5, 3, 8)
+    assert "meta" in repr(per_neuron)
+    # values are still checked where they exist
+    with pytest.raises(Exception, match="dt/τ"):
+        LIFPopulation(LIFParameters(tau_mem_inv=torch.full((8,), 3000.0)), 1e-3)
