@@ -15,7 +15,7 @@ from torch import nn
 from .errors import SpecError
 from .feedback import (FEEDBACK_KINDS, DirectFeedbackHub, check_meant_as_rule, is_learned,
                        is_rule)
-from .synapses import Conv2d, Dense, Synapse
+from .synapses import Conv2d, Dense, Synapse, _check_padding_mode, _conv_padding
 
 __all__ = ["convert", "synapses", "resolve_kind"]
 
@@ -219,13 +219,25 @@ def _check_convertible(name: str, m: nn.Module) -> None:
     base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
     own = sorted({k for k, _ in m.named_parameters(recurse=False)} - {"weight", "bias"}
                  | {k for k, _ in m.named_buffers(recurse=False)})
-    if type(m).forward is not base.forward or own:
+    # nn.Conv2d.forward calls _conv_forward, the method a weight-standardised conv overrides
+    own_forward = type(m).forward is not base.forward or (
+        base is nn.Conv2d and type(m)._conv_forward is not nn.Conv2d._conv_forward)
+    if own_forward or own:
         raise SpecError(f"convert: {name} is a {type(m).__name__}, a {base.__name__} with "
-                        + ("its own forward" if type(m).forward is not base.forward
+                        + ("its own forward" if own_forward
                            else f"its own parameters or buffers ({', '.join(own)})")
                         + f"; its plastic synapse would compute a plain {base.__name__}'s "
                         "output, so it is not converted (use a plain layer, or plastic's "
                         "synapses and a feedback synapse of your own)")
+    if m.weight.is_complex():  # the routed error and dW would lack torch's conjugates
+        raise SpecError(f"convert: {name} ({type(m).__name__}) has complex weights; plastic's "
+                        "synapses are real")
+    if base is nn.Conv2d:  # refused here, before the copy, not halfway through the swap
+        try:
+            _check_padding_mode(m.padding_mode)
+            _conv_padding(m.padding, m.kernel_size, m.stride, m.dilation)
+        except SpecError as e:
+            raise SpecError(f"convert: {name}: {e}") from None
     if hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
         warnings.warn(f"convert: the hooks registered on {name} ({type(m).__name__}) are not "
                       "carried over to its plastic synapse; register them on the converted "

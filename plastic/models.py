@@ -2,14 +2,15 @@
 plastic populations; ``plastic.convert`` then gives it the feedback synapses of any rule."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError
 from .populations import ACTIVATIONS, RatePopulation
 from .spiking import SPIKING_KINDS, LIFPopulation
 
-__all__ = ["make_population", "mlp", "convnet", "Scale", "PopulationCode", "BasicBlock", "ResNet",
-           "resnet18", "resnet20"]
+__all__ = ["make_population", "mlp", "convnet", "Scale", "PopulationCode", "BasicBlock",
+           "ZeroPadShortcut", "ResNet", "resnet18", "resnet20"]
 
 
 def make_population(name: str) -> nn.Module:
@@ -33,12 +34,25 @@ def _rate_only(population, what: str) -> None:
 
 def _readout(n: int, outputs: int, output_scale: float, units_per_class: int) -> list[nn.Module]:
     """The dense readout synapse, with its population code and logit scale when they are set."""
+    _check_readout(output_scale, units_per_class)
     layers: list[nn.Module] = [nn.Linear(n, outputs * units_per_class)]
     if units_per_class > 1:
         layers.append(PopulationCode(units_per_class))
     if output_scale != 1.0:
         layers.append(Scale(output_scale))
     return layers
+
+
+def _check_readout(output_scale, units_per_class) -> None:
+    if isinstance(units_per_class, bool) or not isinstance(units_per_class, int) \
+            or units_per_class < 1:
+        raise SpecError(f"units_per_class must be an integer >= 1, got {units_per_class!r}")
+    try:
+        scale_ok = float(output_scale) > 0 and not isinstance(output_scale, bool)
+    except (TypeError, ValueError):
+        scale_ok = False
+    if not scale_ok:
+        raise SpecError(f"output_scale must be a number > 0, got {output_scale!r}")
 
 
 def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh",
@@ -109,12 +123,41 @@ class PopulationCode(nn.Module):
         return f"units_per_class={self.units_per_class}"
 
 
-class BasicBlock(nn.Module):
-    """The two-conv residual block of He et al. 2016 with batch norm and a skip connection."""
+SHORTCUTS = ("A", "B")
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, population: str = "relu"):
+
+class ZeroPadShortcut(nn.Module):
+    """He et al. 2016's option A shortcut (Sec. 3.3, used for CIFAR in Sec. 4.2): the identity,
+    subsampled by ``stride``, with zero channels added (half before, half after) for a wider
+    block; it has no weights, so the error passes through it exactly under every rule."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        if cout < cin:
+            raise SpecError(f"a zero-padding (option A) shortcut cannot narrow {cin} channels "
+                            f"to {cout}; use shortcut = 'B'")
+        self.stride, self.pad = int(stride), ((cout - cin) // 2, cout - cin - (cout - cin) // 2)
+
+    def forward(self, x):
+        s = self.stride
+        return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, *self.pad))
+
+    def extra_repr(self):
+        return f"stride={self.stride}, zero_channels={self.pad}"
+
+
+class BasicBlock(nn.Module):
+    """The two-conv residual block of He et al. 2016 with batch norm and a skip connection.
+    Where the shape changes, ``shortcut`` is ``"B"`` (a 1x1-conv projection and batch norm) or
+    ``"A"`` (``ZeroPadShortcut``: subsampled identity, zero-padded channels)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, population: str = "relu",
+                 shortcut: str = "B"):
         super().__init__()
         _rate_only(population, "a residual block")
+        if shortcut not in SHORTCUTS:
+            raise SpecError(f"unknown ResNet shortcut {shortcut!r}; known: A (zero padding), "
+                            "B (1x1-conv projection)")
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.pop1 = make_population(population)
@@ -122,7 +165,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.pop2 = make_population(population)
         self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "A":
+            self.shortcut = ZeroPadShortcut(cin, cout, stride)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                           nn.BatchNorm2d(cout))
 
@@ -140,7 +185,7 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), outputs: int = 1000,
                  in_channels: int = 3, stem: str = "imagenet", population: str = "relu",
-                 output_scale: float = 1.0, units_per_class: int = 1):
+                 output_scale: float = 1.0, units_per_class: int = 1, shortcut: str = "B"):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise SpecError(f"unknown ResNet stem {stem!r}; known: imagenet, cifar")
@@ -148,6 +193,7 @@ class ResNet(nn.Module):
             raise SpecError(f"ResNet: blocks {tuple(blocks)} needs one entry per stage of widths "
                             f"{tuple(widths)}, and at least one stage")
         _rate_only(population, "a ResNet")
+        _check_readout(output_scale, units_per_class)
         w0 = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False)
@@ -160,7 +206,8 @@ class ResNet(nn.Module):
         stages, cin = [], w0
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):
-                stages.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1, population))
+                stages.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1, population,
+                                         shortcut))
                 cin = w
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -175,16 +222,19 @@ class ResNet(nn.Module):
 
 
 def resnet18(outputs: int = 1000, in_channels: int = 3, stem: str = "imagenet",
-             population: str = "relu", output_scale: float = 1.0, units_per_class: int = 1) -> ResNet:
+             population: str = "relu", output_scale: float = 1.0, units_per_class: int = 1,
+             shortcut: str = "B") -> ResNet:
     """ResNet-18: 4 stages of 2 basic blocks (20 convs incl. 3 shortcut convs, and 1 dense)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), outputs, in_channels, stem, population,
-                  output_scale, units_per_class)
+                  output_scale, units_per_class, shortcut)
 
 
 def resnet20(outputs: int = 10, in_channels: int = 3, population: str = "relu",
-             output_scale: float = 1.0, units_per_class: int = 1) -> ResNet:
+             output_scale: float = 1.0, units_per_class: int = 1, shortcut: str = "A") -> ResNet:
     """ResNet-20 for CIFAR (He et al. 2016, Sec. 4.2): a 3x3 conv, 3 stages of 3 basic blocks
-    with 16, 32, 64 channels, global average pooling and one dense synapse (1x1-conv
-    projection shortcuts where the shape changes)."""
+    with 16, 32, 64 channels, global average pooling and one dense synapse; 0.27M weights.
+    Its shortcuts are option A, as there (and in BioTorch's resnet20): zero-padded identities,
+    so only the 19 convs and the dense synapse carry error through feedback synapses;
+    ``shortcut="B"`` gives 1x1-conv projections where the shape changes."""
     return ResNet((3, 3, 3), (16, 32, 64), outputs, in_channels, "cifar", population,
-                  output_scale, units_per_class)
+                  output_scale, units_per_class, shortcut)

@@ -104,6 +104,9 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     "batch_norm": (bool, True),
     "output_scale": (NUM, 1.0),
     "stem": (str, "cifar"),
+    # resnet kinds: "A" (zero-padded identity) or "B" (1x1-conv projection) where the shape
+    # changes; "" is the kind's own: A for resnet20 (He et al. 2016, Sec. 4.2), B otherwise
+    "shortcut": (str, ""),
     "units_per_class": (int, 1),  # population-coded readout: each output read from k units
     # biological constraints (plastic.constraints); time-stepped circuits only for delay
     "excitatory": (NUM, 0.0),     # Dale's law: fraction of excitatory neurons (0: unconstrained)
@@ -120,8 +123,8 @@ _EVERY_KIND = {"name", "description", "kind", "input_shape", "outputs", "populat
                "output_scale", "units_per_class", "excitatory", "connectivity", "delay",
                "population_params"}
 CIRCUIT_KIND_KEYS = {"mlp": {"hidden"}, "convnet": {"channels", "batch_norm"},
-                     "resnet": {"channels", "blocks", "stem"}, "resnet18": {"stem"},
-                     "resnet20": set()}
+                     "resnet": {"channels", "blocks", "stem", "shortcut"},
+                     "resnet18": {"stem", "shortcut"}, "resnet20": {"shortcut"}}
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 SCHEDULES = ("constant", "onecycle", "cosine")

@@ -137,10 +137,22 @@ class Synapse(nn.Module):
         if not isinstance(feedback, FeedbackSynapse):
             raise SpecError(f"feedback must be a kind name, a rule or a FeedbackSynapse, "
                             f"got {feedback!r}")
-        b = getattr(feedback, "weight", None)
-        if not feedback.direct and isinstance(b, torch.Tensor) and b.shape != self.weight.shape:
-            raise SpecError(f"feedback weight of shape {tuple(b.shape)} for a synapse whose W "
-                            f"is {tuple(self.weight.shape)}: B is stored in W's layout")
+        if self.weight.is_complex():  # the routed error and dW would lack the conjugates
+            raise SpecError(f"synapse {self.name or type(self).__name__}: complex weights are "
+                            "not supported")
+        if not feedback.direct:  # B (and frsf's |R|) in W's layout and dtype
+            w = self.weight
+            for what, b in [*feedback.named_parameters(recurse=False),
+                            *feedback.named_buffers(recurse=False)]:
+                if b.dim() != w.dim() or not b.is_floating_point():
+                    continue
+                if b.shape != w.shape:
+                    raise SpecError(f"feedback {what} of shape {tuple(b.shape)} for a synapse "
+                                    f"whose W is {tuple(w.shape)}: B is stored in W's layout")
+                if b.dtype != w.dtype:
+                    raise SpecError(f"feedback {what} in {b.dtype} for a synapse whose W is "
+                                    f"{w.dtype}: B takes W's dtype (convert the model with "
+                                    ".to() after setting its feedback)")
         self.feedback = feedback
         if feedback.direct:
             self.hub = feedback.hub
@@ -155,7 +167,8 @@ class Synapse(nn.Module):
     #: the input's number of dimensions without a batch dimension (a single sample)
     unbatched_dim = -1
 
-    def forward(self, x):
+    def forward(self, input):
+        x = input  # torch's name for it, so a call input=... works as on nn.Linear
         if isinstance(x, tuple):  # a spiking population's (spikes, state), outside TimeStepped
             raise SpecError(f"synapse {self.name or type(self).__name__} got a (spikes, state) "
                             "tuple: a circuit with spiking populations runs in time, inside "
@@ -209,7 +222,7 @@ class Dense(Synapse):
         new.in_features, new.out_features = m.in_features, m.out_features
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
-        return new
+        return new.train(m.training)
 
     def _forward_op(self, x, w, b):
         return F.linear(x, w, b)
@@ -225,12 +238,13 @@ class Dense(Synapse):
         return Operator(
             forward=lambda x, k: F.linear(x, k),
             backward=lambda g, k, x: g @ k,
-            weight_grad=lambda a, g: g.reshape(-1, n_out).t() @ a.reshape(-1, n_in))
+            weight_grad=lambda a, g: g.flatten(0, -2).t() @ a.flatten(0, -2))
 
     def _backward_op(self, dy, x, b_matrix, need_x, need_w, need_b):
         dx = dy @ b_matrix if need_x else None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        # flatten, not reshape(-1, n): that is ambiguous for a layer of 0 inputs or outputs
+        dy2 = dy.flatten(0, -2)
+        dw = dy2.t() @ x.flatten(0, -2) if need_w else None
         db = dy2.sum(0) if need_b else None
         return dx, dw, db
 
@@ -308,7 +322,7 @@ class Conv2d(Synapse):
         new.padding, new.dilation, new.groups = tuple(padding), tuple(m.dilation), m.groups
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties stay tied
         new.set_feedback(feedback, **kw)
-        return new
+        return new.train(m.training)
 
     def _forward_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

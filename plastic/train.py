@@ -51,6 +51,8 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
                         f"sequential circuits mlp and convnet, not {kind!r}")
     if circuit.get("delay", 0) and not spiking:
         raise SpecError("circuit.delay needs a time-stepped (spiking) population")
+    # the kind's own shortcut unless the circuit names one
+    shortcut = {"shortcut": circuit["shortcut"]} if circuit.get("shortcut") else {}
     if kind == "mlp":
         model = models.mlp(int(torch.tensor(shape).prod()), circuit["hidden"], outputs, pop,
                            circuit["output_scale"], circuit["units_per_class"])
@@ -62,13 +64,14 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
                                shape[1], circuit["output_scale"], circuit["units_per_class"])
     elif kind == "resnet":
         model = models.ResNet(circuit["blocks"], circuit["channels"], outputs, shape[0],
-                              circuit["stem"], pop, circuit["output_scale"], circuit["units_per_class"])
+                              circuit["stem"], pop, circuit["output_scale"], circuit["units_per_class"],
+                              **shortcut)
     elif kind == "resnet18":
         model = models.resnet18(outputs, shape[0], circuit["stem"], pop, circuit["output_scale"],
-                                circuit["units_per_class"])
+                                circuit["units_per_class"], **shortcut)
     elif kind == "resnet20":
         model = models.resnet20(outputs, shape[0], pop, circuit["output_scale"],
-                                circuit["units_per_class"])
+                                circuit["units_per_class"], **shortcut)
     else:
         raise SpecError(f"unknown circuit kind {kind!r}")
     if spiking:

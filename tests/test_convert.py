@@ -6,6 +6,7 @@ from torch import nn
 import plastic
 from plastic import models
 from plastic.synapses import Conv2d, Dense
+from plastic.errors import SpecError
 
 
 def test_convert_resnet18_every_conv_has_chosen_kind():
@@ -77,12 +78,28 @@ def test_convert_torchvision_resnet18_where_installed():
 
 
 def test_resnet20_shape_and_convert():
+    """He et al. 2016 Sec. 4.2 (and BioTorch's resnet20, whose errors the README quotes): option
+    A shortcuts, 0.27M weights, 19 convs and one dense synapse; it was option B (2 projection
+    convs more, which carry error through random or sign-based B under fa or usf)."""
     net = plastic.convert(models.resnet20(10), "usf")
     convs = [m for _, m in plastic.synapses(net) if isinstance(m, Conv2d)]
-    assert len(convs) == 21  # 1 + 18 block convs + 2 projection shortcuts
-    assert sum(p.numel() for p in net.parameters()) < 300_000
+    assert len(convs) == 19  # 1 + 18 block convs; the shortcuts have no weights
+    assert sum(p.numel() for p in net.parameters()) == 269_722
     out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
+    x = torch.randn(2, 16, 8, 8)
+    short = models.ZeroPadShortcut(16, 32, 2)(x)  # the subsampled identity, zero channels around
+    assert torch.equal(short[:, 8:24], x[:, :, ::2, ::2]) and not short[:, :8].any()
+    b = plastic.convert(models.resnet20(10, shortcut="B"), "usf")
+    assert sum(isinstance(m, Conv2d) for _, m in plastic.synapses(b)) == 21
+    from plastic.spec import resolve_circuit
+    from plastic.train import build_circuit
+    spec = build_circuit(resolve_circuit({"kind": "resnet20", "shortcut": "B"}), (3, 32, 32), 10)
+    assert sum(p.numel() for p in spec.parameters()) == 272_474
+    with pytest.raises(SpecError, match="unknown ResNet shortcut 'C'"):
+        models.resnet20(shortcut="C")
+    with pytest.raises(SpecError, match="shortcut"):  # convnet does not read it
+        resolve_circuit({"kind": "convnet", "shortcut": "A"})
 
 
 def test_convnet_output_scale_from_a_circuit_spec():
@@ -287,3 +304,67 @@ def test_a_fallback_pattern_behind_exact_names_and_spiking_tables_by_circuit_nam
     snn = TimeStepped(nn.Sequential(plastic.Dense(4, 4), LIFPopulation(), plastic.Dense(4, 2)), 3)
     c = plastic.convert(snn, {"2": "usf", "*": "fa"}, output="2")
     assert [s.feedback.kind for _, s in plastic.synapses(c)] == ["fa", "usf"]
+
+
+def test_convert_refuses_what_it_would_change_before_it_changes_anything():
+    """A Conv2d subclass overriding _conv_forward (a weight-standardised conv) was converted to a
+    plain convolution, silently; a reflect-padded or even-kernel 'same' conv was refused halfway
+    through an in-place swap (the layers before it already converted), without its name; complex
+    weights gave gradients without torch's conjugates."""
+    class Standardised(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, (w - w.mean()) / w.std(), b)
+    with pytest.raises(SpecError, match="1 is a Standardised.*its own forward"):
+        plastic.convert(nn.Sequential(nn.Conv2d(3, 4, 3), Standardised(4, 4, 3)))
+    for bad, what in [(nn.Conv2d(4, 4, 3, padding_mode="reflect"), "padding_mode='reflect'"),
+                      (nn.Conv2d(4, 4, 2, padding="same"), "even kernel")]:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), bad)
+        with pytest.raises(SpecError, match=f"convert: 1: .*{what}"):
+            plastic.convert(net, inplace=True)
+        assert type(net[0]) is nn.Conv2d  # untouched
+    with pytest.raises(SpecError, match="complex weights"):
+        plastic.convert(nn.Linear(3, 2).to(torch.complex64))
+
+
+def test_set_feedback_checks_every_weight_of_the_feedback_synapse():
+    """frsf keeps its random part as `magnitude`, which was not checked: a (1, in) magnitude on
+    an (out, in) W ran with every row's |R| the same; a B in another dtype failed in the
+    backward's matmul."""
+    from plastic.feedback import FixedRandom, FixedRandomSignSymmetry
+    syn = Dense(5, 3)
+    with pytest.raises(SpecError, match="magnitude of shape \\(1, 5\\)"):
+        syn.set_feedback(FixedRandomSignSymmetry(torch.zeros(1, 5)))
+    with pytest.raises(SpecError, match="weight in torch.float64 .* W is torch.float32"):
+        syn.set_feedback(FixedRandom(torch.zeros(3, 5, dtype=torch.float64)))
+    syn.set_feedback(FixedRandomSignSymmetry(torch.zeros(3, 5)))  # the right shape is taken
+
+
+def test_a_converted_layer_behaves_as_the_layer_in_its_corner_cases():
+    """nn.Linear takes input= by name (a TypeError after conversion); a layer of 0 inputs or
+    outputs backpropagates in torch (an ambiguous reshape error here); a model converted in eval
+    mode got synapses in training mode."""
+    lin = nn.Linear(4, 2)
+    net = plastic.convert(nn.Sequential(lin))
+    x = torch.randn(3, 4)
+    assert torch.equal(net[0](input=x), lin(input=x))
+    for n_in, n_out in [(0, 3), (3, 0)]:
+        ref = nn.Linear(n_in, n_out)
+        syn = plastic.convert(ref)
+        xr = torch.randn(2, n_in, requires_grad=True)
+        xs = xr.detach().clone().requires_grad_()
+        ref(xr).sum().backward()
+        w_grad = ref.weight.grad.clone()
+        ref.weight.grad = None
+        syn(xs).sum().backward()
+        assert torch.equal(xs.grad, xr.grad) and torch.equal(syn.weight.grad, w_grad)
+    evaluated = plastic.convert(models.mlp(4, [3], 2).eval(), "fa")
+    assert not any(m.training for m in evaluated.modules())
+
+
+def test_the_models_refuse_a_readout_they_cannot_build():
+    for make in (lambda **k: models.mlp(4, [3], 2, **k), lambda **k: models.resnet20(**k),
+                 lambda **k: models.convnet(3, [4], 10, image_size=8, **k)):
+        with pytest.raises(SpecError, match="units_per_class must be an integer >= 1"):
+            make(units_per_class=0)
+        with pytest.raises(SpecError, match="output_scale must be a number > 0"):
+            make(output_scale=-1.0)
