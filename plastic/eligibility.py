@@ -45,6 +45,14 @@ def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif"):
     """One step of the presynaptic traces (c, ε) for input a (module docstring).  ``c`` is None
     for ``lif_box``.  Returns the new (c, ε).  ``a``, ``c`` and ``ε`` may be Python numbers (the
     trace of a constant input)."""
+    from .spiking import _missing_fields
+    missing = _missing_fields(p, kind) if kind in ("lif", "lif_box") else []
+    if missing:
+        raise SpecError(f"presynaptic_traces: {kind!r} traces need the parameters "
+                        f"{', '.join(missing)}; {type(p).__name__} are another kind's")
+    if kind == "lif" and c is None:
+        raise SpecError("presynaptic_traces: a 'lif' population's traces need c, the synaptic-"
+                        "current trace (0 at the start); only 'lif_box' has none")
     return _traces(a, c, eps, *_trace_factors(p, dt, kind))
 
 
@@ -55,10 +63,11 @@ def _trace_factors(p, dt: float, kind: str):
     if kind not in ("lif", "lif_box"):
         raise SpecError(f"online learning supports lif and lif_box populations, not {kind!r}")
 
-    def scalar(v):
-        return float(v) if torch.as_tensor(v).numel() == 1 else v
-    km = dt * scalar(p.tau_mem_inv)
-    return (1 - dt * scalar(p.tau_syn_inv) if kind == "lif" else None), km
+    def rate(v):  # dt/τ as the dynamics form it (dt * τ⁻¹, in τ⁻¹'s own dtype)
+        r = dt * v
+        return float(r) if torch.is_tensor(r) and r.numel() == 1 else r
+    km = rate(p.tau_mem_inv)
+    return (1 - rate(p.tau_syn_inv) if kind == "lif" else None), km
 
 
 def _traces(a, c, eps, ks, km, inplace=False):
@@ -96,14 +105,27 @@ def _lif_step_with_voltage(pop: LIFPopulation, current, state, p):
 
 def _layers(model: TimeStepped):
     """[(synapse, population or None)] of a dense spiking circuit; flatten modules pass."""
+    from .simulator import _hooked
     out, seq = [], list(model.circuit)
-    for m in seq:
+    for i, m in enumerate(seq):
         if isinstance(m, nn.Flatten):
             continue
+        if _hooked(m) or isinstance(m, Synapse) and not _plain_dense(m) or (
+                isinstance(m, LIFPopulation) and (type(m).forward is not LIFPopulation.forward
+                                                  or type(m).step is not LIFPopulation.step)):
+            # online learning computes the currents and steps itself: a hook (an ablation, a
+            # pruning mask) or an overridden forward would change model(x) but not the updates
+            raise SpecError(f"online learning: module {i} ({type(m).__name__}) has hooks, a "
+                            "pruning mask or its own forward, which the online updates would "
+                            "skip; remove them, or learn by backprop through time")
         if isinstance(m, Synapse):
             if not isinstance(m, Dense):
                 raise SpecError("online learning supports dense synapses; got "
                                 f"{type(m).__name__}")
+            if out and out[-1][1] is None:
+                raise SpecError(f"online learning: synapse {i} follows synapse "
+                                f"{seq.index(out[-1][0])} with no population between; every "
+                                "synapse but the readout must be followed by a LIF population")
             fb = m.feedback
             if isinstance(fb, LearnedFeedback):
                 raise SpecError("online learning does not apply learned feedback rules (they read "
@@ -127,6 +149,13 @@ def _layers(model: TimeStepped):
     if not out or out[-1][1] is not None:
         raise SpecError("online learning needs a circuit that ends in a readout synapse")
     return out
+
+
+def _plain_dense(m: Synapse) -> bool:
+    """A Dense synapse whose current is F.linear(x, W, b), W a leaf parameter (not a pruned
+    weight recomputed by a pre-hook)."""
+    return (not isinstance(m, Dense) or type(m)._forward_op is Dense._forward_op
+            and type(m).forward is Synapse.forward) and isinstance(m.weight, nn.Parameter)
 
 
 def check_online(model) -> list:
@@ -157,17 +186,23 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
     the one the updates descend, the mean over steps of the per-step readout's cross-entropy
     (not the cross-entropy of the averaged readout)."""
     from .metrics import unwrapped
+    from .synapses import is_plasticity_paused
     out, layers, gw, gb, loss = _online_updates(unwrapped(model), x, target, label_smoothing)
     updated = []
+
+    def add(p, g):  # a frozen parameter gets nothing (an optimizer steps any .grad it finds)
+        if p.requires_grad:
+            FeedbackSynapse.accumulate(p, g)
+            updated.append(p)
     for k, (syn, _) in enumerate(layers):
-        FeedbackSynapse.accumulate(syn.weight, gw[k])
-        updated.append(syn.weight)
+        add(syn.weight, gw[k])
         if syn.bias is not None:
-            FeedbackSynapse.accumulate(syn.bias, gb[k])
-            updated.append(syn.bias)
-        if isinstance(syn.feedback, KolenPollack):
-            FeedbackSynapse.accumulate(syn.feedback.weight, gw[k])
-            updated.append(syn.feedback.weight)
+            add(syn.bias, gb[k])
+        # Kolen-Pollack's B takes W's update, as in backprop: not for a frozen W, nor while
+        # plasticity is paused
+        if isinstance(syn.feedback, KolenPollack) and syn.weight.requires_grad \
+                and not is_plasticity_paused():
+            add(syn.feedback.weight, gw[k])
     # no autograd pass for DDP to hook: average over processes here, as DDP would, the whole
     # .grad (what ddp.no_sync() micro-batches accumulated included), in one all-reduce; inside
     # no_sync, nothing
@@ -203,6 +238,12 @@ def online_update_angles(model: TimeStepped, loss_fn, x: torch.Tensor, target: t
             for (n, _, g), b in zip(hidden, bp)}
 
 
+def _add_product(g: torch.Tensor, delta: torch.Tensor, a: torch.Tensor) -> None:
+    """g += δᵀ a, in g's (the parameter's) dtype: under autocast δ and a come in a lower one,
+    and a gradient goes back in its parameter's dtype, as autocast's casts give."""
+    g.addmm_(delta.t().to(g.dtype), a.to(g.dtype))
+
+
 @torch.no_grad()
 def _online_updates(model: TimeStepped, x, target, label_smoothing):
     """(readout averaged over steps, layers, weight updates, bias updates, the loss descended:
@@ -212,10 +253,18 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
     (c_t = s_t a, ε_t = e_t a, with s_t, e_t the traces of a constant 1, i.e. the bias's), so
     its update Σ_t δ_tᵀ e_t a is accumulated as D = Σ_t e_t δ_t and applied once, Dᵀ a."""
     layers = check_online(model)
+    classes = layers[-1][0].out_features
+    if not (0 <= label_smoothing <= 1):
+        raise SpecError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not (isinstance(target, torch.Tensor) and target.dim() == 1 and len(target) == len(x)
+            and not target.is_floating_point()):
+        raise SpecError(f"online learning takes one class index per sample, (B,) = "
+                        f"({len(x)},); got {getattr(target, 'dtype', type(target).__name__)} "
+                        f"{tuple(getattr(target, 'shape', ()))}")
     seq, const = model.encode(x)
     t_steps, b, n = model.steps, x.shape[0], len(layers)
-    classes = layers[-1][0].out_features
-    onehot = F.one_hot(target, classes).to(x.dtype)
+    onehot = F.one_hot(target, classes).to(seq.dtype if seq.is_floating_point()
+                                           else torch.get_default_dtype())
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / classes
     gw = [torch.zeros_like(s.weight) for s, _ in layers]
@@ -266,7 +315,7 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                 e = 1.0 if readout else scalar[0][1]
                 folded = delta * e if folded is None else folded.add_(delta, alpha=e)
             else:
-                gw[k].addmm_(delta.t(), inputs[k] if readout else traces[k][1])
+                _add_product(gw[k], delta, inputs[k] if readout else traces[k][1])
                 if gb[k] is not None:
                     gb[k].add_(delta.sum(0), alpha=1.0 if readout else scalar[k][1])
             if k == 0:
@@ -279,7 +328,7 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                 signal = delta @ fbm[k]
             delta = signal * psi[k - 1]
     if folded is not None:
-        gw[0].addmm_(folded.t(), inputs[0])
+        _add_product(gw[0], folded, inputs[0])
         if gb[0] is not None:
             gb[0].add_(folded.sum(0))
     return out_sum / t_steps, layers, gw, gb, loss_sum / (t_steps * b)

@@ -178,6 +178,8 @@ class TimeStepped(nn.Module):
         if self.encoder == "constant":
             return x * (1.0 if scale is None else scale), True
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if not x.is_floating_point():  # uint8 images: a std of 1/255 cast to them was 0
+            x = x.to(self.input_std.dtype)
         intensity = (x * self.input_std.view(shape).to(x) + self.input_mean.view(shape).to(x))
         intensity = intensity.clamp(0, 1)
         if self.encoder == "poisson":

@@ -37,6 +37,11 @@ def plasticity_paused():
         _paused -= 1
 
 
+def is_plasticity_paused() -> bool:
+    """Whether this runs inside ``plasticity_paused()``."""
+    return _paused > 0
+
+
 class _Route(torch.autograd.Function):
     """y = op(x, W, b) forward; backward sends delta through the synapse's feedback synapse.
     A learned feedback synapse's weight B is an input too (unused forward): its plasticity, the
