@@ -7,8 +7,8 @@ Layout of ``DIR/results.h5``::
     /arms/<arm>/             attrs: feedback (a kind name, or JSON for a rule or a per-synapse
                              table), feedback_options (JSON), lr, weight_decay, population,
                              learning, synapses (JSON), done_seeds (JSON); a converted arm has
-                             convert_from, conversion_gain and conversion_lambdas instead of
-                             the training ones
+                             convert_from instead of the training ones, and each seed's
+                             calibration in its row (conversion_gain, conversion_lambda/<l>)
     /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
         seed, epoch, train_loss, test_loss, test_accuracy, lr, wall_time,
         angle/<synapse>         angle between feedback B and W^T (degrees)

@@ -191,6 +191,8 @@ def _check_device(name: str) -> None:
                             f"device(s) visible to torch {torch.__version__}); use device=\"cpu\"")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise SpecError(f"device {name!r} is not available on this machine; use device=\"cpu\"")
+    elif dev.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: a traceback after epoch 0
+        raise SpecError(f"device {name!r}: plastic runs on cpu, cuda or mps")
 
 
 def _get(spec: dict, dotted: str):
@@ -229,9 +231,24 @@ def parse_value(text: str):
         return text
 
 
+def implicit_arm(feedback) -> str:
+    """The name of the one arm of a protocol without arms: its feedback kind (bp for backprop,
+    whatever the spelling), or "arm" for a rule given as a table."""
+    from .feedback import canonical_kind
+    if not isinstance(feedback, str):
+        return "arm"
+    return "bp" if canonical_kind(feedback) == "transpose" else feedback.lower()
+
+
 def apply_sets(spec: dict, sets: list[str]) -> dict:
     """Apply ``key=value`` overrides; dotted keys reach into tables (``optimizer.lr=0.1``)."""
     spec = copy.deepcopy(spec)
+    on_arms = [i for i in sets or [] if i.partition("=")[0].strip().startswith("arms.")]
+    if on_arms and not spec.get("arms"):
+        # the implicit arm (named by the top-level feedback, as the other --set leave it) made
+        # explicit: arms.NAME.lr reaches it, and a new arm is added beside it, not instead
+        rest = apply_sets(spec, [i for i in sets if i not in on_arms])
+        spec["arms"] = {implicit_arm(rest.get("feedback", PROTOCOL_SCHEMA["feedback"][1])): {}}
     existing = set(spec["arms"]) if isinstance(spec.get("arms"), dict) else set()
     new_arms: dict[str, list[str]] = {}
     for item in sets or []:
@@ -398,10 +415,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
     default = spec["feedback"]
     # named by the kind, whatever its spelling: "backprop" and "transpose" are both arm bp (a
     # resume under the other spelling started a second arm of the same experiment)
-    from .feedback import canonical_kind
-    arms = spec["arms"] or {("arm" if not isinstance(default, str) else
-                             "bp" if canonical_kind(default) == "transpose" else
-                             default.lower()): {}}
+    arms = spec["arms"] or {implicit_arm(default): {}}
     if (spec["arms"] and default != PROTOCOL_SCHEMA["feedback"][1] and warn
             and all(isinstance(a, dict) and "feedback" in a for a in arms.values())):
         warnings.warn(f"feedback = {spec['feedback']!r} is not read: every arm sets its own "
@@ -431,14 +445,20 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         for key in ("lr", "weight_decay"):
             if a[key] < 0:
                 raise SpecError(f"arms.{name}.{key} must be >= 0, got {a[key]!r}")
+            if a[key] > 3.4e38:  # beyond float32: torch's overflow error in the first step
+                raise SpecError(f"arms.{name}.{key} must be a float32 number, got {a[key]!r}")
         if a["learning"] not in LEARNING:
             raise SpecError(f"arms.{name}.learning must be one of {', '.join(LEARNING)}, "
                             f"got {a['learning']!r}")
         if a["convert_from"]:
             if a["convert_from"] not in arms:
                 raise SpecError(f"arms.{name}.convert_from names unknown arm {a['convert_from']!r}")
-            if list(arms).index(a["convert_from"]) > list(arms).index(name):
+            if list(arms).index(a["convert_from"]) >= list(arms).index(name):
                 raise SpecError(f"arms.{name}.convert_from must name an earlier arm")
+            source = arms[a["convert_from"]]
+            if source.get("convert_from"):  # a converted arm trains nothing, writes no weights
+                raise SpecError(f"arms.{name}.convert_from names {a['convert_from']!r}, itself a "
+                                "converted arm; name the rate arm it converts")
         _check_feedback(f"arms.{name}.feedback", a["feedback"])
         resolved[name] = a
     spec["arms"] = resolved

@@ -338,7 +338,9 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     state = None
     if resume and ckpt.exists():
         try:
-            state = torch.load(ckpt, map_location=device, weights_only=False)
+            # on the CPU: the random states must stay CPU ByteTensors (moved to a GPU they were
+            # refused); load_state_dict moves the rest to the model's and optimizer's device
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
         except Exception as e:  # truncated or overwritten: a one-line error, not a traceback
             raise ResultsError(f"{ckpt}: a damaged checkpoint ({str(e).splitlines()[0][:200]}); "
                                f"delete it to train [{arm_name} seed {seed}] again from its "
@@ -353,6 +355,8 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         sched.load_state_dict(state["schedule"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)  # a GPU's Poisson draws
         start_epoch, wall = state["epoch"] + 1, state["wall_time"]
         step = state["epoch"] * steps  # the sleep phases keep their place in the schedule
         writer.drop_rows(arm_name, seed, from_epoch=start_epoch)
@@ -363,6 +367,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     def measure(epoch, train_loss, wall_time):
         """The epoch's metrics row (and recording), computed but not yet written."""
         acc, test_loss, st = evaluate(model, ds, spec["test_batch_size"], device, stats=True)
+        if epoch and not math.isfinite(test_loss):  # the epoch's last steps diverged
+            raise FloatingPointError(
+                f"arm {arm_name!r}: test loss became {test_loss} after epoch {epoch}; lower its "
+                f"lr (now {arm['lr']})")
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
         row.update(st)
@@ -431,7 +439,9 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             write(epoch, row, rec)
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "schedule": sched.state_dict(), "generator": gen.get_state(),
-                          "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall}, ckpt)
+                          "rng": torch.get_rng_state(), "epoch": epoch, "wall_time": wall,
+                          "cuda_rng": torch.cuda.get_rng_state(device)
+                          if device.type == "cuda" else None}, ckpt)
         ua = [v for k, v in row.items() if k.startswith("update_angle/") and v == v]  # not NaN
         angle_txt = f", update angle {sum(ua) / len(ua):.1f}°" if ua else ""
         progress.epoch(f"[{arm_name} seed {seed}] epoch {epoch}/{spec['epochs']}: "
@@ -478,6 +488,16 @@ def _save_atomic(obj, path: Path):
     Path(str(path) + ".tmp").replace(path)
 
 
+def _converted(spec, arm, rate: nn.Module, ds) -> nn.Module:
+    """The spiking circuit of a conversion arm's population, with the rate circuit's weights."""
+    t = spec["time"]
+    snn = spiking_version(rate, (arm.get("population") or "lif").lower(), t["steps"], t["dt"],
+                          encoder=t["encoder"], encoder_options=_encoder_options(t),
+                          input_mean=ds.mean, input_std=ds.std)
+    _set_population_params(snn, spec["circuit"]["population_params"])
+    return snn
+
+
 def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     """An arm that trains nothing: the trained weights of arm ``convert_from`` run as the spiking
     circuit of this arm's population, after data-based weight normalisation
@@ -494,22 +514,18 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     rate = _model(spec, src_arm, seed, ds).to(device)
     rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     kind = (arm.get("population") or "lif").lower()
-    t = spec["time"]
-    snn = spiking_version(rate, kind, t["steps"], t["dt"], encoder=t["encoder"],
-                          encoder_options=_encoder_options(t),
-                          input_mean=ds.mean, input_std=ds.std)
-    _set_population_params(snn, spec["circuit"]["population_params"])
-    snn = snn.to(device)
+    snn = _converted(spec, arm, rate, ds).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
     writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
                                 "convert_from": src, "population": kind,
-                                "conversion_gain": cal["gain"], "conversion_lambdas": cal["lambdas"],
                                 "synapses": [circuit_name(snn, n) for n, _ in synapses(snn)]})
     writer.drop_rows(arm_name, seed, from_epoch=0)
     acc, test_loss, st = evaluate(snn, ds, spec["test_batch_size"], device, stats=True)
     row = {"seed": seed, "epoch": spec["epochs"], "train_loss": math.nan, "test_loss": test_loss,
-           "test_accuracy": acc, "lr": math.nan, "wall_time": 0.0}
+           "test_accuracy": acc, "lr": math.nan, "wall_time": 0.0,
+           "conversion_gain": cal["gain"]}  # each seed its own calibration, in its row
+    row.update({f"conversion_lambda/{l + 1}": v for l, v in enumerate(cal["lambdas"])})
     row.update(st)
     writer.append(arm_name, row)
     if spec["record"]["samples"] > 0:
@@ -534,12 +550,29 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
+    shift, (h, w) = spec["augment"]["shift"], ds.input_shape[-2:]
+    if shift >= min(h, w):  # crops of padding only: training on blank images
+        raise SpecError(f"augment.shift {shift} is not smaller than the {h}x{w} images")
+    steps = spec["epochs"] * math.ceil(len(ds.train_x) / spec["batch_size"])
     for i, a in enumerate(names):  # validate every arm, built as run_arm builds it, before
-        try:                         # writing anything
-            _model(spec, spec["arms"][a], spec["seeds"][0], ds)
+        arm = spec["arms"][a]        # writing anything
+        src = arm.get("convert_from")
+        try:
+            if src:  # the conversion of the source arm's circuit, with this arm's population
+                source = spec["arms"][src]
+                if (source.get("population") or spec["circuit"]["population"]).lower() \
+                        in SPIKING_KINDS:
+                    raise SpecError(f"convert_from must name a rate arm; {src!r} is spiking")
+                _converted(spec, arm, _model(spec, source, spec["seeds"][0], ds), ds)
+            else:
+                model = _model(spec, arm, spec["seeds"][0], ds)
+                sleepers = [n for n, _ in sleep_driven(model)]
+                if sleepers and spec["sleep"]["every"] > steps:
+                    raise SpecError(f"sleep.every = {spec['sleep']['every']} wake batches, but the "
+                                    f"run has {steps}: the feedback of synapse(s) {sleepers}, "
+                                    "which learns only in sleep phases, would never learn")
         except SpecError as e:
             raise SpecError(f"arm {a!r}: {e}") from None
-        src = spec["arms"][a].get("convert_from")
         missing = [s for s in spec["seeds"] if not _weights_path(out_dir, src, s).exists()] \
             if src and src not in names[:i] else []
         if missing:  # the weights it converts are neither there nor trained before it here
@@ -566,6 +599,13 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
                 except FloatingPointError as e:  # one arm's divergence does not stop the others
                     prog.epoch(f"[{a} seed {seed}] stopped: {e}")
                     diverged.append(str(e))
+                except ValueError as e:  # batch norm's, of a batch of one sample at 1x1
+                    if "Expected more than 1 value per channel" not in str(e):
+                        raise
+                    raise SpecError(f"arm {a!r}: a batch of one sample reaches a batch norm "
+                                    f"whose input is 1x1 ({str(e)[:120]}); choose batch_size, "
+                                    "train_limit and probe_size so that no batch holds a "
+                                    "single sample") from None
     finally:
         prog.close()
         writer.close()

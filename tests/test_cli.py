@@ -1100,3 +1100,85 @@ def test_resume_repairs_an_arm_killed_during_its_first_row(tmp_path):
     w.close()
     m = results.read(tmp_path / "r")["arms"]["usf"]["metrics"]
     assert list(m["train_loss"]) == [2.0] and list(m["seed"]) == [0]
+
+
+def test_a_resumed_checkpoint_is_read_on_the_cpu_whatever_the_device(tmp_path, monkeypatch):
+    """The checkpoint was loaded with map_location=device: on a GPU its random states became CUDA
+    tensors, which Generator.set_state and torch.set_rng_state refuse (every GPU resume was a
+    traceback)."""
+    from plastic import spec as S, train as T
+    spec = S.load_protocol("quickstart", ["epochs=2", "train_limit=64", "test_limit=32",
+                                          "probe_size=8", "batch_size=32", "circuit.hidden=[8]"])
+    save = T._save_atomic
+
+    def interrupting(obj, path):
+        save(obj, path)
+        if "checkpoints" in str(path) and obj["epoch"] == 1:
+            assert obj["cuda_rng"] is None  # a GPU run saves the GPU's random state too
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T, "_save_atomic", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        T.run_protocol(spec, tmp_path, arms=["fa"], progress=False)
+    monkeypatch.setattr(T, "_save_atomic", save)
+    real, where = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (where.append(k.get("map_location")),
+                                                        real(*a, **k))[1])
+    T.run_protocol(spec, tmp_path, arms=["fa"], resume=True, progress=False)
+    assert where == ["cpu"]
+
+
+def test_a_run_refuses_up_front_what_it_would_find_out_late(tmp_path, capsys):
+    """A conversion arm's bad population or unconvertible source arm failed after the source arm
+    had trained; convert_from naming the arm itself or another converted arm was accepted (with
+    the wrong advice later); device xpu or meta passed and failed after epoch 0; a shift as wide
+    as the image trained on blank crops; a sleep.every beyond the run's steps left the mirror's
+    B untrained, silently; lr 1e40 was torch's overflow traceback."""
+    base = ["run", "rate_vs_spiking", "--out", str(tmp_path / "o"), "-q", "--set",
+            "epochs=1", "train_limit=64", "test_limit=32", "threads=1"]
+    cases = [
+        (["--arms", "rate-bp,converted", "--set", "arms.converted.population=relu"],
+         "arm 'converted': unknown spiking population 'relu'"),
+        (["--arms", "rate-bp,converted", "--set", "circuit.population=tanh"],
+         "arm 'converted': spiking_version: population 2 has the activation 'tanh'"),
+        (["--set", "arms.c2.feedback=fa", "arms.c2.convert_from=converted"],
+         "names 'converted', itself a converted arm"),
+        (["--arms", "rate-bp", "--set", "device=meta"], "plastic runs on cpu, cuda or mps"),
+        (["--arms", "rate-bp", "--set", "augment.shift=28"], "not smaller than the 28x28"),
+        (["--arms", "rate-bp", "--set", "arms.rate-bp.lr=1e40"], "must be a float32 number"),
+    ]
+    for extra, what in cases:
+        assert main(base[:-5] + extra[:1] + extra[1:] + base[-5:] if extra[0] == "--arms"
+                    else base + extra[1:]) == 2, extra
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "o").exists(), extra  # nothing trained, nothing written
+    assert main(["run", "--out", str(tmp_path / "m"), "-q", "--arms", "m", "--set", *FAST,
+                 "epochs=1", "arms.m.feedback=mirror", "sleep.every=100"]) == 2
+    err = capsys.readouterr().err
+    assert "sleep.every = 100 wake batches, but the run has 16" in err
+    assert main(["run", "--out", str(tmp_path / "s"), "-q", "--set", *FAST, "epochs=1",
+                 "arms.self.feedback=fa", "arms.self.convert_from=self"]) == 2
+    assert "must name an earlier arm" in capsys.readouterr().err
+
+
+def test_a_divergence_in_the_last_step_is_not_reported_as_a_result(tmp_path, capsys):
+    """Only the training loss, taken before each step, was checked: a last step that blew the
+    weights up was measured, marked done and reported (exit 0)."""
+    rc = main(["run", "--out", str(tmp_path), "-q", "--arms", "bp", "--set", "epochs=1",
+               "train_limit=32", "test_limit=32", "probe_size=8", "batch_size=32",
+               "circuit.hidden=[8]", "circuit.population=relu", "arms.bp.lr=1e30"])
+    assert rc == 2
+    assert "test loss became nan after epoch 1" in capsys.readouterr().err
+    assert results.read(tmp_path / "results.h5")["arms"]["bp"]["attrs"].get("done_seeds", []) == []
+
+
+def test_setting_the_arm_of_a_protocol_without_arms(tmp_path, capsys):
+    """Its one arm (named by its feedback) could not be reached by --set arms.NAME, and a new
+    arm replaced it instead of joining it."""
+    from plastic.spec import load_protocol
+    p = tmp_path / "p.toml"
+    p.write_text('name = "p"\ndata = "mnist-sample"\ncircuit = "mlp-small"\nfeedback = "fa"\n')
+    assert load_protocol(str(p), ["arms.fa.lr=0.3"])["arms"]["fa"]["lr"] == 0.3
+    both = load_protocol(str(p), ["arms.kp.feedback=kolen-pollack"])["arms"]
+    assert list(both) == ["fa", "kp"] and both["fa"]["feedback"] == "fa"
+    assert list(load_protocol(str(p), ["feedback=usf", "arms.usf.lr=0.2"])["arms"]) == ["usf"]

@@ -361,14 +361,18 @@ def test_converted_arm_runs_the_circuits_population_params_and_online_arms_are_c
     for v_th in (0.25, 1.0):
         spec = resolve_protocol({
             "data": "mnist-sample", "train_limit": 256, "test_limit": 100, "epochs": 1,
-            "batch_size": 64, "probe_size": 16,
+            "batch_size": 64, "probe_size": 16, "seeds": [0, 1],
             "circuit": {"kind": "mlp", "hidden": [32], "population": "relu",
                         "population_params": {"v_th": v_th}},
             "time": {"steps": 8},
             "arms": {"rate": {"feedback": "fa"},
                      "converted": {"convert_from": "rate", "population": "lif"}}})
         run_protocol(spec, tmp_path / str(v_th), progress=False)
-        rates.append(read(tmp_path / str(v_th))["arms"]["converted"]["metrics"]["firing_rate"][-1])
+        converted = read(tmp_path / str(v_th))["arms"]["converted"]["metrics"]
+        rates.append(converted["firing_rate"][0])  # seed 0 (seed 1 calibrates to the same rate)
+        # each seed's calibration in its own row (an arm attribute kept the last seed's only)
+        assert len(converted["conversion_gain"]) == 2
+        assert converted["conversion_lambda/1"][0] != converted["conversion_lambda/1"][1]
     assert rates[0] > 1.2 * rates[1]
     spec = resolve_protocol({
         "data": "mnist-sample", "train_limit": 128, "test_limit": 64, "epochs": 1,
