@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import SpecError
 from .feedback import (FEEDBACK_KINDS, DirectFeedbackHub, check_meant_as_rule, is_learned,
-                       is_rule)
+                       is_rule, make_feedback)
 from .synapses import Conv2d, Dense, Synapse, _check_padding_mode, _conv_padding
 
 __all__ = ["convert", "synapses", "resolve_kind"]
@@ -170,18 +170,25 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
             hub.n_outputs = out_m.out_features
         else:
             raise SpecError("dfa: the output synapse must be dense (Linear)")
-    new_root = None
+    # every feedback synapse first, so a refusal (a bad option) leaves an in-place module as it
+    # was, not converted up to the synapse refused
+    feedbacks = {}
     for name, m in targets:
         s = _seed_for(seed, circuit_name(module, name))
-        kw = dict(generator=torch.Generator().manual_seed(s), hub=hub, seed=s)
-        if options and is_learned(kinds[name]):
-            kw["options"] = dict(options)
+        try:
+            feedbacks[name] = make_feedback(
+                kinds[name], m.weight, generator=torch.Generator().manual_seed(s), hub=hub,
+                seed=s, options=dict(options) if options and is_learned(kinds[name]) else None)
+        except SpecError as e:
+            raise SpecError(f"convert: {cnames[name] or '(root)'}: {e}") from None
+    new_root = None
+    for name, m in targets:
         if isinstance(m, Synapse):
-            syn = m.set_feedback(kinds[name], **kw)
+            syn = m.set_feedback(feedbacks[name])
         elif isinstance(m, nn.Linear):
-            syn = Dense.from_module(m, kinds[name], **kw)
+            syn = Dense.from_module(m, feedbacks[name])
         else:
-            syn = Conv2d.from_module(m, kinds[name], **kw)
+            syn = Conv2d.from_module(m, feedbacks[name])
         syn.name, syn.is_output, syn.hub = name, name == output, hub
         if name == "":
             new_root = syn

@@ -223,12 +223,12 @@ def _as_images(name: str, part: str, xs) -> np.ndarray:
     if xs.ndim != 4:
         raise DataError(f"{name}: /{part} images must be (N, C, H, W), got {xs.shape}")
     if xs.dtype != np.uint8:
+        unit = xs.dtype.kind == "f" and xs.size and xs.max() <= 1  # intensities, not 0..255
         whole = xs.dtype.kind in "iu" or xs.dtype.kind == "f" and bool(np.all(xs == np.round(xs)))
-        if not whole or (xs.size and (xs.min() < 0 or xs.max() > 255)):
+        if unit or not whole or (xs.size and (xs.min() < 0 or xs.max() > 255)):
             raise DataError(f"{name}: /{part} images must be whole numbers in 0..255 (uint8), "
-                            f"got {xs.dtype}" + (" values in [0, 1]? scale them by 255" if
-                                                 xs.dtype.kind == "f" and xs.size and
-                                                 xs.max() <= 1 else ""))
+                            f"got {xs.dtype}" + (" values in [0, 1]: scale them by 255 and "
+                                                 "pass uint8" if unit else ""))
     return np.ascontiguousarray(xs, dtype=np.uint8)
 
 
@@ -422,9 +422,10 @@ def cifar10_from_folder(folder: Path, verify: bool = True) -> dict:
 def fetch_cifar10(out: Path | None = None, source_dir: Path | None = None,
                   canonical: bool = True, verify: bool = True) -> Path:
     spec = CIFAR10
-    out = _writable(Path(out) if out else dataset_path("cifar10"))
+    out = _writable(Path(out).expanduser() if out else dataset_path("cifar10"))
     if source_dir is not None:
-        split, src = cifar10_from_folder(Path(source_dir), verify), f"local:{source_dir}"
+        source_dir = Path(source_dir).expanduser()
+        split, src = cifar10_from_folder(source_dir, verify), f"local:{source_dir}"
     else:
         split = None
         if canonical:
@@ -457,7 +458,8 @@ def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(FETCHABLE)}")
     spec = DATASETS[name]
-    out = _writable(Path(out) if out else dataset_path(name))
+    out = _writable(Path(out).expanduser() if out else dataset_path(name))
+    source_dir = None if source_dir is None else Path(source_dir).expanduser()
     sha = spec["sha256"] if verify else None
     if source_dir is not None:
         files = {f: _read_maybe_gz(p) for f, p in find_idx_files(Path(source_dir)).items()}
@@ -600,11 +602,14 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
             mean = torch.tensor(np.asarray(h.attrs["mean"], dtype=np.float64)).reshape(-1)
             std = torch.tensor(np.asarray(h.attrs["std"], dtype=np.float64)).reshape(-1)
             stored = np.asarray(h.attrs["classes"])
-            if stored.ndim != 1 or stored.dtype.kind not in "OUS":
+            if stored.ndim != 1 or stored.dtype.kind not in "OUSiu":
                 raise DataError(f"{path}: the classes attribute must be a list of names, got "
                                 f"{stored!r}")
             classes = [c.decode() if isinstance(c, bytes) else str(c) for c in stored]
-            ds_name = str(h.attrs.get("name", name))
+            layout = h.attrs.get("layout", "")
+            layout = layout.decode() if isinstance(layout, bytes) else str(layout)
+            ds_name = h.attrs.get("name", name)
+            ds_name = ds_name.decode() if isinstance(ds_name, bytes) else str(ds_name)
     except DataError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -625,10 +630,13 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
         if len(y) and int(y.min()) < 0:
             raise DataError(f"{path}: /{part} has label {int(y.min())}; labels are class "
                             f"indices 0..{len(classes) - 1}")
-        if x.shape[1] > 4 and x.shape[1] == x.shape[2] and x.shape[-1] in (1, 3, 4):
+        # (N, H, W, C) read as (N, C, H, W): an image's height as its channels; a file of
+        # many-channel data that is (N, C, H, W) indeed says so with the attribute layout
+        if x.shape[1] > 4 and x.shape[2] > 4 and x.shape[-1] in (1, 3, 4) and layout != "NCHW":
             raise DataError(f"{path}: /{part}/images {tuple(x.shape)} look like (N, H, W, C); "
                             "plastic stores images as (N, C, H, W) (numpy.transpose(x, (0, 3, "
-                            "1, 2)) before writing)")
+                            "1, 2)) before writing; if they are (N, C, H, W) indeed, set the "
+                            "file's attribute layout = \"NCHW\")")
     channels = parts["train"][0].shape[1]
     if parts["test"][0].shape[1:] != parts["train"][0].shape[1:] or not (
             mean.numel() == std.numel() and mean.numel() in (1, channels)):

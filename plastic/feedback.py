@@ -89,6 +89,8 @@ class FeedbackSynapse(nn.Module):
     #: whether it learns: then the synapse's backward pass calls ``plasticity`` with its local
     #: signals, and the change of B it returns becomes ``B.grad`` (so any optimizer applies it)
     plastic = False
+    #: the tensors kept in W's layout (shape and dtype), checked when the synapse takes it
+    layout = ("weight",)
 
     @property
     def reads_post(self) -> bool:
@@ -192,6 +194,7 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
 
     kind = "frsf"
     local = False
+    layout = ("magnitude",)
 
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()

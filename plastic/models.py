@@ -2,6 +2,9 @@
 plastic populations; ``plastic.convert`` then gives it the feedback synapses of any rule."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,15 +47,15 @@ def _readout(n: int, outputs: int, output_scale: float, units_per_class: int) ->
 
 
 def _check_readout(output_scale, units_per_class) -> None:
-    if isinstance(units_per_class, bool) or not isinstance(units_per_class, int) \
+    if isinstance(units_per_class, bool) or not isinstance(units_per_class, numbers.Integral) \
             or units_per_class < 1:
         raise SpecError(f"units_per_class must be an integer >= 1, got {units_per_class!r}")
     try:
-        scale_ok = float(output_scale) > 0 and not isinstance(output_scale, bool)
+        scale_ok = (0 < float(output_scale) < math.inf) and not isinstance(output_scale, bool)
     except (TypeError, ValueError):
         scale_ok = False
     if not scale_ok:
-        raise SpecError(f"output_scale must be a number > 0, got {output_scale!r}")
+        raise SpecError(f"output_scale must be a finite number > 0, got {output_scale!r}")
 
 
 def mlp(in_features: int, hidden: list[int], outputs: int, population: str = "tanh",

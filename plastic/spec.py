@@ -354,6 +354,11 @@ def resolve_circuit(circuit) -> dict:
         raise SpecError(f"circuit.units_per_class must be at least 1, got {c['units_per_class']}")
     if not c["output_scale"] > 0:  # 0 would zero the logits, and nothing would learn
         raise SpecError(f"circuit.output_scale must be > 0, got {c['output_scale']}")
+    if "shortcut" in own:  # recorded as the circuit it builds, not as "the kind's own"
+        if c["shortcut"] not in ("", "A", "B"):
+            raise SpecError(f"circuit.shortcut must be \"A\" (zero padding) or \"B\" (1x1-conv "
+                            f"projection), got {c['shortcut']!r}")
+        c["shortcut"] = c["shortcut"] or ("A" if c["kind"] == "resnet20" else "B")
     if c["kind"] == "resnet" and not c["channels"]:
         raise SpecError("circuit.channels of a resnet must list at least one stage")
     if c["kind"] == "resnet" and len(c["blocks"]) != len(c["channels"]):

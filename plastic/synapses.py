@@ -147,9 +147,9 @@ class Synapse(nn.Module):
                             "not supported")
         if not feedback.direct:  # B (and frsf's |R|) in W's layout and dtype
             w = self.weight
-            for what, b in [*feedback.named_parameters(recurse=False),
-                            *feedback.named_buffers(recurse=False)]:
-                if b.dim() != w.dim() or not b.is_floating_point():
+            for what in feedback.layout:
+                b = getattr(feedback, what, None)
+                if not isinstance(b, torch.Tensor):
                     continue
                 if b.shape != w.shape:
                     raise SpecError(f"feedback {what} of shape {tuple(b.shape)} for a synapse "

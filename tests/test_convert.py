@@ -366,5 +366,51 @@ def test_the_models_refuse_a_readout_they_cannot_build():
                  lambda **k: models.convnet(3, [4], 10, image_size=8, **k)):
         with pytest.raises(SpecError, match="units_per_class must be an integer >= 1"):
             make(units_per_class=0)
-        with pytest.raises(SpecError, match="output_scale must be a number > 0"):
+        with pytest.raises(SpecError, match="output_scale must be a finite number > 0"):
             make(output_scale=-1.0)
+
+
+def test_an_in_place_convert_refused_for_a_feedback_option_leaves_the_module_as_it_was():
+    """A bad learned option was refused while building the second synapse's feedback, after the
+    first was swapped (and the error did not name the synapse)."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(SpecError, match="convert: 0: feedback option every must be"):
+        plastic.convert(net, "information", inplace=True, options={"every": 0})
+    assert [type(m) for m in net] == [nn.Linear, nn.Tanh, nn.Linear]
+
+
+def test_a_custom_feedback_synapse_may_keep_other_state_than_b():
+    """set_feedback checked every tensor of W's rank against W's shape: low-rank factors or an
+    input covariance of a custom kind were refused as a misshapen B."""
+    from plastic.feedback import FeedbackSynapse
+
+    class LowRank(FeedbackSynapse):
+        kind = "lowrank"
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("u", torch.randn(3, 2))
+            self.register_buffer("v", torch.randn(2, 5))
+
+        def matrix(self, w):
+            return self.u @ self.v
+    syn = Dense(5, 3).set_feedback(LowRank())
+    x = torch.randn(4, 5, requires_grad=True)
+    syn(x).sum().backward()
+    assert torch.allclose(x.grad, torch.ones(4, 3) @ (syn.feedback.u @ syn.feedback.v))
+
+
+def test_a_resnet20_run_recorded_before_option_a_is_not_taken_for_one_of_now():
+    """The recorded spec of a resnet20 run made with projection shortcuts resolved to the same
+    spec as an option A run: --resume pooled seeds of two circuits, or failed loading the old
+    checkpoint with a traceback."""
+    import json
+    from plastic.results import _spec_differences
+    from plastic.spec import load_protocol
+    new = load_protocol("cifar10", ["circuit=resnet20"])
+    assert new["circuit"]["shortcut"] == "A"
+    old = json.loads(json.dumps(new))
+    del old["circuit"]["shortcut"]  # as recorded before resnet20 took option A
+    assert _spec_differences(old, new) == ["circuit.shortcut"]
+    b = load_protocol("cifar10", ["circuit=resnet20", "circuit.shortcut=B"])
+    assert _spec_differences(old, b) == []

@@ -190,8 +190,8 @@ def test_a_data_set_refuses_what_it_would_get_wrong(tmp_path):
     ds.normalize(x8)
     assert torch.equal(x8, ds.train_x[:4])
     out = tmp_path / "bad.h5"
-    split = {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
-             "test": (np.zeros((2, 1, 4, 4)), np.array([0, 42]))}
+    split = {"train": (np.zeros((3, 1, 4, 4), np.uint8), np.array([0, 1, 2])),
+             "test": (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 42]))}
     with pytest.raises(DataError, match="has label 42, but the data set has 3 classes"):
         data.write_h5(out, "bad", "test", split, classes=["a", "b", "c"])  # --no-verify wrote it
     split["test"] = (split["test"][0], np.array([0, 2]))
@@ -205,8 +205,8 @@ def test_a_data_set_refuses_what_it_would_get_wrong(tmp_path):
 def test_images_must_be_channels_first_with_a_mean_per_channel_and_hdf5_paths_load(tmp_path):
     """Channels-last images loaded and failed at the first batch with a bare shape error; a
     file written as .hdf5 could not be named as data."""
-    split = {"train": (np.zeros((3, 1, 4, 4)), np.array([0, 1, 2])),
-             "test": (np.zeros((2, 1, 4, 4)), np.array([0, 1]))}
+    split = {"train": (np.zeros((3, 1, 4, 4), np.uint8), np.array([0, 1, 2])),
+             "test": (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1]))}
     data.write_h5(tmp_path / "ok.hdf5", "ok", "test", split, classes=["a", "b", "c"])
     assert data.load(str(tmp_path / "ok.hdf5")).train_x.shape == (3, 1, 4, 4)
     with h5py.File(tmp_path / "ok.hdf5", "a") as h:
@@ -315,6 +315,8 @@ def test_the_writer_and_loader_refuse_files_they_would_read_wrong(tmp_path, monk
         data.write_h5(tmp_path / "e.h5", "e", "t", {"train": (x, y), "test": (x[:0], y[:0])})
     with pytest.raises(DataError, match="scale them by 255"):
         data.write_h5(tmp_path / "f.h5", "f", "t", {"train": (x / 255.0, y), "test": (x, y)})
+    with pytest.raises(DataError, match="scale them by 255"):  # binarised: whole, yet in [0, 1]
+        data.write_h5(tmp_path / "f.h5", "f", "t", {"train": ((x > 99) * 1.0, y), "test": (x, y)})
     good = tmp_path / "c.h5"
     for damage, what in [
             (lambda h: h.attrs.__setitem__("std", [0.0, 0.5]), "std > 0"),
@@ -337,8 +339,15 @@ def test_the_writer_and_loader_refuse_files_they_would_read_wrong(tmp_path, monk
             data.load(str(bad))
     signals = {"train": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5]),
                "test": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5])}
-    data.write_h5(tmp_path / "s.h5", "s", "t", signals)  # 16 channels of 64 x 1: not HWC
+    data.write_h5(tmp_path / "s.h5", "s", "t", signals)  # 16 channels of 64 x 1, or HWC?
+    with pytest.raises(DataError, match="set the file's attribute layout"):
+        data.load(str(tmp_path / "s.h5"))
+    with h5py.File(tmp_path / "s.h5", "a") as h:
+        h.attrs["layout"] = "NCHW"  # as the error says
     assert data.load(str(tmp_path / "s.h5")).input_shape == (16, 64, 1)
+    with h5py.File(tmp_path / "s.h5", "a") as h:  # written by other tools
+        h.attrs["classes"], h.attrs["name"] = np.arange(3), np.bytes_(b"s")
+    assert data.load(str(tmp_path / "s.h5")).classes == ["0", "1", "2"]
     import h5py as h5
 
     def full(*a, **k):
@@ -355,6 +364,10 @@ def test_paths_and_limits_fetch_and_load_agree_on(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"ends in \.h5 or \.hdf5"):
         data.fetch("mnist", out=tmp_path / "noext", source_dir=tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"{tmp_path}/idx: no such folder"):
+        data.fetch("mnist", out="~/m.h5", source_dir="~/idx")
+    assert not (tmp_path / "~").exists()
     rng = np.random.default_rng(0)
     data.write_h5(tmp_path / "mine.h5", "mine", "t", {"train": _tiny(rng), "test": _tiny(rng)})
     ds = data.load("~/mine.h5")
