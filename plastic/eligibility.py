@@ -45,8 +45,8 @@ def presynaptic_traces(a, c, eps, p, dt: float, kind: str = "lif"):
     """One step of the presynaptic traces (c, ε) for input a (module docstring).  ``c`` is None
     for ``lif_box``.  Returns the new (c, ε).  ``a``, ``c`` and ``ε`` may be Python numbers (the
     trace of a constant input)."""
-    from .spiking import _missing_fields
-    missing = _missing_fields(p, kind) if kind in ("lif", "lif_box") else []
+    read = {"lif": ("tau_syn_inv", "tau_mem_inv"), "lif_box": ("tau_mem_inv",)}.get(kind, ())
+    missing = [f for f in read if not hasattr(p, f)]
     if missing:
         raise SpecError(f"presynaptic_traces: {kind!r} traces need the parameters "
                         f"{', '.join(missing)}; {type(p).__name__} are another kind's")
@@ -106,10 +106,11 @@ def _lif_step_with_voltage(pop: LIFPopulation, current, state, p):
 def _layers(model: TimeStepped):
     """[(synapse, population or None)] of a dense spiking circuit; flatten modules pass."""
     from .simulator import _hooked
+    if _hooked(model) or _hooked(model.circuit):
+        raise SpecError("online learning: the time-stepped circuit has hooks, which the online "
+                        "updates would skip; remove them, or learn by backprop through time")
     out, seq = [], list(model.circuit)
     for i, m in enumerate(seq):
-        if isinstance(m, nn.Flatten):
-            continue
         if _hooked(m) or isinstance(m, Synapse) and not _plain_dense(m) or (
                 isinstance(m, LIFPopulation) and (type(m).forward is not LIFPopulation.forward
                                                   or type(m).step is not LIFPopulation.step)):
@@ -118,6 +119,8 @@ def _layers(model: TimeStepped):
             raise SpecError(f"online learning: module {i} ({type(m).__name__}) has hooks, a "
                             "pruning mask or its own forward, which the online updates would "
                             "skip; remove them, or learn by backprop through time")
+        if isinstance(m, nn.Flatten):
+            continue
         if isinstance(m, Synapse):
             if not isinstance(m, Dense):
                 raise SpecError("online learning supports dense synapses; got "
@@ -257,13 +260,14 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
     if not (0 <= label_smoothing <= 1):
         raise SpecError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if not (isinstance(target, torch.Tensor) and target.dim() == 1 and len(target) == len(x)
-            and not target.is_floating_point()):
+            and not target.is_floating_point() and not target.is_complex()
+            and target.dtype != torch.bool):
         raise SpecError(f"online learning takes one class index per sample, (B,) = "
                         f"({len(x)},); got {getattr(target, 'dtype', type(target).__name__)} "
                         f"{tuple(getattr(target, 'shape', ()))}")
     seq, const = model.encode(x)
     t_steps, b, n = model.steps, x.shape[0], len(layers)
-    onehot = F.one_hot(target, classes).to(seq.dtype if seq.is_floating_point()
+    onehot = F.one_hot(target.long(), classes).to(seq.dtype if seq.is_floating_point()
                                            else torch.get_default_dtype())
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / classes

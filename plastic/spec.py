@@ -450,7 +450,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         for key in ("lr", "weight_decay"):
             if a[key] < 0:
                 raise SpecError(f"arms.{name}.{key} must be >= 0, got {a[key]!r}")
-            if a[key] > 3.4e38:  # beyond float32: torch's overflow error in the first step
+            if a[key] > 3.4028234663852886e38:  # beyond float32: torch's overflow error
                 raise SpecError(f"arms.{name}.{key} must be a float32 number, got {a[key]!r}")
         if a["learning"] not in LEARNING:
             raise SpecError(f"arms.{name}.learning must be one of {', '.join(LEARNING)}, "

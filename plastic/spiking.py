@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -373,7 +374,7 @@ def _spec_error(message: str):
 def _is_zero(x) -> bool:
     if torch.is_tensor(x):  # a meta tensor has no values: not known to be zero
         return not x.is_meta and bool((x == 0).all())
-    return x == 0
+    return bool(np.all(np.asarray(x) == 0))  # a number or a numpy array
 
 
 def _as_param(x):

@@ -367,10 +367,12 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     def measure(epoch, train_loss, wall_time):
         """The epoch's metrics row (and recording), computed but not yet written."""
         acc, test_loss, st = evaluate(model, ds, spec["test_batch_size"], device, stats=True)
-        if epoch and not math.isfinite(test_loss):  # the epoch's last steps diverged
+        # the epoch's last steps diverged (a spiking circuit's bounded spikes keep the loss
+        # finite: logits a million apart are a divergence too)
+        if epoch and not (math.isfinite(test_loss) and test_loss < DIVERGED_LOSS):
             raise FloatingPointError(
-                f"arm {arm_name!r}: test loss became {test_loss} after epoch {epoch}; lower its "
-                f"lr (now {arm['lr']})")
+                f"arm {arm_name!r}: test loss became {test_loss:g} after epoch {epoch}; lower "
+                f"its lr (now {arm['lr']})")
         row = {"seed": seed, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "test_accuracy": acc, "lr": opt.param_groups[0]["lr"], "wall_time": wall_time}
         row.update(st)
@@ -415,7 +417,13 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
             else:
                 loss = loss_fn(model(x), y)
                 loss.backward()
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as e:  # Adam's first step is 10 lr: beyond float32
+                if "without overflow" not in str(e):
+                    raise
+                raise FloatingPointError(f"arm {arm_name!r}: the optimizer step overflowed in "
+                                         f"epoch {epoch}; lower its lr (now {arm['lr']})") from None
             step += 1
             if sleepers and step % sleep["every"] == 0:
                 for _ in range(sleep["batches"]):  # noise-driven feedback learning
@@ -451,6 +459,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     writer.mark_done(arm_name, seed)
     ckpt.unlink(missing_ok=True)
     return model
+
+
+#: a test loss above this (logits a million apart) is a divergence, also when it is finite
+DIVERGED_LOSS = 1e6
 
 
 def _model(spec, arm, seed, ds) -> nn.Module:
@@ -517,9 +529,12 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     snn = _converted(spec, arm, rate, ds).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
-    writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
-                                "convert_from": src, "population": kind,
-                                "synapses": [circuit_name(snn, n) for n, _ in synapses(snn)]})
+    g = writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
+                                    "convert_from": src, "population": kind,
+                                    "synapses": [circuit_name(snn, n) for n, _ in synapses(snn)]})
+    for stale in ("conversion_gain", "conversion_lambdas"):  # one seed's, in files before 335a316
+        if stale in g.attrs:
+            del g.attrs[stale]
     writer.drop_rows(arm_name, seed, from_epoch=0)
     acc, test_loss, st = evaluate(snn, ds, spec["test_batch_size"], device, stats=True)
     row = {"seed": seed, "epoch": spec["epochs"], "train_loss": math.nan, "test_loss": test_loss,
@@ -587,18 +602,25 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
     prog = _Progress(progress)
     prog.epoch(f"plastic: protocol {spec['name']!r} on {spec['data']} ({len(names)} arms x "
                f"{len(spec['seeds'])} seeds, {spec['epochs']} epochs) -> {writer.path}")
-    diverged = []
+    diverged, stopped = [], set()
     try:
         for seed in spec["seeds"]:
             for a in names:
                 if resume and seed in writer.done_seeds(a):
                     prog.epoch(f"[{a} seed {seed}] already complete, skipped")
                     continue
+                src = spec["arms"][a].get("convert_from")
+                if (src, seed) in stopped:  # its weights were never saved
+                    why = f"arm {a!r}: not run for seed {seed}, as arm {src!r} diverged"
+                    prog.epoch(f"[{a} seed {seed}] {why}")
+                    diverged.append(why)
+                    continue
                 try:
                     run_arm(spec, a, spec["arms"][a], seed, ds, writer, Path(out_dir), prog, resume)
                 except FloatingPointError as e:  # one arm's divergence does not stop the others
                     prog.epoch(f"[{a} seed {seed}] stopped: {e}")
                     diverged.append(str(e))
+                    stopped.add((a, seed))
                 except ValueError as e:  # batch norm's, of a batch of one sample at 1x1
                     if "Expected more than 1 value per channel" not in str(e):
                         raise

@@ -1182,3 +1182,27 @@ def test_setting_the_arm_of_a_protocol_without_arms(tmp_path, capsys):
     both = load_protocol(str(p), ["arms.kp.feedback=kolen-pollack"])["arms"]
     assert list(both) == ["fa", "kp"] and both["fa"]["feedback"] == "fa"
     assert list(load_protocol(str(p), ["feedback=usf", "arms.usf.lr=0.2"])["arms"]) == ["usf"]
+
+
+def test_a_spiking_blow_up_and_a_diverged_source_arm_are_divergences(tmp_path, capsys):
+    """Spikes are bounded, so a spiking circuit blown up by its last step kept a finite test loss
+    (1.9e29) and was reported as a result; and a conversion arm whose source arm diverged ended
+    the whole run with advice to run the source first."""
+    rc = main(["run", "rate_vs_spiking", "--out", str(tmp_path), "-q",
+               "--arms", "rate-bp,converted,lif-fa", "--set", "epochs=1", "train_limit=128",
+               "batch_size=128", "test_limit=64", "probe_size=8", "threads=1",
+               "arms.rate-bp.lr=1e30", "arms.lif-fa.lr=1e30"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "arm 'converted': not run for seed 0, as arm 'rate-bp' diverged" in err
+    assert "arm 'lif-fa': test loss became" in err
+    r = results.read(tmp_path / "results.h5")
+    assert r["arms"]["lif-fa"]["attrs"].get("done_seeds", []) == []
+
+
+def test_adam_s_overflowing_first_step_is_a_divergence(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "-q", "--arms", "bp", "--set", "epochs=1",
+                 "train_limit=256", "test_limit=64", "probe_size=8", "threads=1",
+                 "optimizer.name=adam", "arms.bp.lr=1e38"]) == 2
+    err = capsys.readouterr().err
+    assert "the optimizer step overflowed in epoch 1" in err and "Traceback" not in err

@@ -851,8 +851,19 @@ def test_online_learning_trains_the_circuit_model_x_runs_and_only_what_may_learn
         kw = {"target": y, **bad}
         with pytest.raises(SpecError, match=what):
             online_step(net(), x, **kw)
-    with pytest.raises(SpecError, match="need the parameters tau_syn_inv"):
+    with pytest.raises(SpecError, match="need the parameters tau_syn_inv;"):
         presynaptic_traces(1.0, 0.0, 0.0, LIFBoxParameters(), 1e-3, "lif")
+    from collections import namedtuple
+    taus = namedtuple("Taus", "tau_syn_inv tau_mem_inv")(200.0, 100.0)  # all the traces read
+    assert presynaptic_traces(1.0, 0.0, 0.0, taus, 1e-3, "lif") == pytest.approx((1.0, 0.1))
+    flat = net()
+    flat.circuit[0].register_forward_hook(lambda m, i, o: o * 0)  # a hooked Flatten
+    outer = net()
+    outer.register_forward_pre_hook(lambda m, i: (i[0] * 0,))  # a hooked circuit
+    for hooked in (flat, outer):
+        with pytest.raises(SpecError, match="hooks"):
+            online_step(hooked, x, y)
+    online_step(net(), x, y.int())  # any integer index type, as cross_entropy takes int64
     with pytest.raises(SpecError, match="need c"):
         presynaptic_traces(1.0, None, 0.0, LIFParameters(), 1e-3, "lif")
 

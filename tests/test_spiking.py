@@ -313,3 +313,12 @@ def test_a_population_builds_and_runs_on_the_meta_device():
     # values are still checked where they exist
     with pytest.raises(Exception, match="dt/τ"):
         LIFPopulation(LIFParameters(tau_mem_inv=torch.full((8,), 3000.0)), 1e-3)
+
+
+def test_a_per_neuron_numpy_parameter_runs_the_fused_sequence():
+    """v_leak as a numpy array (per neuron) worked, then failed in the meta-device change."""
+    import numpy as np
+    from plastic.spiking import lif_sequence
+    p = LIFParameters(v_leak=np.zeros(3))
+    z, _ = lif_sequence(torch.ones(4, 2, 3) * 2, None, p)
+    assert z.shape == (4, 2, 3)
