@@ -22,7 +22,7 @@ from .errors import SpecError, suggest
 from .feedback import FeedbackSynapse, _redraw, _state_of, random_like, randn_like_logical
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 
-__all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "DRIVES"]
+__all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "rule_scale", "DRIVES"]
 
 DRIVES = ("data", "noise", "sleep")
 AVERAGES = ("batch", "positions")
@@ -216,6 +216,8 @@ class LearnedFeedback(FeedbackSynapse):
         return None if self.drive == "sleep" else self.weight
 
     def plasticity(self, synapse, x, y, delta, dw):
+        if not x.shape[0]:  # no samples: no change (every batch-mean term would be 0/0)
+            return None
         if self.drive == "sleep":
             self._wake_without_sleep += 1
             if self._wake_without_sleep == SLEEPLESS_WARNING:
@@ -249,7 +251,8 @@ class LearnedFeedback(FeedbackSynapse):
         if self.drive == "noise":
             x = randn_like_logical(x).mul_(self.sigma)
             y, delta = synapse.operator().forward(x, synapse.weight.detach()), None
-        return self.grad(synapse, x, y, delta)
+        g = self.grad(synapse, x, y, delta)
+        return g.mul_(_rule_scale) if _rule_scale != 1.0 else g
 
     def values(self, synapse, x, y) -> dict[str, float]:
         """Each primitive's R on the activity the rule reads (``prepare``), for the metrics."""
@@ -290,7 +293,16 @@ class KolenPollack(FeedbackSynapse):
     def plasticity(self, synapse, x, y, delta, dw):
         # W's own update, copied (dw is also W's gradient: the two .grad must not share storage);
         # a frozen W (dw None) gets none, so neither does B
-        return None if dw is None else dw.clone()
+        if dw is None:
+            return None
+        if not isinstance(synapse.weight, nn.Parameter):  # a pruned or parametrized W
+            mask = getattr(synapse, "weight_mask", None)
+            if mask is None or not hasattr(synapse, "weight_orig"):
+                raise SpecError(f"kolen-pollack at {synapse.name or type(synapse).__name__}: W "
+                                "is computed from a parametrization, so W's update is not "
+                                "dL/dW; use a plain W (or pruning, whose mask B follows)")
+            return dw * mask  # the update the leaf weight_orig receives
+        return dw.clone()
 
 
 @torch.no_grad()
@@ -303,6 +315,9 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"sleep_step: batch_size must be a positive integer, got {batch_size!r}")
+    from .synapses import is_plasticity_paused
+    if is_plasticity_paused():  # nothing is written into B.grad there
+        return 0
     # a frozen B (requires_grad False) does not learn in sleep, as it does not in the wake pass
     sleepers = [(n, s) for n, s in sleep_driven(model) if s.feedback.weight.requires_grad]
     with contextlib.ExitStack() as stack:  # the rule runs at B's precision, autocast or not
@@ -321,6 +336,29 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
             mean_over_processes([g])  # each process dreams its own noise; replicas take the mean
             fb.accumulate(fb.weight, g)
     return len(sleepers)
+
+
+_rule_scale = 1.0
+
+
+@contextlib.contextmanager
+def rule_scale(scale: float):
+    """Multiply the change of B that learned rules write in backward passes inside by ``scale``.
+    A rule's ΔB does not scale with the loss (its primitives read activity, not the error), but
+    what is done to W's gradient through the loss is done to B.grad too: under
+    ``torch.amp.GradScaler`` use ``rule_scale(scaler.get_scale())`` around
+    ``scaler.scale(loss).backward()`` (unscaling divides B.grad by it), and when k micro-batches
+    each back-propagate ``loss / k``, ``rule_scale(1 / k)``.  Kolen-Pollack's ΔB is W's
+    update, already scaled, and is left alone."""
+    global _rule_scale
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise SpecError(f"rule_scale must be a finite number > 0, got {scale!r}")
+    previous, _rule_scale = _rule_scale, _rule_scale * scale
+    try:
+        yield
+    finally:
+        _rule_scale = previous
 
 
 def _backward_pass():

@@ -91,6 +91,13 @@ COMPOSITES = {
 }
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range (10**400)
+        return False
+
+
 def parse_rule(rule: Mapping[str, float] | str) -> dict[str, float]:
     """A rule as data: a composite name or a mapping of primitive names to coefficients,
     e.g. ``{"amp": 2e-3, "null": 1e-3, "decay": 1e-3}``."""
@@ -103,7 +110,7 @@ def parse_rule(rule: Mapping[str, float] | str) -> dict[str, float]:
         if k not in PRIMITIVES:
             raise SpecError(f"unknown primitive {k!r}{suggest(k, PRIMITIVES)}; "
                             f"known: {', '.join(PRIMITIVES)}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
             raise SpecError(f"coefficient of {k!r} must be a finite number, got {v!r}")
         if v:
             out[k] = float(v)

@@ -119,7 +119,10 @@ class _Route(torch.autograd.Function):
             if mixed:  # the rule reads the activity at the precision of its weights
                 x, dy = x.to(w_dtype), dy.to(w_dtype)
                 y = None if y is None else y.to(w_dtype)
-            d_learned = fb.plasticity(syn, x, y, dy, dw)
+            # at the weights' precision, also for a backward() called inside autocast (a conv
+            # rule's own passes met mixed dtypes)
+            with torch.autocast(dy.device.type, enabled=False):
+                d_learned = fb.plasticity(syn, x, y, dy, dw)
             if not ctx.needs_input_grad[3]:
                 d_learned = None
         return dx, dw, db, d_learned, None

@@ -626,3 +626,70 @@ def test_subsample_of_an_uneven_fraction_still_reads_every_step():
     step_of_row = seen[0][:, 0].long() // batch
     counts = torch.bincount(step_of_row, minlength=steps)
     assert len(seen[0]) == 480 and counts.min() >= 19  # it read steps 0-14 only
+
+
+def _information_net(seed=0, conv=False):
+    torch.manual_seed(seed)
+    layers = ([torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+               torch.nn.Linear(3 * 4 * 4, 2)] if conv else
+              [torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)])
+    return plastic.convert(torch.nn.Sequential(*layers), "information", seed=seed)
+
+
+def test_rule_scale_gives_b_the_step_a_scaled_loss_gives_w():
+    """A rule's ΔB does not follow the loss: under GradScaler (loss·S, then .grad/S) B's step was
+    divided by S (65536), and with k micro-batches of loss/k B got k times its step."""
+    from plastic.learned import rule_scale
+    x, y = torch.randn(8, 5), torch.randint(0, 2, (8,))
+    one = _information_net()
+    F.cross_entropy(one(x), y).backward()
+    acc = _information_net()
+    with rule_scale(1 / 2):
+        for part in (slice(0, 4), slice(4, 8)):
+            (F.cross_entropy(acc(x[part]), y[part]) / 2).backward()
+    for a, b in zip(plastic.synapses(one), plastic.synapses(acc)):
+        ga, gb = a[1].feedback.weight.grad, b[1].feedback.weight.grad
+        assert gb.norm() / ga.norm() == pytest.approx(1.0, rel=0.35)  # not 2
+    scaled = _information_net()
+    with rule_scale(1024.0):
+        (F.cross_entropy(scaled(x), y) * 1024.0).backward()
+    for a, b in zip(plastic.synapses(one), plastic.synapses(scaled)):
+        assert torch.allclose(b[1].feedback.weight.grad / 1024.0, a[1].feedback.weight.grad,
+                              rtol=1e-5, atol=1e-9)
+    with pytest.raises(plastic.SpecError, match="rule_scale must be"):
+        with rule_scale(0.0):
+            pass
+
+
+def test_learned_rules_on_an_empty_batch_inside_autocast_and_pruned():
+    """An empty batch made B.grad NaN (0/0 batch means) or a bare ValueError with subsample; a
+    backward() inside autocast crashed a conv rule's own passes; Kolen-Pollack copied the
+    unmasked dL/dW of a pruned synapse into B, which drifted from W where W is 0; a huge int
+    coefficient was a bare OverflowError; sleep_step wrote B.grad inside plasticity_paused()."""
+    from torch.nn.utils import prune
+    net = _information_net()
+    x = torch.randn(0, 5, requires_grad=True)
+    net(x).sum().backward()
+    assert all(s.feedback.weight.grad is None or torch.isfinite(s.feedback.weight.grad).all()
+               for _, s in plastic.synapses(net))
+    sub = plastic.convert(torch.nn.Sequential(torch.nn.Linear(5, 2)), "information",
+                          options={"subsample": 0.5})
+    sub(torch.randn(0, 5, requires_grad=True)).sum().backward()
+    conv = plastic.convert(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1)),
+                           "activation").float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(torch.randn(4, 2, 4, 4, dtype=torch.float32))
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+    assert conv[0].feedback.weight.grad.dtype == torch.float32
+    kp = plastic.convert(torch.nn.Sequential(torch.nn.Linear(5, 4)), "kolen-pollack")
+    prune.random_unstructured(kp[0], "weight", 0.5)
+    kp(torch.randn(8, 5)).sum().backward()
+    assert torch.equal(kp[0].feedback.weight.grad, kp[0].weight_orig.grad)
+    with pytest.raises(plastic.SpecError, match="finite number"):
+        plastic.convert(torch.nn.Linear(3, 2), {"amp": 10 ** 400})
+    mirror = plastic.convert(torch.nn.Sequential(torch.nn.Linear(5, 4)), "mirror")
+    mirror(torch.randn(2, 5))
+    with plastic.plasticity_paused():
+        assert sleep_step(mirror) == 0
+    assert mirror[0].feedback.weight.grad is None
