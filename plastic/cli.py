@@ -12,6 +12,7 @@ finished epochs (exit status 130); ``--resume`` continues from the last finished
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -25,7 +26,6 @@ def _cmd_run(args):
     from . import results, spec as spec_mod
     from .train import run_protocol
 
-    import os
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run the whole protocol
         raise SpecError(f"plastic run trains each arm in one process; under torchrun (WORLD_SIZE="
                         f"{os.environ['WORLD_SIZE']}) every rank would run all of it and race for "
@@ -49,14 +49,14 @@ def _cmd_run(args):
     try:
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
-        if rp.exists():
+        if rp.exists() and _has_rows(rp):
             _report([rp], args.markdown, figures=True)
         again = ["plastic", "run", *([args.protocol] if args.protocol else []), "--out", str(out),
                  *(["--arms", args.arms] if args.arms else []),
                  *(["--set", *args.set] if args.set else []), "--resume",
                  *(["--markdown"] if args.markdown else []), *(["-q"] if args.quiet else [])]
-        kept = (f"finished epochs are kept in {rp}" if rp.exists() else
-                "nothing was written yet")
+        kept = (f"finished epochs are kept in {rp}" if rp.exists() and _has_rows(rp) else
+                "no epoch had finished" if rp.exists() else "nothing was written yet")
         print(f"\nplastic: interrupted; {kept} (continue with: {shlex.join(again)})",
               file=sys.stderr)
         return 130
@@ -66,6 +66,15 @@ def _cmd_run(args):
         raise
     _report([rp], args.markdown, figures=True)
     return 0
+
+
+def _has_rows(rp) -> bool:
+    """Whether a results file holds a row (an interrupt may come before the first)."""
+    from . import results
+    try:
+        return any(len(a["metrics"].get("epoch", ())) for a in results.read(rp)["arms"].values())
+    except Exception:  # unreadable: say nothing was kept rather than fail the interrupt
+        return False
 
 
 def _report(paths, markdown, figures=False, layers=False, out=None):
@@ -192,6 +201,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nplastic: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into head: no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         warnings.formatwarning, warnings.showwarning = fmt, show
 

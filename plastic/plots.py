@@ -17,20 +17,23 @@ def _plt():
 
 
 def _populations(rec: dict, what: str) -> list[str]:
-    return sorted(k[: -len(what) - 1] for k in rec if k.endswith("/" + what))
+    """The recorded populations, in circuit order ("2" before "10")."""
+    from .results import _natural
+    return sorted((k[: -len(what) - 1] for k in rec if k.endswith("/" + what)), key=_natural)
 
 
 def raster(ax, spikes: np.ndarray, sample: int = 0, dt_ms: float = 1.0, every: int = 1,
-           max_neurons: int = 200, color="k"):
-    """Spike raster of one sample: spikes (T', samples, neurons...) -> dots at (time, neuron)."""
+           max_neurons: int = 200, color="k", steps: int | None = None):
+    """Spike raster of one sample: spikes (T', samples, neurons...) -> dots at (time, neuron),
+    over the ``steps`` simulated (by default the recorded steps times ``every``)."""
     full = np.asarray(spikes)[:, sample].reshape(spikes.shape[0], -1)
     z = full[:, :max_neurons]
     t, n = np.nonzero(z)
     ax.scatter(t * every * dt_ms, n, s=2, marker="|", color=color, linewidths=0.8)
     shown = "neuron" if z.shape[1] == full.shape[1] else \
         f"neuron (the first {z.shape[1]} of {full.shape[1]})"  # a subset says so
-    ax.set(xlim=(0, z.shape[0] * every * dt_ms), ylim=(-1, z.shape[1]), xlabel="time (ms)",
-           ylabel=shown)
+    span = z.shape[0] * every if steps is None else steps
+    ax.set(xlim=(0, span * dt_ms), ylim=(-1, z.shape[1]), xlabel="time (ms)", ylabel=shown)
     return ax
 
 
@@ -64,42 +67,49 @@ def _save(fig, path: Path) -> Path:
 
 
 def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float = 1e-3,
-                      every: int = 1, v_th: float = 1.0) -> list[Path]:
-    """raster_<arm>.png (first recorded epoch vs last: before/after learning), voltages_<arm>.png
-    (with the threshold ``v_th`` drawn) and rates_<arm>.png, from {epoch: {key: array}}.
-    Returns the files written."""
+                      every: int = 1, v_th: float = 1.0, steps: int | None = None,
+                      prefix: str = "") -> list[Path]:
+    """raster_<arm>.png (first recorded epoch vs last: before/after learning; one column for
+    a single recording, as a converted arm's), voltages_<arm>.png (with the threshold ``v_th``
+    drawn) and rates_<arm>.png, from {epoch: {key: array}}, over the ``steps`` simulated; the
+    file names after ``prefix``.  Returns the files written."""
     plt = _plt()
     out_dir = Path(out_dir)
     if not recordings:
         return []
     first, last = min(recordings), max(recordings)
+    epochs = (first, last) if first != last else (last,)
     files = []
     pops = _populations(recordings[last], "spikes")
     if pops:
-        fig, axes = plt.subplots(len(pops), 2, figsize=(10, 2.6 * len(pops)), squeeze=False)
+        fig, axes = plt.subplots(len(pops), len(epochs), figsize=(5 * len(epochs), 2.6 * len(pops)),
+                                 squeeze=False)
         for i, p in enumerate(pops):
-            for j, e in enumerate((first, last)):
+            for j, e in enumerate(epochs):
                 if f"{p}/spikes" in recordings[e]:
-                    raster(axes[i][j], recordings[e][f"{p}/spikes"], dt_ms=dt * 1e3, every=every)
+                    raster(axes[i][j], recordings[e][f"{p}/spikes"], dt_ms=dt * 1e3, every=every,
+                           steps=steps)
                 axes[i][j].set_title(f"{arm}: {p}, epoch {e}", fontsize=9)
-        files.append(_save(fig, out_dir / f"raster_{arm}.png"))
+        files.append(_save(fig, out_dir / f"{prefix}raster_{arm}.png"))
     vpops = _populations(recordings[last], "voltages")
     if vpops:
         fig, axes = plt.subplots(1, len(vpops), figsize=(5 * len(vpops), 3), squeeze=False)
         for i, p in enumerate(vpops):
             voltage_traces(axes[0][i], recordings[last][f"{p}/voltages"], dt_ms=dt * 1e3,
                            every=every, v_th=v_th)
+            if steps is not None:
+                axes[0][i].set_xlim(0, steps * dt * 1e3)
             axes[0][i].set_title(f"{arm}: {p}, epoch {last}", fontsize=9)
-        files.append(_save(fig, out_dir / f"voltages_{arm}.png"))
+        files.append(_save(fig, out_dir / f"{prefix}voltages_{arm}.png"))
     rpops = _populations(recordings[last], "rates")
     if rpops:
         fig, axes = plt.subplots(1, len(rpops), figsize=(5 * len(rpops), 3), squeeze=False)
         for i, p in enumerate(rpops):
-            for e in (first, last):
+            for e in epochs:
                 if f"{p}/rates" in recordings[e]:
                     rate_histograms(axes[0][i], recordings[e][f"{p}/rates"], dt, f"epoch {e}",
                                     spiking=bool(pops))
             axes[0][i].set_title(f"{arm}: {p}", fontsize=9)
             axes[0][i].legend(fontsize=7)
-        files.append(_save(fig, out_dir / f"rates_{arm}.png"))
+        files.append(_save(fig, out_dir / f"{prefix}rates_{arm}.png"))
     return files

@@ -47,12 +47,23 @@ class RateState(NamedTuple):
     r: torch.Tensor  # firing rate
 
 
+def _numbers(v):
+    """A time constant as a number or a tensor (a per-neuron numpy array or list as a tensor)."""
+    if isinstance(v, (int, float, torch.Tensor)):
+        return v
+    try:
+        return torch.as_tensor(v, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise SpecError(f"a rate population's tau and dt are numbers or per-neuron tensors, got "
+                        f"{v!r}") from None
+
+
 def _check_rate_parameters(p) -> None:
     """tau > 0 and 0 < dt < 2 tau (the Euler step diverges otherwise); tau may be per neuron."""
     if not isinstance(p, RateParameters):
         raise SpecError(f"rate population parameters must be a RateParameters(tau, dt), got "
                         f"{type(p).__name__}")
-    tau, dt = p.tau, p.dt
+    tau, dt = _numbers(p.tau), _numbers(p.dt)
     if isinstance(tau, torch.Tensor) or isinstance(dt, torch.Tensor):
         tau, dt = torch.as_tensor(tau), torch.as_tensor(dt)
         ok = bool(((tau > 0) & (dt > 0) & (dt < 2 * tau)).all())
@@ -67,7 +78,10 @@ def rate_step(input_current: torch.Tensor, state: RateState, p: RateParameters,
               activation: Callable = torch.tanh) -> tuple[torch.Tensor, RateState]:
     """One Euler step of tau dr/dt = -r + f(I).  Returns (rate, new state)."""
     _check_rate_parameters(p)
-    r = state.r + (p.dt / p.tau) * (activation(input_current) - state.r)
+    k = _numbers(p.dt) / _numbers(p.tau)
+    if isinstance(k, torch.Tensor):  # per neuron: on the input's device, in its dtype
+        k = k.to(input_current)
+    r = state.r + k * (activation(input_current) - state.r)
     return r, RateState(r)
 
 

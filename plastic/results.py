@@ -28,6 +28,7 @@ interrupted run keeps every finished epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -59,8 +60,10 @@ def versions() -> dict:
 
 
 def results_path(d: str | Path) -> Path:
+    """A run's results file: ``d`` itself when it names an HDF5 file (.h5 or .hdf5), else
+    ``d/results.h5``."""
     d = Path(d)
-    return d if d.suffix == ".h5" else d / "results.h5"
+    return d if d.suffix in (".h5", ".hdf5") else d / "results.h5"
 
 
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
@@ -744,9 +747,9 @@ def experiments(specs: list[dict]) -> list[str]:
             for i, t in enumerate(titles)]
 
 
-def _draw(arms: dict, specs: list[dict], out_dir: Path) -> list[Path]:
-    """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``,
-    titled by the experiments ``specs`` ran."""
+def _draw(arms: dict, specs: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
+    """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``
+    (their names after ``prefix``), titled by the experiments ``specs`` ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -775,13 +778,24 @@ def _draw(arms: dict, specs: list[dict], out_dir: Path) -> list[Path]:
     ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)
     fig.suptitle(" | ".join(experiments(specs)))
     fig.tight_layout()
-    files.append(out_dir / "learning_curves.png")
+    files.append(out_dir / f"{prefix}learning_curves.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    if _angle_figure(arms, out_dir / "angles.png", plt):
-        files.append(out_dir / "angles.png")
+    if _angle_figure(arms, out_dir / f"{prefix}angles.png", plt):
+        files.append(out_dir / f"{prefix}angles.png")
     return files
+
+
+def _writing_figures(out_dir: Path):
+    """A one-line error for figures that cannot be written (a run one may read, not write)."""
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except OSError as e:
+            raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror or e}") from None
+    return guard()
 
 
 def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
@@ -798,13 +812,17 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
-    return _draw(arms, [r["spec"] for r in rs], out_dir) if arms else []
+    with _writing_figures(out_dir):
+        return _draw(arms, [r["spec"] for r in rs], out_dir) if arms else []
 
 
 def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """learning_curves.png and angles.png from a results file."""
+    """learning_curves.png and angles.png from a results file (beside it; a file not named
+    results.h5 prefixes them with its name, so two files in one directory keep their own)."""
     r = read(path)
     out_dir = Path(out_dir) if out_dir else results_path(path).parent
+    name = results_path(path).name
+    prefix = "" if name == "results.h5" else f"{Path(name).stem}_"
     if not r["arms"]:
         return []
     # each arm's seeds as the table pools them (a seed still behind would pull the curve's
@@ -812,12 +830,15 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     arms = {arm: {"metrics": _concat(_pooled(_seed_slices(a["metrics"]))), "attrs": a["attrs"]}
             for arm, a in _ordered_arms(r)}
     spec = r["spec"]
-    files = _draw(arms, [spec], out_dir)
     from .plots import recording_figures
     t, rec = spec.get("time", {}), spec.get("record", {})
     circuit = spec.get("circuit")
     params = circuit.get("population_params", {}) if isinstance(circuit, dict) else {}
-    for arm in arms:
-        files += recording_figures(read_recordings(path, arm), out_dir, arm, t.get("dt", 1e-3),
-                                   rec.get("every", 1), float(params.get("v_th", 1.0)))
+    with _writing_figures(out_dir):
+        files = _draw(arms, [spec], out_dir, prefix)
+        for arm in arms:
+            files += recording_figures(read_recordings(path, arm), out_dir, arm,
+                                       t.get("dt", 1e-3), rec.get("every", 1),
+                                       float(params.get("v_th", 1.0)), steps=t.get("steps"),
+                                       prefix=prefix)
     return files

@@ -413,6 +413,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         value = _get(spec, where)
         if not ok(value):
             raise SpecError(f"{where} must be {what}, got {value!r}")
+    if spec["record"]["samples"] and spec["record"]["every"] > spec["time"]["steps"]:
+        # only step 0, before any input has arrived, would be kept
+        raise SpecError(f"record.every = {spec['record']['every']} keeps every "
+                        f"{spec['record']['every']}th of {spec['time']['steps']} time steps: only "
+                        "the first; take record.every <= time.steps")
     if warn:
         _warn_unread(spec)
     _check_feedback("feedback", spec["feedback"])

@@ -1206,3 +1206,73 @@ def test_adam_s_overflowing_first_step_is_a_divergence(tmp_path, capsys):
                  "optimizer.name=adam", "arms.bp.lr=1e38"]) == 2
     err = capsys.readouterr().err
     assert "the optimizer step overflowed in epoch 1" in err and "Traceback" not in err
+
+
+def test_reports_of_files_beside_each_other_keep_their_figures_and_say_what_they_cannot(
+        tmp_path, capsys, monkeypatch):
+    """Two results files in one directory drew into the same learning_curves.png (the first
+    lost, silently); a .hdf5 results file was looked for as DIR/results.h5; a figure that could
+    not be written was a PermissionError traceback; a report piped into head a BrokenPipeError."""
+    import shutil
+    assert main(["run", "--out", str(tmp_path / "a"), "-q", "--arms", "bp,fa", "--set", *FAST,
+                 "epochs=1"]) == 0
+    col = tmp_path / "col"
+    col.mkdir()
+    shutil.copy(tmp_path / "a" / "results.h5", col / "s0.h5")
+    shutil.copy(tmp_path / "a" / "results.h5", col / "s1.hdf5")
+    capsys.readouterr()
+    assert main(["report", str(col / "s0.h5"), str(col / "s1.hdf5"), "--figures"]) == 0
+    err = capsys.readouterr().err
+    assert f"figure: {col / 's0_learning_curves.png'}" in err
+    assert f"figure: {col / 's1_learning_curves.png'}" in err
+    import matplotlib.figure
+
+    def denied(self, path, *a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", denied)
+    assert main(["report", str(tmp_path / "a"), "--figures"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write figures to" in err and "Permission denied" in err and "Traceback" not in err
+    monkeypatch.undo()
+    p = subprocess.run(f"{shlex.quote(sys.executable)} -m plastic.cli report "
+                       f"{shlex.quote(str(tmp_path / 'a'))} --layers | head -1", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
+
+
+def test_recording_figures_span_the_simulated_time_in_circuit_order_and_one_epoch_once(tmp_path):
+    """The raster's axis ran to the recorded steps times every (21 ms of a 20 ms run); panels
+    were in text order ("10" above "2"); a converted arm's one recording was drawn twice as
+    before/after; record.every beyond the steps kept only step 0."""
+    import matplotlib.pyplot as plt
+    from plastic.plots import recording_figures
+    from plastic.spec import load_protocol
+    rec = {2: {f"{p}/spikes": np.zeros((7, 1, 4)) for p in ("10", "2")}}
+    made = []
+    real = plt.subplots
+
+    def keep(*a, **k):
+        fig, axes = real(*a, **k)
+        made.append(axes)
+        return fig, axes
+    plt.subplots = keep
+    try:
+        recording_figures(rec, tmp_path, "conv", every=3, steps=20)
+    finally:
+        plt.subplots = real
+    axes = made[0]
+    assert axes.shape == (2, 1)  # one recorded epoch: one column
+    assert [a.get_title() for a in axes[:, 0]] == ["conv: 2, epoch 2", "conv: 10, epoch 2"]
+    assert axes[0, 0].get_xlim() == (0.0, 20.0)
+    with pytest.raises(plastic.SpecError, match="record.every = 30 keeps every 30th of 20"):
+        load_protocol("rate_vs_spiking", ["time.steps=20", "record.every=30", "record.samples=2"])
+
+
+def test_a_rate_population_takes_a_per_neuron_numpy_tau():
+    from plastic.populations import RateParameters, RateState, rate_step
+    tau = np.array([0.01, 0.02])
+    r, _ = rate_step(torch.ones(3, 2), RateState(torch.zeros(3, 2)), RateParameters(tau, 1e-3))
+    assert torch.allclose(r[0], torch.tensor([0.1, 0.05]) * torch.tanh(torch.tensor(1.0)))
+    with pytest.raises(plastic.SpecError, match="tau > 0"):
+        rate_step(torch.ones(3, 2), RateState(torch.zeros(3, 2)),
+                  RateParameters(np.array([0.01, -1.0]), 1e-3))
