@@ -174,13 +174,24 @@ def idx_to_h5(files: dict[str, bytes], out: Path, name: str, source: str,
     return out
 
 
-def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Path:
+def write_h5(out: Path, name: str, source: str, split: dict, classes=None,
+             layout: str | None = None) -> Path:
+    """Write a data set, {"train": (images, labels), "test": (...)}, images (N, C, H, W) uint8,
+    as one HDF5 file; ``layout = "NCHW"`` marks many-channel data whose shape looks like
+    (N, H, W, C) (16 channels of 64 x 1) as meant."""
     import h5py
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".h5.part")
     split = {part: (_as_images(name, part, xs), np.asarray(ys)) for part, (xs, ys) in split.items()}
+    if layout not in (None, "NCHW"):
+        raise DataError(f"{name}: layout is \"NCHW\" or None, got {layout!r}")
+    for part, (xs, _) in split.items():  # refused here rather than by load, later
+        if layout != "NCHW" and _looks_hwc(xs.shape):
+            raise DataError(f"{name}: /{part} images {xs.shape} look like (N, H, W, C); plastic "
+                            "stores (N, C, H, W) (numpy.transpose(x, (0, 3, 1, 2)); if they are "
+                            "(N, C, H, W) indeed, pass layout=\"NCHW\")")
     for part, (xs, ys) in split.items():  # before anything is written
         if ys.ndim != 1 or len(ys) != len(xs):
             raise DataError(f"{name}: /{part} labels must be one per image, (N,) = "
@@ -209,11 +220,19 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None) -> Pa
                 dtype = np.uint8 if ys.max() < 256 else np.int64
                 g.create_dataset("labels", data=ys.astype(dtype), compression="gzip")
             h.attrs.update(name=name, source=source, mean=mean, std=std, classes=list(classes))
+            if layout:
+                h.attrs["layout"] = layout
     except OSError as e:  # a full disk, a file size limit: nothing half-written is left
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     os.replace(tmp, out)
     return out
+
+
+def _looks_hwc(shape) -> bool:
+    """Whether (N, C, H, W) images look like (N, H, W, C): a "channel" count of an image's
+    height, and 1, 3 or 4 "columns"."""
+    return shape[1] > 4 and shape[2] > 4 and shape[-1] in (1, 3, 4)
 
 
 def _as_images(name: str, part: str, xs) -> np.ndarray:
@@ -632,7 +651,7 @@ def load(name: str, train_limit: int | None = None, test_limit: int | None = Non
                             f"indices 0..{len(classes) - 1}")
         # (N, H, W, C) read as (N, C, H, W): an image's height as its channels; a file of
         # many-channel data that is (N, C, H, W) indeed says so with the attribute layout
-        if x.shape[1] > 4 and x.shape[2] > 4 and x.shape[-1] in (1, 3, 4) and layout != "NCHW":
+        if _looks_hwc(x.shape) and layout != "NCHW":
             raise DataError(f"{path}: /{part}/images {tuple(x.shape)} look like (N, H, W, C); "
                             "plastic stores images as (N, C, H, W) (numpy.transpose(x, (0, 3, "
                             "1, 2)) before writing; if they are (N, C, H, W) indeed, set the "

@@ -315,14 +315,14 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"sleep_step: batch_size must be a positive integer, got {batch_size!r}")
-    from .synapses import is_plasticity_paused
+    from .synapses import autocast_off, is_plasticity_paused
     if is_plasticity_paused():  # nothing is written into B.grad there
         return 0
     # a frozen B (requires_grad False) does not learn in sleep, as it does not in the wake pass
     sleepers = [(n, s) for n, s in sleep_driven(model) if s.feedback.weight.requires_grad]
     with contextlib.ExitStack() as stack:  # the rule runs at B's precision, autocast or not
         for dev in {s.weight.device.type for _, s in sleepers}:
-            stack.enter_context(torch.autocast(dev, enabled=False))
+            stack.enter_context(autocast_off(dev))
         for _, syn in sleepers:
             fb = syn.feedback
             if fb.pre_shape is None:

@@ -63,7 +63,8 @@ def results_path(d: str | Path) -> Path:
     """A run's results file: ``d`` itself when it names an HDF5 file (.h5 or .hdf5), else
     ``d/results.h5``."""
     d = Path(d)
-    return d if d.suffix in (".h5", ".hdf5") else d / "results.h5"
+    # a run directory named x.hdf5 (one could be, before .hdf5 files were read) stays one
+    return d if d.suffix in (".h5", ".hdf5") and not d.is_dir() else d / "results.h5"
 
 
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
@@ -133,7 +134,7 @@ class ResultsWriter:
         if self.dir.exists() and not self.dir.is_dir():
             raise ResultsError(f"cannot write results to {self.dir}: it is a file, and --out "
                                "takes a directory")
-        if self.dir.suffix == ".h5" and not self.dir.is_dir():
+        if self.dir.suffix in (".h5", ".hdf5") and not self.dir.is_dir():
             raise ResultsError(f"--out takes a directory (the run writes DIR/results.h5 and its "
                                f"figures there), not a file name: {self.dir}")
         try:
@@ -812,8 +813,11 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
+    # beside a reported run's own figures, the combined ones take a prefix of their own
+    own = any(results_path(p).parent.resolve() == out_dir.resolve() for p in paths)
     with _writing_figures(out_dir):
-        return _draw(arms, [r["spec"] for r in rs], out_dir) if arms else []
+        return _draw(arms, [r["spec"] for r in rs], out_dir,
+                     "combined_" if own else "") if arms else []
 
 
 def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -231,6 +231,15 @@ def parse_value(text: str):
         return text
 
 
+def _spiking(spec: dict) -> bool:
+    """Whether the circuit or any arm has a spiking population (is simulated in time)."""
+    from .spiking import SPIKING_KINDS
+    pops = [spec["circuit"]["population"]] + [a.get("population") or "" for a in
+                                              (spec.get("arms") or {}).values()
+                                              if isinstance(a, dict)]
+    return any(str(p).lower() in SPIKING_KINDS for p in pops)
+
+
 def implicit_arm(feedback) -> str:
     """The name of the one arm of a protocol without arms: its feedback kind (bp for backprop,
     whatever the spelling), or "arm" for a rule given as a table."""
@@ -413,11 +422,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
         value = _get(spec, where)
         if not ok(value):
             raise SpecError(f"{where} must be {what}, got {value!r}")
-    if spec["record"]["samples"] and spec["record"]["every"] > spec["time"]["steps"]:
-        # only step 0, before any input has arrived, would be kept
-        raise SpecError(f"record.every = {spec['record']['every']} keeps every "
-                        f"{spec['record']['every']}th of {spec['time']['steps']} time steps: only "
-                        "the first; take record.every <= time.steps")
+    every, steps = spec["record"]["every"], spec["time"]["steps"]
+    if spec["record"]["samples"] and steps > 1 and every >= steps and _spiking(spec):
+        # only step 0, before any input has arrived, would be kept (rate circuits ignore it)
+        raise SpecError(f"record.every = {every} keeps every {every}th of {steps} time steps: "
+                        "only the first; take record.every < time.steps")
     if warn:
         _warn_unread(spec)
     _check_feedback("feedback", spec["feedback"])

@@ -37,6 +37,17 @@ def plasticity_paused():
         _paused -= 1
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` where it is on; else one that does
+    nothing (``torch.autocast`` itself refuses device types it does not know, such as meta)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 has no per-device query; an unknown type
+        on = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+              else device_type == "cuda" and torch.is_autocast_enabled())
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 def is_plasticity_paused() -> bool:
     """Whether this runs inside ``plasticity_paused()``."""
     return _paused > 0
@@ -121,7 +132,7 @@ class _Route(torch.autograd.Function):
                 y = None if y is None else y.to(w_dtype)
             # at the weights' precision, also for a backward() called inside autocast (a conv
             # rule's own passes met mixed dtypes)
-            with torch.autocast(dy.device.type, enabled=False):
+            with autocast_off(dy.device.type):
                 d_learned = fb.plasticity(syn, x, y, dy, dw)
             if not ctx.needs_input_grad[3]:
                 d_learned = None

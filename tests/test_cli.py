@@ -1225,6 +1225,11 @@ def test_reports_of_files_beside_each_other_keep_their_figures_and_say_what_they
     err = capsys.readouterr().err
     assert f"figure: {col / 's0_learning_curves.png'}" in err
     assert f"figure: {col / 's1_learning_curves.png'}" in err
+    assert main(["report", str(col / "s0.h5"), "--out", str(col)]) == 0  # beside its own
+    assert f"figure: {col / 'combined_learning_curves.png'}" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "x.hdf5"), "-q", "--arms", "bp", "--set", *FAST,
+                 "epochs=1"]) == 2  # a directory, not the results file
+    assert "--out takes a directory" in capsys.readouterr().err
     import matplotlib.figure
 
     def denied(self, path, *a, **k):
@@ -1264,8 +1269,9 @@ def test_recording_figures_span_the_simulated_time_in_circuit_order_and_one_epoc
     assert axes.shape == (2, 1)  # one recorded epoch: one column
     assert [a.get_title() for a in axes[:, 0]] == ["conv: 2, epoch 2", "conv: 10, epoch 2"]
     assert axes[0, 0].get_xlim() == (0.0, 20.0)
-    with pytest.raises(plastic.SpecError, match="record.every = 30 keeps every 30th of 20"):
-        load_protocol("rate_vs_spiking", ["time.steps=20", "record.every=30", "record.samples=2"])
+    with pytest.raises(plastic.SpecError, match="record.every = 20 keeps every 20th of 20"):
+        load_protocol("rate_vs_spiking", ["time.steps=20", "record.every=20", "record.samples=2"])
+    load_protocol("mnist", ["record.samples=2", "record.every=30"])  # a rate circuit ignores it
 
 
 def test_a_rate_population_takes_a_per_neuron_numpy_tau():

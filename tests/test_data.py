@@ -256,7 +256,12 @@ def test_labels_beyond_255_survive_and_bad_labels_and_layouts_are_refused(tmp_pa
         data.load(str(tmp_path / "big.h5"))
     hwc = {"train": (np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 2])),
            "test": (np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]))}
-    data.write_h5(tmp_path / "hwc.h5", "hwc", "test", hwc, classes=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"look like \(N, H, W, C\)"):  # when written
+        data.write_h5(tmp_path / "hwc.h5", "hwc", "test", hwc, classes=["a", "b", "c"])
+    data.write_h5(tmp_path / "hwc.h5", "hwc", "test", hwc, classes=["a", "b", "c"],
+                  layout="NCHW")
+    with h5py.File(tmp_path / "hwc.h5", "a") as h:  # or by other tools
+        del h.attrs["layout"]
     with pytest.raises(DataError, match=r"look like \(N, H, W, C\)"):
         data.load(str(tmp_path / "hwc.h5"))
     features = {"train": (np.zeros((3, 16, 1, 1), np.uint8), np.array([0, 1, 2])),
@@ -339,7 +344,12 @@ def test_the_writer_and_loader_refuse_files_they_would_read_wrong(tmp_path, monk
             data.load(str(bad))
     signals = {"train": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5]),
                "test": (rng.integers(0, 256, (5, 16, 64, 1), dtype=np.uint8), y[:5])}
-    data.write_h5(tmp_path / "s.h5", "s", "t", signals)  # 16 channels of 64 x 1, or HWC?
+    with pytest.raises(DataError, match="pass layout=\"NCHW\""):  # 16 channels of 64 x 1, or HWC?
+        data.write_h5(tmp_path / "s.h5", "s", "t", signals)
+    data.write_h5(tmp_path / "s.h5", "s", "t", signals, layout="NCHW")
+    assert data.load(str(tmp_path / "s.h5")).input_shape == (16, 64, 1)
+    with h5py.File(tmp_path / "s.h5", "a") as h:
+        del h.attrs["layout"]
     with pytest.raises(DataError, match="set the file's attribute layout"):
         data.load(str(tmp_path / "s.h5"))
     with h5py.File(tmp_path / "s.h5", "a") as h:

@@ -693,3 +693,12 @@ def test_learned_rules_on_an_empty_batch_inside_autocast_and_pruned():
     with plastic.plasticity_paused():
         assert sleep_step(mirror) == 0
     assert mirror[0].feedback.weight.grad is None
+
+
+def test_a_learned_rule_backpropagates_on_the_meta_device():
+    """The rule ran inside torch.autocast("meta", enabled=False), which torch refuses."""
+    with torch.device("meta"):
+        net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(5, 4)), "information")
+        x = torch.randn(3, 5, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad.is_meta
