@@ -1134,7 +1134,7 @@ def test_a_run_refuses_up_front_what_it_would_find_out_late(tmp_path, capsys):
     as the image trained on blank crops; a sleep.every beyond the run's steps left the mirror's
     B untrained, silently; lr 1e40 was torch's overflow traceback."""
     base = ["run", "rate_vs_spiking", "--out", str(tmp_path / "o"), "-q", "--set",
-            "epochs=1", "train_limit=64", "test_limit=32", "threads=1"]
+            "data=mnist-sample", "epochs=1", "train_limit=64", "test_limit=32", "threads=1"]
     cases = [
         (["--arms", "rate-bp,converted", "--set", "arms.converted.population=relu"],
          "arm 'converted': unknown spiking population 'relu'"),
@@ -1147,7 +1147,7 @@ def test_a_run_refuses_up_front_what_it_would_find_out_late(tmp_path, capsys):
         (["--arms", "rate-bp", "--set", "arms.rate-bp.lr=1e40"], "must be a float32 number"),
     ]
     for extra, what in cases:
-        assert main(base[:-5] + extra[:1] + extra[1:] + base[-5:] if extra[0] == "--arms"
+        assert main(base[:-6] + extra + base[-6:] if extra[0] == "--arms"
                     else base + extra[1:]) == 2, extra
         err = capsys.readouterr().err
         assert what in err and "Traceback" not in err, (extra, err)
@@ -1189,7 +1189,8 @@ def test_a_spiking_blow_up_and_a_diverged_source_arm_are_divergences(tmp_path, c
     (1.9e29) and was reported as a result; and a conversion arm whose source arm diverged ended
     the whole run with advice to run the source first."""
     rc = main(["run", "rate_vs_spiking", "--out", str(tmp_path), "-q",
-               "--arms", "rate-bp,converted,lif-fa", "--set", "epochs=1", "train_limit=128",
+               "--arms", "rate-bp,converted,lif-fa", "--set", "data=mnist-sample", "epochs=1",
+               "train_limit=128",
                "batch_size=128", "test_limit=64", "probe_size=8", "threads=1",
                "arms.rate-bp.lr=1e30", "arms.lif-fa.lr=1e30"])
     err = capsys.readouterr().err
