@@ -36,6 +36,10 @@ def _cmd_run(args):
                         "without --out writes to a new runs/NAME-DATE directory)")
     spec = spec_mod.load_protocol(args.protocol, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.is_file() or (out.suffix in (".h5", ".hdf5") and not out.is_dir()):
+        # before the exists check, whose advice (--resume) would then fail
+        raise SpecError(f"--out takes a directory (the run writes DIR/results.h5 and its "
+                        f"figures there), not a file: {out}")
     rp = results.results_path(out)
     if rp.exists() and not args.resume:
         raise SpecError(f"{rp} already exists; pass --resume to continue or add arms to it, "

@@ -181,7 +181,9 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None,
     (N, H, W, C) (16 channels of 64 x 1) as meant."""
     import h5py
 
-    out = Path(out)
+    out = Path(out).expanduser()
+    if out.suffix not in (".h5", ".hdf5"):  # load finds data files by it
+        raise DataError(f"cannot write {out}: a data file's name ends in .h5 or .hdf5")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".h5.part")
     split = {part: (_as_images(name, part, xs), np.asarray(ys)) for part, (xs, ys) in split.items()}

@@ -349,7 +349,8 @@ def rule_scale(scale: float):
     ``torch.amp.GradScaler`` use ``rule_scale(scaler.get_scale())`` around
     ``scaler.scale(loss).backward()`` (unscaling divides B.grad by it), and when k micro-batches
     each back-propagate ``loss / k``, ``rule_scale(1 / k)``.  Kolen-Pollack's ΔB is W's
-    update, already scaled, and is left alone."""
+    update, already scaled, and is left alone; so is ``sleep_step``'s (no loss is involved:
+    step the optimizer after a sleep step plainly, not through the GradScaler)."""
     global _rule_scale
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):

@@ -215,6 +215,19 @@ class ResultsWriter:
         g.attrs["done_seeds"] = json.dumps(done)
         self.h5.flush()
 
+    def set_in_rows(self, arm: str, seed: int, values: dict) -> None:
+        """Set metric columns in every row of ``seed`` (new columns are NaN elsewhere)."""
+        m = self.h5["arms"][arm]["metrics"]
+        rows = np.flatnonzero(m["seed"][()] == seed) if "seed" in m else []
+        n = len(m["seed"]) if "seed" in m else 0
+        for key, value in values.items():
+            if key not in m:
+                m.create_dataset(key, shape=(n,), maxshape=(None,), dtype="f8",
+                                 fillvalue=np.nan, chunks=(256,))
+            for r in rows:
+                m[key][r] = float(value)
+        self.h5.flush()
+
     def has_row(self, arm: str, seed: int, epoch: int) -> bool:
         """Whether the file holds the row of (arm, seed, epoch)."""
         g = self.h5["arms"].get(arm)
@@ -814,7 +827,12 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
     except OSError as e:
         raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
     # beside a reported run's own figures, the combined ones take a prefix of their own
-    own = any(results_path(p).parent.resolve() == out_dir.resolve() for p in paths)
+    beside = [results_path(p) for p in paths
+              if results_path(p).parent.resolve() == out_dir.resolve()]
+    own = bool(beside)
+    if any(p.stem == "combined" for p in beside):  # its own figures are combined_...
+        raise ResultsError(f"--out {out_dir} holds combined.h5, whose figures would take the "
+                           "combined figures' names; choose another --out")
     with _writing_figures(out_dir):
         return _draw(arms, [r["spec"] for r in rs], out_dir,
                      "combined_" if own else "") if arms else []

@@ -231,13 +231,19 @@ def parse_value(text: str):
         return text
 
 
+def arm_population(spec: dict, arm: dict) -> str:
+    """The population an arm runs: its own, else lif for a conversion arm, else the circuit's."""
+    if arm.get("population"):
+        return str(arm["population"]).lower()
+    return "lif" if arm.get("convert_from") else str(spec["circuit"]["population"]).lower()
+
+
 def _spiking(spec: dict) -> bool:
     """Whether the circuit or any arm has a spiking population (is simulated in time)."""
     from .spiking import SPIKING_KINDS
-    pops = [spec["circuit"]["population"]] + [a.get("population") or "" for a in
-                                              (spec.get("arms") or {}).values()
-                                              if isinstance(a, dict)]
-    return any(str(p).lower() in SPIKING_KINDS for p in pops)
+    arms = [a for a in (spec.get("arms") or {}).values() if isinstance(a, dict)]
+    pops = [str(spec["circuit"]["population"]).lower()] + [arm_population(spec, a) for a in arms]
+    return any(p in SPIKING_KINDS for p in pops)
 
 
 def implicit_arm(feedback) -> str:

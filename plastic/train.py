@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter, results_path
 from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
+from .spec import arm_population
 from .spiking import SPIKING_KINDS, LIFPopulation
 
 __all__ = ["build_circuit", "run_protocol", "evaluate"]
@@ -503,7 +505,7 @@ def _save_atomic(obj, path: Path):
 def _converted(spec, arm, rate: nn.Module, ds) -> nn.Module:
     """The spiking circuit of a conversion arm's population, with the rate circuit's weights."""
     t = spec["time"]
-    snn = spiking_version(rate, (arm.get("population") or "lif").lower(), t["steps"], t["dt"],
+    snn = spiking_version(rate, arm_population(spec, arm), t["steps"], t["dt"],
                           encoder=t["encoder"], encoder_options=_encoder_options(t),
                           input_mean=ds.mean, input_std=ds.std)
     _set_population_params(snn, spec["circuit"]["population_params"])
@@ -521,20 +523,28 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
         raise SpecError(f"arm {arm_name!r} converts the weights of arm {src!r}, but {path} does "
                         f"not exist; run arm {src!r} first (into the same --out)")
     src_arm = spec["arms"][src]
-    if (src_arm.get("population") or spec["circuit"]["population"]).lower() in SPIKING_KINDS:
+    if arm_population(spec, src_arm) in SPIKING_KINDS:
         raise SpecError(f"arm {arm_name!r}: convert_from must name a rate arm; {src!r} is spiking")
     rate = _model(spec, src_arm, seed, ds).to(device)
     rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    kind = (arm.get("population") or "lif").lower()
+    kind = arm_population(spec, arm)
     snn = _converted(spec, arm, rate, ds).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
     cal = calibrate_conversion(snn, rate, x, ds.train_y[:1000].long().to(device))
     g = writer.arm_group(arm_name, {"feedback": src_arm["feedback"], "lr": float("nan"),
                                     "convert_from": src, "population": kind,
                                     "synapses": [circuit_name(snn, n) for n, _ in synapses(snn)]})
-    for stale in ("conversion_gain", "conversion_lambdas"):  # one seed's, in files before 335a316
-        if stale in g.attrs:
-            del g.attrs[stale]
+    if "conversion_gain" in g.attrs:  # a file before 335a316: one seed's, into its row
+        done = writer.done_seeds(arm_name)
+        if len(done) == 1:
+            raw = g.attrs.get("conversion_lambdas", "[]")
+            lambdas = json.loads(raw) if isinstance(raw, str) else list(raw)
+            writer.set_in_rows(arm_name, done[0], {
+                "conversion_gain": float(g.attrs["conversion_gain"]),
+                **{f"conversion_lambda/{l + 1}": float(v) for l, v in enumerate(lambdas)}})
+        for stale in ("conversion_gain", "conversion_lambdas"):
+            if stale in g.attrs:
+                del g.attrs[stale]
     writer.drop_rows(arm_name, seed, from_epoch=0)
     acc, test_loss, st = evaluate(snn, ds, spec["test_batch_size"], device, stats=True)
     row = {"seed": seed, "epoch": spec["epochs"], "train_loss": math.nan, "test_loss": test_loss,
@@ -575,8 +585,7 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
         try:
             if src:  # the conversion of the source arm's circuit, with this arm's population
                 source = spec["arms"][src]
-                if (source.get("population") or spec["circuit"]["population"]).lower() \
-                        in SPIKING_KINDS:
+                if arm_population(spec, source) in SPIKING_KINDS:
                     raise SpecError(f"convert_from must name a rate arm; {src!r} is spiking")
                 _converted(spec, arm, _model(spec, source, spec["seeds"][0], ds), ds)
             else:

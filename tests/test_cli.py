@@ -1283,3 +1283,39 @@ def test_a_rate_population_takes_a_per_neuron_numpy_tau():
     with pytest.raises(plastic.SpecError, match="tau > 0"):
         rate_step(torch.ones(3, 2), RateState(torch.zeros(3, 2)),
                   RateParameters(np.array([0.01, -1.0]), 1e-3))
+
+
+def test_the_last_review_s_edges(tmp_path, capsys, monkeypatch):
+    """A conversion arm without a population runs lif, so record.every >= time.steps is refused
+    for it too; --out naming a file is refused before the advice to --resume; an interrupt
+    before the first row says no epoch had finished; a run directory named x.hdf5 is still a
+    directory; a file named combined.h5 beside --out is refused, not overwritten."""
+    import shutil
+    from plastic import train as T
+    from plastic.spec import load_protocol
+    with pytest.raises(plastic.SpecError, match="record.every = 5 keeps every 5th of 5"):
+        load_protocol("quickstart", ["time.steps=5", "record.every=5", "record.samples=2",
+                                     "circuit.population=relu", "arms.c.convert_from=bp",
+                                     "arms.c.feedback=fa"])
+    (tmp_path / "f.h5").write_bytes(b"")
+    assert main(["run", "--out", str(tmp_path / "f.h5"), "-q", "--set", *FAST]) == 2
+    assert "--out takes a directory" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "evaluate", interrupted)
+    assert main(["run", "--out", str(tmp_path / "i"), "-q", "--arms", "fa", "--set", *FAST]) == 130
+    assert "interrupted; no epoch had finished" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["run", "--out", str(tmp_path / "x.hdf5"), "-q", "--arms", "bp", "--set",
+                 *FAST, "epochs=1"]) == 2  # refused: it names a file
+    (tmp_path / "x.hdf5").mkdir()  # a run directory of that name, from before
+    assert main(["run", "--out", str(tmp_path / "x.hdf5"), "-q", "--arms", "bp", "--set",
+                 *FAST, "epochs=1"]) == 0
+    assert (tmp_path / "x.hdf5" / "results.h5").exists()
+    assert main(["report", str(tmp_path / "x.hdf5")]) == 0
+    shutil.copy(tmp_path / "x.hdf5" / "results.h5", tmp_path / "x.hdf5" / "combined.h5")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "x.hdf5" / "combined.h5"), "--out",
+                 str(tmp_path / "x.hdf5")]) == 2
+    assert "holds combined.h5" in capsys.readouterr().err

