@@ -258,7 +258,7 @@ def test_unknown_arm_and_bad_protocol_file(tmp_path, capsys):
     assert "--arms names no arm; arms of this protocol: bp, fa" in _err_line(capsys)
     (tmp_path / "afile").write_text("")
     assert main(["run", "--out", str(tmp_path / "afile"), "--arms", "bp", "--set", *FAST]) == 2
-    assert "it is a file, and --out takes a directory" in _err_line(capsys)
+    assert "--out takes a directory (the run writes DIR/results.h5" in _err_line(capsys)
     assert main(["run", "--out", str(tmp_path / "afile" / "sub"), "--arms", "bp", "--set",
                  *FAST]) == 2
     assert "cannot write results to" in _err_line(capsys)
