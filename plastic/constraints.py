@@ -55,8 +55,19 @@ def n_pre(synapse: Synapse) -> int:
 
 def constrained_weights(synapse: Synapse) -> list[torch.Tensor]:
     """The weights a synapse's constraints act on: W, and a Kolen-Pollack feedback weight B
-    (which receives W's update, so it gets W's constraints too; see the module docstring)."""
-    ws = [synapse.weight]
+    (which receives W's update, so it gets W's constraints too; see the module docstring).  A
+    pruned synapse's W is computed from the stored ``weight_orig`` each forward: the constraints
+    act on that (the 0/1 mask keeps its signs and its zeros)."""
+    w = synapse.weight
+    if not isinstance(w, nn.Parameter):
+        orig = getattr(synapse, "weight_orig", None)
+        if not (isinstance(orig, nn.Parameter) and hasattr(synapse, "weight_mask")):
+            # a projection of the computed W would change a temporary copy, silently
+            raise SpecError(f"constraints of synapse {_label(synapse)}: its W is computed by a "
+                            "parametrization, which a projection cannot reach; constrain a "
+                            "synapse whose W is a parameter (pruning is fine)")
+        w = orig
+    ws = [w]
     fb = getattr(synapse, "feedback", None)
     if isinstance(fb, KolenPollack) and fb.weight.shape == synapse.weight.shape:
         ws.append(fb.weight)
@@ -382,6 +393,9 @@ def _constrained(model: nn.Module):
 
 def _each(model: nn.Module, method: str) -> int:
     """Call ``method`` of every constraint of every constrained synapse; the synapse count."""
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"constraints: needs a torch.nn.Module (a circuit or a synapse), got "
+                        f"{type(model).__name__}")
     n = 0
     for syn, cs in _constrained(model):
         for c in cs:

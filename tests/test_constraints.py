@@ -463,3 +463,36 @@ def test_constraints_on_the_meta_device_are_one_line_errors():
         net = plastic.convert(plastic.models.mlp(4, [3], 2, "relu"), "fa")
     with pytest.raises(SpecError, match="meta device"):
         apply_circuit_constraints(net, 0.5, 0.5)
+
+
+def test_a_pruned_synapse_keeps_its_constraints_and_a_parametrized_one_is_refused():
+    """The projections acted on the pruned synapse's computed W, a temporary copy: its stored
+    weight_orig broke Dale's law, silently (6 sign violations after 5 steps); so did a
+    parametrized W; attach() and enforce() on something that is not a module were bare errors."""
+    from torch.nn.utils import parametrize, prune
+    from plastic.constraints import dale_signs, enforce
+    torch.manual_seed(0)
+    net = plastic.convert(nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)), "fa")
+    prune.random_unstructured(net[2], "weight", 0.4)
+    constrain(net[2], Dale(dale_signs(5, 0.6)))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    attach(opt, net)
+    signs = net[2].constraints[0].signs
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(net(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+        opt.step()
+    w = net[2].weight_orig * net[2].weight_mask
+    assert ((w * signs) >= 0).all() and ((net[2].weight_orig * signs) >= 0).all()
+    other = plastic.convert(nn.Sequential(nn.Linear(8, 5)), "fa")
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    parametrize.register_parametrization(other[0], "weight", Twice())
+    with pytest.raises(SpecError, match="computed by a parametrization"):
+        constrain(other[0], Dale(dale_signs(8, 0.5)))
+    for call in (lambda: attach(torch.optim.SGD(net.parameters(), lr=0.1), [net]),
+                 lambda: enforce(None)):
+        with pytest.raises(SpecError, match="needs a torch.nn.Module"):
+            call()
