@@ -59,14 +59,16 @@ def constrained_weights(synapse: Synapse) -> list[torch.Tensor]:
     pruned synapse's W is computed from the stored ``weight_orig`` each forward: the constraints
     act on that (the 0/1 mask keeps its signs and its zeros)."""
     w = synapse.weight
-    if not isinstance(w, nn.Parameter):
-        orig = getattr(synapse, "weight_orig", None)
-        if not (isinstance(orig, nn.Parameter) and hasattr(synapse, "weight_mask")):
-            # a projection of the computed W would change a temporary copy, silently
-            raise SpecError(f"constraints of synapse {_label(synapse)}: its W is computed by a "
-                            "parametrization, which a projection cannot reach; constrain a "
-                            "synapse whose W is a parameter (pruning is fine)")
-        w = orig
+    if isinstance(getattr(synapse, "weight_orig", None), nn.Parameter) \
+            and hasattr(synapse, "weight_mask"):
+        w = synapse.weight_orig  # pruned: W is weight_orig times the mask at each forward
+    elif not isinstance(w, nn.Parameter) and "weight" not in synapse._buffers:
+        # W computed from another tensor (a parametrization, weight_norm): a projection would
+        # change a temporary copy, silently
+        raise SpecError(f"constraints of synapse {_label(synapse)}: its W is not a parameter but "
+                        "computed (a parametrization, weight or spectral norm), and a projection "
+                        "cannot reach what it is computed from; constrain a synapse whose W is "
+                        "a parameter (pruning is fine)")
     ws = [w]
     fb = getattr(synapse, "feedback", None)
     if isinstance(fb, KolenPollack) and fb.weight.shape == synapse.weight.shape:
@@ -376,6 +378,7 @@ def constrain(synapse: Synapse, *constraints: Constraint) -> Synapse:
                             "a neuron has one sign")
         c.bind(synapse)
         existing.append(c)
+    constrained_weights(synapse)  # refused here, before anything is attached
     if "constraints" not in synapse._modules:
         synapse.constraints = nn.ModuleList()
     for c in constraints:
@@ -500,6 +503,9 @@ def apply_circuit_constraints(model: nn.Module, excitatory: float | None,
             warnings.warn("Dale's law constrains the synapses only: the identity skip connections "
                           "of residual blocks pass every neuron's activity on with sign +1, "
                           "inhibitory neurons included", stacklevel=2)
+    if excitatory is not None or (connectivity is not None and connectivity < 1.0):
+        for _, syn in syns:  # every synapse checked before any is constrained
+            constrained_weights(syn)
     summary = {}
     for i, (name, syn) in enumerate(syns):
         cs = []

@@ -490,8 +490,15 @@ def test_a_pruned_synapse_keeps_its_constraints_and_a_parametrized_one_is_refuse
         def forward(self, w):
             return 2 * w
     parametrize.register_parametrization(other[0], "weight", Twice())
-    with pytest.raises(SpecError, match="computed by a parametrization"):
+    with pytest.raises(SpecError, match="its W is not a parameter but computed"):
         constrain(other[0], Dale(dale_signs(8, 0.5)))
+    assert constraints_of(other[0]) == []  # refused before anything was attached
+    enforce(other)
+    two = plastic.convert(nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)), "fa")
+    parametrize.register_parametrization(two[2], "weight", Twice())
+    with pytest.raises(SpecError, match="synapse '2'"):
+        apply_circuit_constraints(two, 0.8, 0.5)
+    assert not any(constraints_of(s) for _, s in plastic.synapses(two))  # none half-applied
     for call in (lambda: attach(torch.optim.SGD(net.parameters(), lr=0.1), [net]),
                  lambda: enforce(None)):
         with pytest.raises(SpecError, match="needs a torch.nn.Module"):
