@@ -36,10 +36,7 @@ def _cmd_run(args):
                         "without --out writes to a new runs/NAME-DATE directory)")
     spec = spec_mod.load_protocol(args.protocol, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.is_file() or (out.suffix in (".h5", ".hdf5") and not out.is_dir()):
-        # before the exists check, whose advice (--resume) would then fail
-        raise SpecError(f"--out takes a directory (the run writes DIR/results.h5 and its "
-                        f"figures there), not a file: {out}")
+    results.check_run_dir(out)  # before the exists check, whose advice (--resume) would fail
     rp = results.results_path(out)
     if rp.exists() and not args.resume:
         raise SpecError(f"{rp} already exists; pass --resume to continue or add arms to it, "
@@ -53,15 +50,16 @@ def _cmd_run(args):
     try:
         run_protocol(spec, out, arms=arms, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
-        if rp.exists() and _has_rows(rp):
+        kept = rp.exists() and _has_rows(rp)
+        if kept:
             _report([rp], args.markdown, figures=True)
         again = ["plastic", "run", *([args.protocol] if args.protocol else []), "--out", str(out),
                  *(["--arms", args.arms] if args.arms else []),
                  *(["--set", *args.set] if args.set else []), "--resume",
                  *(["--markdown"] if args.markdown else []), *(["-q"] if args.quiet else [])]
-        kept = (f"finished epochs are kept in {rp}" if rp.exists() and _has_rows(rp) else
+        what = (f"finished epochs are kept in {rp}" if kept else
                 "no epoch had finished" if rp.exists() else "nothing was written yet")
-        print(f"\nplastic: interrupted; {kept} (continue with: {shlex.join(again)})",
+        print(f"\nplastic: interrupted; {what} (continue with: {shlex.join(again)})",
               file=sys.stderr)
         return 130
     except FloatingPointError:  # an arm diverged: the others' table and figures all the same

@@ -32,7 +32,7 @@ from .convert import _seed_for, circuit_name, synapses
 from .errors import SpecError
 from .feedback import FeedbackSynapse
 from .learned import KolenPollack
-from .synapses import Conv2d, Dense, Synapse
+from .synapses import Conv2d, Dense, Synapse, stored_weight
 
 __all__ = ["Constraint", "Dale", "SparseMask", "dale_signs", "random_mask", "constrain",
            "constraints_of", "enforce", "mask_gradients", "attach", "Attachment",
@@ -58,18 +58,15 @@ def constrained_weights(synapse: Synapse) -> list[torch.Tensor]:
     (which receives W's update, so it gets W's constraints too; see the module docstring).  A
     pruned synapse's W is computed from the stored ``weight_orig`` each forward: the constraints
     act on that (the 0/1 mask keeps its signs and its zeros)."""
-    w = synapse.weight
-    if isinstance(getattr(synapse, "weight_orig", None), nn.Parameter) \
-            and hasattr(synapse, "weight_mask"):
-        w = synapse.weight_orig  # pruned: W is weight_orig times the mask at each forward
-    elif not isinstance(w, nn.Parameter) and "weight" not in synapse._buffers:
+    stored = stored_weight(synapse)  # pruned: weight_orig, which W is times the mask
+    if stored is None:
         # W computed from another tensor (a parametrization, weight_norm): a projection would
         # change a temporary copy, silently
         raise SpecError(f"constraints of synapse {_label(synapse)}: its W is not a parameter but "
                         "computed (a parametrization, weight or spectral norm), and a projection "
                         "cannot reach what it is computed from; constrain a synapse whose W is "
                         "a parameter (pruning is fine)")
-    ws = [w]
+    ws = [stored[0]]
     fb = getattr(synapse, "feedback", None)
     if isinstance(fb, KolenPollack) and fb.weight.shape == synapse.weight.shape:
         ws.append(fb.weight)

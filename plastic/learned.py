@@ -21,6 +21,7 @@ from torch import nn
 from .errors import SpecError, suggest
 from .feedback import FeedbackSynapse, _redraw, _state_of, random_like, randn_like_logical
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
+from .synapses import autocast_off, is_plasticity_paused, stored_weight
 
 __all__ = ["LearnedFeedback", "KolenPollack", "sleep_step", "rule_scale", "DRIVES"]
 
@@ -295,14 +296,13 @@ class KolenPollack(FeedbackSynapse):
         # a frozen W (dw None) gets none, so neither does B
         if dw is None:
             return None
-        if not isinstance(synapse.weight, nn.Parameter):  # a pruned or parametrized W
-            mask = getattr(synapse, "weight_mask", None)
-            if mask is None or not hasattr(synapse, "weight_orig"):
-                raise SpecError(f"kolen-pollack at {synapse.name or type(synapse).__name__}: W "
-                                "is computed from a parametrization, so W's update is not "
-                                "dL/dW; use a plain W (or pruning, whose mask B follows)")
-            return dw * mask  # the update the leaf weight_orig receives
-        return dw.clone()
+        stored = stored_weight(synapse)
+        if stored is None:
+            raise SpecError(f"kolen-pollack at {synapse.name or type(synapse).__name__}: W "
+                            "is computed from a parametrization, so W's update is not "
+                            "dL/dW; use a plain W (or pruning, whose mask B follows)")
+        mask = stored[1]
+        return dw.clone() if mask is None else dw * mask  # a pruned W's: what weight_orig gets
 
 
 @torch.no_grad()
@@ -315,7 +315,6 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"sleep_step: batch_size must be a positive integer, got {batch_size!r}")
-    from .synapses import autocast_off, is_plasticity_paused
     if is_plasticity_paused():  # nothing is written into B.grad there
         return 0
     # a frozen B (requires_grad False) does not learn in sleep, as it does not in the wake pass

@@ -67,6 +67,15 @@ def results_path(d: str | Path) -> Path:
     return d if d.suffix in (".h5", ".hdf5") and not d.is_dir() else d / "results.h5"
 
 
+def check_run_dir(out: Path) -> None:
+    """A run's ``--out`` is a directory (the run writes DIR/results.h5 and its figures there):
+    an existing file, or a name of an HDF5 file, is refused."""
+    out = Path(out)
+    if out.is_file() or (out.suffix in (".h5", ".hdf5") and not out.is_dir()):
+        raise ResultsError(f"--out takes a directory (the run writes DIR/results.h5 and its "
+                           f"figures there), not a file: {out}")
+
+
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
 
 
@@ -131,12 +140,7 @@ class ResultsWriter:
         import h5py
 
         self.dir = Path(out_dir)
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ResultsError(f"cannot write results to {self.dir}: it is a file, and --out "
-                               "takes a directory")
-        if self.dir.suffix in (".h5", ".hdf5") and not self.dir.is_dir():
-            raise ResultsError(f"--out takes a directory (the run writes DIR/results.h5 and its "
-                               f"figures there), not a file name: {self.dir}")
+        check_run_dir(self.dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -801,15 +805,13 @@ def _draw(arms: dict, specs: list[dict], out_dir: Path, prefix: str = "") -> lis
     return files
 
 
+@contextlib.contextmanager
 def _writing_figures(out_dir: Path):
     """A one-line error for figures that cannot be written (a run one may read, not write)."""
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except OSError as e:
-            raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror or e}") from None
-    return guard()
+    try:
+        yield
+    except OSError as e:
+        raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror or e}") from None
 
 
 def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:

@@ -48,6 +48,19 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
+def stored_weight(synapse: nn.Module):
+    """(the tensor a synapse's W is stored in, the pruning mask W is that times, or None): a
+    pruned W is ``weight_orig * weight_mask`` at each forward; None when W is computed some other
+    way (a parametrization, weight or spectral norm), so nothing written to W would last."""
+    orig = getattr(synapse, "weight_orig", None)
+    if isinstance(orig, nn.Parameter) and hasattr(synapse, "weight_mask"):
+        return orig, synapse.weight_mask
+    w = synapse.weight
+    if isinstance(w, nn.Parameter) or "weight" in synapse._buffers:
+        return w, None
+    return None
+
+
 def is_plasticity_paused() -> bool:
     """Whether this runs inside ``plasticity_paused()``."""
     return _paused > 0

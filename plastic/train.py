@@ -502,6 +502,14 @@ def _save_atomic(obj, path: Path):
     Path(str(path) + ".tmp").replace(path)
 
 
+def _rate_source(spec, arm) -> dict:
+    """The arm a conversion arm converts, which must be a rate arm."""
+    src = arm["convert_from"]
+    if arm_population(spec, spec["arms"][src]) in SPIKING_KINDS:
+        raise SpecError(f"convert_from must name a rate arm; {src!r} is spiking")
+    return spec["arms"][src]
+
+
 def _converted(spec, arm, rate: nn.Module, ds) -> nn.Module:
     """The spiking circuit of a conversion arm's population, with the rate circuit's weights."""
     t = spec["time"]
@@ -522,9 +530,10 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     if not path.exists():
         raise SpecError(f"arm {arm_name!r} converts the weights of arm {src!r}, but {path} does "
                         f"not exist; run arm {src!r} first (into the same --out)")
-    src_arm = spec["arms"][src]
-    if arm_population(spec, src_arm) in SPIKING_KINDS:
-        raise SpecError(f"arm {arm_name!r}: convert_from must name a rate arm; {src!r} is spiking")
+    try:
+        src_arm = _rate_source(spec, arm)
+    except SpecError as e:
+        raise SpecError(f"arm {arm_name!r}: {e}") from None
     rate = _model(spec, src_arm, seed, ds).to(device)
     rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     kind = arm_population(spec, arm)
@@ -584,10 +593,8 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
         src = arm.get("convert_from")
         try:
             if src:  # the conversion of the source arm's circuit, with this arm's population
-                source = spec["arms"][src]
-                if arm_population(spec, source) in SPIKING_KINDS:
-                    raise SpecError(f"convert_from must name a rate arm; {src!r} is spiking")
-                _converted(spec, arm, _model(spec, source, spec["seeds"][0], ds), ds)
+                _converted(spec, arm, _model(spec, _rate_source(spec, arm), spec["seeds"][0], ds),
+                           ds)
             else:
                 model = _model(spec, arm, spec["seeds"][0], ds)
                 sleepers = [n for n, _ in sleep_driven(model)]
