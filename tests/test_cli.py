@@ -126,6 +126,19 @@ def test_a_diverging_rule_is_stopped_with_a_hint_at_its_coefficients(tmp_path, c
     assert "Traceback" not in err
 
 
+def test_a_batch_of_one_at_a_1x1_batch_norm_is_a_one_line_error(tmp_path, capsys):
+    # resnet18's ImageNet stem brings a 28x28 image to 1x1 before its last batch norm; 33 images
+    # in batches of 32 leave a last batch of one sample, which batch norm cannot train on
+    rc = main(["run", "mnist", "--out", str(tmp_path / "r"), "--arms", "bp", "-q", "--set",
+               "data=mnist-sample", "seeds=[0]", "circuit=resnet18", "circuit.stem=imagenet",
+               "epochs=1", "train_limit=33", "test_limit=16", "batch_size=32", "probe_size=8",
+               "threads=1"])
+    assert rc == 2
+    line = _err_line(capsys)
+    assert "arm 'bp': a batch of one sample reaches a batch norm whose input is 1x1" in line
+    assert "choose batch_size, train_limit and probe_size" in line
+
+
 def test_seeds_give_mean_and_std_and_same_seed_same_numbers(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     sets = [*FAST, "seeds=[0,1]", "epochs=1"]
