@@ -168,6 +168,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
         out_m = dict(targets)[output]
         if isinstance(out_m, (nn.Linear, Dense)):
             hub.n_outputs = out_m.out_features
+            hub.output_name = circuit_name(module, output)
         else:
             raise SpecError("dfa: the output synapse must be dense (Linear)")
     # every feedback synapse first, so a refusal (a bad option) leaves an in-place module as it

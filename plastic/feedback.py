@@ -41,9 +41,11 @@ def _sign_scale(w: torch.Tensor) -> torch.Tensor:
     carry no feedback, so they do not dilute it."""
     w = w.detach()
     n = max(w.numel(), 1)
-    # RMS(W) times sqrt(n / nonzero), which is exactly 1 on a dense W (no host sync on a GPU)
-    return (torch.linalg.vector_norm(w) / math.sqrt(n)) * (
-        n / torch.count_nonzero(w).clamp_min(1).to(w.dtype)).sqrt()
+    # RMS(W) times sqrt(n / nonzero), which is exactly 1 on a dense W (no host sync on a GPU);
+    # in at least float32: a half-precision count overflows above 65504 (the scale became 0)
+    wide = torch.promote_types(w.dtype, torch.float32)
+    return ((torch.linalg.vector_norm(w, dtype=wide) / math.sqrt(n)) * (
+        n / torch.count_nonzero(w).clamp_min(1).to(wide)).sqrt()).to(w.dtype)
 
 
 def _state_of(generator: torch.Generator | None) -> torch.Tensor:
@@ -67,8 +69,8 @@ def _redraw(weight: torch.Tensor, drawn_from: torch.Tensor) -> None:
 
 def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
     """A random weight of W's shape, drawn like W's default initialisation, independent of W."""
-    return _kaiming_uniform_like(forward_weight.shape, forward_weight[0].numel(), generator,
-                                 forward_weight.device, forward_weight.dtype)
+    return _kaiming_uniform_like(forward_weight.shape, math.prod(forward_weight.shape[1:]),
+                                 generator, forward_weight.device, forward_weight.dtype)
 
 
 def _kaiming_uniform_like(shape, fan_in: int, generator, device, dtype) -> torch.Tensor:
@@ -261,6 +263,7 @@ class DirectFeedbackHub:
 
     def __init__(self):
         self.n_outputs: int | None = None
+        self.output_name = ""  # the output synapse's name, for messages
         self._pass: _Pass | None = None
         self._closed = True  # the current pass's output synapse has run
         self._seq = 0
@@ -307,9 +310,12 @@ class DirectFeedbackHub:
                     p.task is not None and task == p.task):
                 e = latest
         if e is None:
+            out = f"output synapse {self.output_name!r}" if self.output_name else \
+                "circuit's output synapse"
             raise RuntimeError(
                 f"direct feedback at {name}: no output error for this forward pass; the loss "
-                "must be computed from the circuit's output synapse")
+                f"must be computed from the {out} (by default the last synapse registered; "
+                "choose another with convert(..., output=name))")
         return e
 
     def __repr__(self):
@@ -321,9 +327,11 @@ class DirectRandom(FeedbackSynapse):
     a fixed random matrix B_l straight onto the synapse's pre population,
     delta_pre = B_l e (then ⊙ f'(a) by the population's own backward).
 
-    ``weight`` has shape ``(n_outputs, *pre_shape)`` and is drawn on the first forward pass,
-    when the pre population's shape is known (conv layers); U(-1/sqrt(d), 1/sqrt(d)) with d the
-    size of the pre population, the scale of W^T for a dense layer of that fan-in."""
+    ``weight`` has shape ``(n_outputs, *pre_shape)`` and is drawn from ``seed`` by the first
+    forward pass that routes an error to the pre population (grad enabled, an input that
+    requires it), when its shape is known (conv layers); U(-1/sqrt(d), 1/sqrt(d)) with d the
+    size of the pre population, the scale of W^T for a dense layer of that fan-in.  A first
+    layer, whose input needs no error, never draws one."""
 
     kind = "dfa"
     direct = True
@@ -334,7 +342,7 @@ class DirectRandom(FeedbackSynapse):
         self.seed = int(seed)
         self.register_buffer("weight", torch.empty(0))
 
-    def materialize(self, pre_shape, device, dtype):
+    def materialize(self, pre_shape, device, dtype, memory_format=torch.contiguous_format):
         n_out = self.hub.n_outputs
         if n_out is None:
             raise SpecError("dfa feedback: the circuit has no output synapse to take the error from")
@@ -343,9 +351,20 @@ class DirectRandom(FeedbackSynapse):
             if self.weight.numel():
                 raise SpecError(f"dfa feedback: pre population shape changed from "
                                 f"{tuple(self.weight.shape[1:])} to {tuple(pre_shape)}")
-            g = torch.Generator().manual_seed(self.seed)
-            d = int(torch.tensor(pre_shape).prod())
-            self.weight = _kaiming_uniform_like(shape, d, g, device, dtype)
+            self.weight = self._draw(shape, device, dtype).contiguous(
+                memory_format=memory_format)
+
+    def _draw(self, shape, device, dtype) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return _kaiming_uniform_like(shape, math.prod(shape[1:]), g, device, dtype)
+
+    def reset_parameters(self):
+        """Draw B again from ``seed`` (a lazy B stays lazy): torch's ``to_empty`` +
+        ``reset_parameters`` idiom for a circuit built on the meta device."""
+        if self.weight.numel():
+            with torch.no_grad():
+                self.weight.copy_(self._draw(self.weight.shape, self.weight.device,
+                                             self.weight.dtype))
 
     def project(self, error: torch.Tensor, pre_shape) -> torch.Tensor:
         if error.dim() != 2:
@@ -357,9 +376,9 @@ class DirectRandom(FeedbackSynapse):
             # B in NHWC: read it in storage order (a view, no copy of B) and give the error in
             # channels_last, the layout of the rest of the backward pass
             n, c, h, w = pre_shape
-            e = error.flatten(1) @ b.permute(0, 2, 3, 1).reshape(b.shape[0], -1)
+            e = error.flatten(1) @ b.permute(0, 2, 3, 1).flatten(1)
             return e.view(n, h, w, c).permute(0, 3, 1, 2)
-        return (error.flatten(1) @ b.reshape(b.shape[0], -1)).reshape(pre_shape)
+        return (error.flatten(1) @ b.flatten(1)).reshape(pre_shape)  # flatten: also of 0 outputs
 
     def matrix(self, forward_weight):
         return self.weight

@@ -208,15 +208,21 @@ class Synapse(nn.Module):
         if x.dim() == self.unbatched_dim:  # one sample, as torch.nn accepts: a batch of one
             return self.forward(x.unsqueeze(0)).squeeze(0)
         fb = self.feedback
-        if fb.direct:  # B in the weights' dtype, also when autocast hands x in a lower one
-            if not fb.weight.numel():  # the first input sets B's shape: check it first
+        if fb.direct and torch.is_grad_enabled() and x.requires_grad:
+            # B is drawn (in the weights' dtype, also when autocast hands x in a lower one) by
+            # the first forward pass whose input needs the error it routes: not by an evaluation
+            # (of any input size), nor for a first layer, whose input needs none
+            if not fb.weight.numel():  # the first such input sets B's shape: check it first
                 if x.dim() != self.unbatched_dim + 1:
                     raise SpecError(f"direct feedback at {self.name or type(self).__name__} "
                                     f"takes one sample per row, {self.unbatched_dim + 1}-D input; "
                                     f"got {tuple(x.shape)}")
                 with torch.no_grad():
                     self._forward_op(x, self.weight, self.bias)  # torch's error, if wrong
-            fb.materialize(x.shape[1:], x.device, self.weight.dtype)
+            nhwc = x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last)
+            fb.materialize(x.shape[1:], x.device, self.weight.dtype,  # B laid out like x
+                           torch.channels_last if nhwc else torch.contiguous_format)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
         learned = fb.learned_weight()

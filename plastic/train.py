@@ -305,8 +305,9 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         return run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress)
     torch.manual_seed(seed)
     model = _model(spec, arm, seed, ds).to(device)
-    # materialise lazily-shaped feedback (direct feedback of conv layers) before the optimizer
-    with torch.no_grad():
+    # draw lazily-shaped feedback (direct feedback of conv layers) before anything copies the
+    # model: a forward pass that would route errors, in eval mode, never back-propagated
+    with torch.enable_grad():
         model.eval()
         model(ds.normalize(ds.train_x[:2]).to(device))
         model.train()

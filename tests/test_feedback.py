@@ -566,3 +566,101 @@ def test_a_coefficient_beyond_the_weights_dtype_is_a_one_line_error():
     s = plastic.Dense(5, 3, dtype=torch.float64).set_feedback({"decay": 1e39})
     s(torch.randn(2, 5, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert torch.isfinite(s.feedback.weight.grad).all()
+
+
+def test_sign_symmetry_in_half_precision_routes_the_error():
+    """The scale counted W's nonzero entries in W's dtype: above 65504 in float16 that count was
+    inf, so usf, brsf and frsf routed no error at all (B = 0)."""
+    for kind in ("usf", "brsf", "frsf"):
+        syn = plastic.Dense(300, 300, feedback=kind, generator=torch.Generator().manual_seed(0))
+        syn = syn.half()
+        b16 = syn.feedback.matrix(syn.weight).float()
+        ref = copy.deepcopy(syn).float()
+        if kind == "brsf":  # a fresh |R| each time: ||B|| = ||W|| in expectation
+            assert abs(b16.norm() / ref.weight.norm() - 1) < 0.02
+        else:  # the float32 B of the same weights, to half precision
+            assert torch.allclose(b16, ref.feedback.matrix(ref.weight), rtol=4e-3, atol=1e-5)
+        x = torch.randn(4, 300, dtype=torch.float16, requires_grad=True)
+        syn(x).float().sum().backward()
+        assert x.grad.abs().max() > 0.1, kind
+
+
+def test_dfa_draws_b_only_where_an_error_is_routed():
+    """B was drawn by any forward pass: an evaluation at another input size was refused as a
+    changed shape, a first pass in inference mode left an inference tensor that no checkpoint
+    could be loaded into, and a first layer held a B (for an ImageNet stem 10 x 150528) that
+    routes an error to the image, which needs none."""
+    class GAP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.conv1, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv1(torch.relu(self.conv0(x)))).mean((2, 3)))
+    torch.manual_seed(0)
+    net = plastic.convert(GAP(), "dfa", seed=1)
+    with torch.inference_mode():
+        net(torch.randn(2, 3, 8, 8))
+    F.cross_entropy(net(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    assert net.conv0.feedback.weight.numel() == 0  # the image needs no error
+    assert net.conv1.feedback.weight.shape == (5, 4, 6, 6)
+    assert not net.conv1.feedback.weight.is_inference()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    with pytest.raises(SpecError, match=r"pre population shape changed from \(4, 6, 6\) to "
+                                        r"\(4, 14, 14\)"):
+        net(torch.randn(2, 3, 16, 16))  # training at another size is still refused
+    net.load_state_dict(net.state_dict())
+    # drawn in the layout of its input: the channels_last projection, the same values
+    cl = plastic.convert(GAP(), "dfa", seed=1).to(memory_format=torch.channels_last)
+    cl(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    b = cl.conv1.feedback.weight
+    assert b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()
+    assert torch.equal(b, net.conv1.feedback.weight)
+
+
+def test_dfa_feedback_is_redrawn_by_reset_parameters_after_the_meta_device():
+    """DirectRandom had no reset_parameters (B after to_empty was whatever memory held, 2e37),
+    and a forward pass under torch.device('meta') failed at B's fan-in (Tensor.item())."""
+    def build():
+        torch.manual_seed(0)
+        return plastic.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)),
+                               "dfa", seed=3)
+    ref = build()
+    ref(torch.randn(2, 6)).sum().backward()
+    cpu = build()
+    with torch.device("meta"):
+        net = build()
+        net(torch.randn(2, 6)).sum().backward()  # draws B's shape, on the meta device
+        cpu(torch.randn(2, 6, device="cpu")).sum().backward()  # a CPU circuit in the context
+    assert torch.equal(cpu[2].feedback.weight, ref[2].feedback.weight)
+    assert net[2].feedback.weight.is_meta and net[2].feedback.weight.shape == (3, 8)
+    net = net.to_empty(device="cpu")
+    for mod in net.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    assert torch.equal(net[2].feedback.weight, ref[2].feedback.weight)
+
+
+def test_dfa_of_a_layer_without_units_and_the_message_names_the_output_synapse():
+    net = plastic.convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 0)), "dfa")
+    x = torch.randn(2, 4, requires_grad=True)
+    net(x).sum().backward()  # B was reshaped to (0, -1): an error
+    assert torch.equal(x.grad, torch.zeros(2, 4))
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.body = nn.Linear(8, 3), nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+    net = plastic.convert(HeadFirst(), "dfa")
+    with pytest.raises(RuntimeError, match=r"computed from the output synapse 'body' \(by "
+                                           r"default the last synapse registered; choose "
+                                           r"another with convert\(\.\.\., output=name\)\)"):
+        net(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    net = plastic.convert(HeadFirst(), "dfa", output="head")
+    x = torch.randn(2, 4, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad.abs().sum() > 0
