@@ -8,7 +8,7 @@ column convention is ``matrix(W).T``, so "the angle between B and W^T" is the an
 ``matrix(W)`` and ``W``.  Keeping the forward layout lets dense and conv synapses share one
 operator (``torch.ops.aten.convolution_backward`` takes B in place of W and nothing else changes).
 
-Fixed or derived feedback weights are buffers.  Learned ones (later rules) are ``nn.Parameter`` s
+Fixed or derived feedback weights are buffers.  Learned ones (``plastic.learned``) are ``nn.Parameter`` s
 and receive ``.grad`` from the synapse's backward pass, so any optimizer updates them.
 """
 from __future__ import annotations
@@ -418,7 +418,7 @@ FEEDBACK_KINDS = {
     "bp": "alias of transpose",
     "backprop": "alias of transpose",
     "fa": "feedback alignment: fixed random B",
-    "usf": "uniform sign symmetry: B = RMS(W) sign(W)",
+    "usf": "uniform sign symmetry: B = RMS(W's nonzero entries) sign(W)",
     "brsf": "batchwise random-magnitude sign symmetry: |R| o sign(W), R redrawn per batch",
     "frsf": "fixed random-magnitude sign symmetry: |R| o sign(W), R fixed",
     "dfa": "direct feedback alignment: output error projected by fixed random B_l",

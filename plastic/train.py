@@ -37,8 +37,9 @@ def build_circuit(circuit: dict, input_shape, n_classes: int, population: str | 
     """A plain torch model from a resolved circuit spec, checked against the data's shape.
     ``population`` overrides the circuit's population.  A circuit with spiking populations
     comes back wrapped in ``TimeStepped`` (``time``: steps, dt, encoder); the same spec with a
-    rate population gives the rate network.  The circuit's constraints (Dale's law, sparse
-    connectivity) and delays are applied."""
+    rate population gives the rate network.  The circuit's delays are applied; its constraints
+    (Dale's law, sparse connectivity) are not: they act on the converted circuit
+    (``plastic.apply_circuit_constraints``, as ``run_protocol`` does)."""
     shape = tuple(circuit["input_shape"]) or tuple(input_shape)
     if tuple(shape) != tuple(input_shape):
         raise SpecError(f"circuit {circuit['name'] or circuit['kind']!r} expects input "
@@ -461,6 +462,10 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     _save_weights(model, out_dir, arm_name, seed)
     writer.mark_done(arm_name, seed)
     ckpt.unlink(missing_ok=True)
+    try:  # and the folder with the last arm's
+        ckpt.parent.rmdir()
+    except OSError:  # another arm's checkpoint is in it (or it was never made)
+        pass
     return model
 
 

@@ -669,6 +669,7 @@ def test_resume_ignores_a_checkpoint_the_results_file_has_no_row_of(tmp_path, mo
         assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--resume", "--set", *FAST,
                      "epochs=1"]) == 0
     assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1]
+    assert not (out / "checkpoints").exists()  # an empty folder was left behind
 
 
 def test_a_seed_stopped_at_epoch_0_is_not_pooled_with_finished_ones(tmp_path, monkeypatch):
