@@ -1,7 +1,9 @@
 """Time-stepped circuits: one circuit definition, simulated for T steps of dt.
 
 ``TimeStepped`` wraps a sequential circuit (``models.mlp``, ``models.convnet``) whose populations
-are spiking (``LIFPopulation``) or rate ones.  The data are encoded into T steps (``encoders``),
+are spiking (``LIFPopulation``) or rate ones.  A rate population responds instantly, with its
+steady state f(I) at every step (its τ is not simulated here; ``rate_step`` is its dynamics);
+every spiking population steps by the simulator's ``dt``.  The data are encoded into T steps (``encoders``),
 spikes travel through the same forward synapses, and errors through the same feedback synapses
 as in rate mode, so every feedback kind and learned rule trains a spiking circuit unchanged:
 surrogate-gradient backpropagation through time in which each synapse's backward pass routes the
@@ -122,7 +124,7 @@ class TimeStepped(nn.Module):
             raise SpecError(f"time steps must be a positive integer, got {steps!r}")
         if encoder not in ENCODINGS:
             raise SpecError(f"unknown encoder {encoder!r}; known: {', '.join(ENCODINGS)}")
-        self.circuit, self.steps, self.dt = circuit, steps, float(dt)
+        self.circuit, self._steps, self._dt = circuit, steps, float(dt)
         self.encoder, self.encoder_options = encoder, dict(encoder_options or {})
         known = {"constant": ("scale",), "poisson": ("scale", "f_max"),
                  "latency": ("scale",)}[encoder]
@@ -148,11 +150,53 @@ class TimeStepped(nn.Module):
                             f"{nested.split('.')[0]} of the circuit: a time-stepped circuit steps "
                             "only its own top-level populations; flatten it, e.g. "
                             "nn.Sequential(*block, *rest)")
-        for i, m in enumerate(circuit):
-            if isinstance(m, LIFPopulation):
-                m.dt = self.dt
+        self.dt = dt  # every population steps by the simulator's dt (its own is set to it)
+        self._check_latency(steps)
+        if encoder != "constant":
+            if input_mean is None or input_std is None:
+                raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "
+                                "intensities in [0, 1] from normalised data")
+        self.register_buffer("input_mean", None if input_mean is None else torch.as_tensor(input_mean).float())
+        self.register_buffer("input_std", None if input_std is None else torch.as_tensor(input_std).float())
+        self._gen = None
+
+    @property
+    def steps(self) -> int:
+        """Time steps per input (checked against the delays when set)."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, steps: int) -> None:
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise SpecError(f"time steps must be a positive integer, got {steps!r}")
+        for k, v in self.delays.items():
+            if v >= steps:
+                raise SpecError(f"delay of synapse {k} must be in [0, {steps - 1}] steps, got {v}")
+        self._check_latency(steps)
+        self._steps = steps
+
+    @property
+    def dt(self) -> float:
+        """The step in seconds; setting it sets every population's (and checks it there)."""
+        return self._dt
+
+    @dt.setter
+    def dt(self, dt: float) -> None:
+        pops = [m for m in self.circuit if isinstance(m, LIFPopulation)]
+        old = [m.dt for m in pops]
+        try:
+            for m in pops:
+                m.dt = float(dt)
                 m.check()
-        adaptive = sum(isinstance(m, LIFPopulation) and m.kind == "adaptive_lif" for m in circuit)
+        except SpecError:  # all or none
+            for m, d in zip(pops, old):
+                m.dt = d
+            raise
+        self._dt = float(dt)
+
+    def _check_latency(self, steps: int) -> None:
+        adaptive = sum(isinstance(m, LIFPopulation) and m.kind == "adaptive_lif"
+                       for m in self.circuit)
         latency = adaptive + sum(self.delays.values())
         if latency and steps <= latency:
             # an adaptive LIF population (norse's LSNN step) adds its input after the step, so
@@ -162,13 +206,6 @@ class TimeStepped(nn.Module):
                             f"adaptive_lif population(s), {sum(self.delays.values())} step(s) of "
                             f"synaptic delay): {steps} time step(s) leave the output independent "
                             f"of the input; take more than {latency} steps")
-        if encoder != "constant":
-            if input_mean is None or input_std is None:
-                raise SpecError(f"encoder {encoder!r} needs input_mean and input_std to recover "
-                                "intensities in [0, 1] from normalised data")
-        self.register_buffer("input_mean", None if input_mean is None else torch.as_tensor(input_mean).float())
-        self.register_buffer("input_std", None if input_std is None else torch.as_tensor(input_std).float())
-        self._gen = None
 
     # -- encoding --------------------------------------------------------------------------
     def encode(self, x: torch.Tensor):
@@ -204,6 +241,9 @@ class TimeStepped(nn.Module):
         if isinstance(record, str) or unknown:
             raise SpecError(f"record takes a tuple of 'spikes' and 'voltages', got {record!r}")
         t, b = self.steps, x.shape[0]
+        if stats and not b:  # per-sample statistics of no sample
+            raise SpecError("statistics (firing rate, synaptic operations) of an empty batch: "
+                            "give at least one sample")
         seq, const = self.encode(x)
         rec = Recording()
         spiking_input = self.encoder != "constant"
@@ -433,6 +473,9 @@ def inference_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, di
         return out, {"firing_rate": rec.firing_rate, "synaptic_ops": rec.ops,
                      "decision_steps": float(decision_steps(rec.outputs).float().mean())}
     b = x.shape[0]
+    if not b:
+        raise SpecError("statistics (firing rate, synaptic operations) of an empty batch: give "
+                        "at least one sample")
     acc = {"ops": 0.0, "act": 0.0, "n": 0.0}
 
     def syn_hook(m, inp, out):

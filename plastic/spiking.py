@@ -193,9 +193,10 @@ class LIFPopulation(nn.Module):
             # 1/(α|x| + 1)² with α < 0 has a pole at |x| = 1/|α|: infinite gradients
             raise SpecError(f"{self.kind!r} population: the surrogate's alpha must be a finite "
                             f"number > 0, got {alpha.tolist()}")
-        v_th = _host(self.p.v_th)
-        if v_th is not None and not bool(torch.isfinite(v_th).all()):
-            raise SpecError(f"{self.kind!r} population: v_th must be finite")
+        for name in ("v_th", "v_leak", "v_reset", "beta"):  # NaN would silently fill the state
+            v = _host(getattr(self.p, name)) if name in fields else None
+            if v is not None and not bool(torch.isfinite(v).all()):
+                raise SpecError(f"{self.kind!r} population: {name} must be finite")
         for name in ("tau_syn_inv", "tau_mem_inv", "tau_adapt_inv"):
             if name in fields:
                 v = _host(getattr(self.p, name))
@@ -233,16 +234,20 @@ class LIFPopulation(nn.Module):
         makes a new copy; one through ``.data`` is not counted);
         parameters that require grad are copied afresh at every call, so gradients reach them."""
         p = self.p
+        arrays = any(isinstance(v, np.ndarray) for v in p)
+        if arrays:  # NumPy per-neuron values as tensors (they keep no version: never cached)
+            p = type(p)(*(torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in p))
 
         def fits(v):
             return not torch.is_tensor(v) or v.device == x.device and (
                 v.dim() == 0 or not v.is_floating_point() or v.dtype == x.dtype)
         if all(fits(v) for v in p):
             return p
+
         def converted():
             return type(p)(*(v.to(x.device, x.dtype if v.is_floating_point() and v.dim() else
                                   v.dtype) if torch.is_tensor(v) else v for v in p))
-        if any(torch.is_tensor(v) and v.requires_grad for v in p):
+        if arrays or any(torch.is_tensor(v) and v.requires_grad for v in p):
             return converted()  # a differentiable copy belongs to this call's graph: not cached
         key = (x.device, x.dtype, tuple(_version(v) for v in p))
         cache = self.__dict__.get("_params_cache")
@@ -430,9 +435,11 @@ def _lif_sequence_forward(kind, currents, v0, i0, p, dt, save, record, out=None)
             else:
                 torch.sub(v_leak, v, out=tmp)
                 tmp.add_(i)
-            tmp.mul_(a)
+            # the coefficient on the left, as the step function and norse write it: in half
+            # precision (0-d float32) * bf16 and bf16 * (0-d float32) round differently on CPU
+            torch.mul(a, tmp, out=tmp)
             torch.add(v, tmp, out=vd)            # v_dec = v + dt/τ_mem · (...)
-            torch.mul(i, b, out=tmp)
+            torch.mul(b, i, out=tmp)
             i.add_(tmp)                          # i_dec = i_new + (−dt/τ_syn · i_new)
         else:
             if leak0:
@@ -440,7 +447,7 @@ def _lif_sequence_forward(kind, currents, v0, i0, p, dt, save, record, out=None)
             else:
                 torch.add(currents[t], v_leak, out=tmp)
                 tmp.sub_(v)
-            tmp.mul_(a)
+            torch.mul(a, tmp, out=tmp)
             torch.add(v, tmp, out=vd)
         z = spikes[t]
         torch.gt(vd, v_th, out=z)                # z = H(v_dec − v_th), as 0./1.

@@ -148,6 +148,11 @@ def test_decision_steps_and_inference_stats():
     _, rst = inference_stats(rate, x)
     assert rst["decision_steps"] == 1.0 and rst["synaptic_ops"] == pytest.approx(
         float((x != 0).sum()) / 8 * 32 + float((torch.relu(rate[1](x)) != 0).sum()) / 8 * 5)
+    from plastic.errors import SpecError
+    for model in (sim, rate):  # a ZeroDivisionError (a bare traceback) before
+        with pytest.raises(SpecError, match="statistics .* of an empty batch"):
+            inference_stats(model, x[:0])
+    assert sim(x[:0]).shape == (0, 5)  # a run without statistics takes it
 
 
 def test_eligibility_traces_give_the_exact_voltage_gradient_without_spikes():
@@ -912,3 +917,26 @@ def test_an_older_file_s_calibration_attributes_move_into_their_seed_s_row(tmp_p
     assert a["metrics"]["seed"].tolist() == [0, 1]
     assert a["metrics"]["conversion_gain"][0] == 8.0
     assert a["metrics"]["conversion_lambda/1"][0] == 2.5
+
+
+def test_setting_steps_or_dt_later_is_checked_and_reaches_the_populations():
+    """sim.dt set after construction reached the encoder but not the populations (they kept the
+    old step), and sim.steps below a synaptic delay skipped the delay check (a sequence of the
+    wrong length was averaged, silently)."""
+    from plastic.errors import SpecError
+    from plastic.spiking import LIFPopulation
+    sim = _circuit(delays={"3": 3})
+    pops = [m for m in sim.circuit if isinstance(m, LIFPopulation)]
+    assert pops and all(p.dt == sim.dt == 1e-3 for p in pops)
+    sim.dt = 5e-4
+    assert all(p.dt == 5e-4 for p in pops)
+    with pytest.raises(SpecError, match="the Euler step needs 0 <= dt/τ < 2"):
+        sim.dt = 0.05
+    assert sim.dt == 5e-4 and all(p.dt == 5e-4 for p in pops)  # all or none
+    with pytest.raises(SpecError, match=r"delay of synapse 3 must be in \[0, 1\] steps, got 3"):
+        sim.steps = 2
+    with pytest.raises(SpecError, match="time steps must be a positive integer"):
+        sim.steps = 0
+    assert sim.steps == 30
+    sim.steps = 10
+    assert sim(torch.rand(2, 20)).shape == (2, 5)

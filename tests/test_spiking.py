@@ -205,6 +205,12 @@ def test_a_per_neuron_population_prints_and_a_bad_surrogate_is_refused():
     with pytest.raises(SpecError, match="v_th must be finite"):
         LIFPopulation(LIFParameters(v_th=torch.as_tensor(float("nan"))))
     from plastic.spiking import AdaptiveLIFParameters
+    # these passed, and every state became NaN without a spike
+    for name in ("v_leak", "v_reset"):
+        with pytest.raises(SpecError, match=f"'lif' population: {name} must be finite"):
+            LIFPopulation(LIFParameters(**{name: torch.tensor([0.0, float("nan")])}))
+    with pytest.raises(SpecError, match="'adaptive_lif' population: beta must be finite"):
+        LIFPopulation(AdaptiveLIFParameters(beta=float("inf")), kind="adaptive_lif")
     # another kind's parameters with every field this kind reads: adaptation silently dropped
     with pytest.raises(SpecError, match="another kind's \\(AdaptiveLIFParameters\\)"):
         LIFPopulation(AdaptiveLIFParameters(beta=torch.as_tensor(50.0)), kind="lif")
@@ -322,3 +328,29 @@ def test_a_per_neuron_numpy_parameter_runs_the_fused_sequence():
     p = LIFParameters(v_leak=np.zeros(3))
     z, _ = lif_sequence(torch.ones(4, 2, 3) * 2, None, p)
     assert z.shape == (4, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["lif", "lif_box", "adaptive_lif"])
+def test_every_per_neuron_numpy_parameter_is_taken_as_a_tensor(kind):
+    """check() accepted NumPy values for every field, but the time constants (and most of the
+    adaptive neuron's fields) failed in the step with a bare TypeError, and an adaptive v_reset
+    turned the output into float64."""
+    import numpy as np
+    from plastic.spiking import SPIKING_KINDS
+    values = dict(tau_syn_inv=[150., 200., 250.], tau_mem_inv=[90., 100., 110.],
+                  v_leak=[0., .05, .1], v_th=[.3, .4, .5], v_reset=[0., -.1, -.2],
+                  alpha=[50., 100., 200.], beta=[1., 1.8, 2.], tau_adapt_inv=[1e-3, 2e-3, 3e-3])
+    P = type(SPIKING_KINDS[kind][1])
+    x = torch.rand(50, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.8
+    for name in P._fields:
+        ref = LIFPopulation(P(**{name: torch.tensor(values[name])}), kind=kind)
+        pop = LIFPopulation(P(**{name: np.array(values[name])}), kind=kind)
+        for grad in (False, True):
+            xs = [x.clone().requires_grad_(grad) for _ in range(2)]
+            (z, s), (z_ref, s_ref) = pop(xs[0]), ref(xs[1])
+            assert z.dtype == torch.float32 and s.v.dtype == torch.float32, name
+            assert torch.equal(z, z_ref) and torch.equal(s.v, s_ref.v), name
+            if grad:
+                (z.sum() + s.v.sum()).backward()
+                (z_ref.sum() + s_ref.v.sum()).backward()
+                assert torch.equal(xs[0].grad, xs[1].grad), name
