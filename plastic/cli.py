@@ -84,6 +84,10 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
 
     rs = [results.read(results.results_path(p)) for p in paths]
     rows = results.summary(rs)
+    if not rows:  # an empty table and an empty figure said nothing
+        print(f"plastic: note: {', '.join(map(str, paths))}: no arm has finished an epoch yet",
+              file=sys.stderr)
+        return
     print(results.format_table(rows, markdown=markdown))
     if layers:
         print()

@@ -324,6 +324,9 @@ def _open(path: Path, mode="r"):
     import h5py
     path = Path(path)
     if not path.exists():
+        if path.parent.is_file():  # DIR/results.h5 of a DIR that is a file of another kind
+            raise ResultsError(f"{path.parent} is neither a run directory nor a results file "
+                               "(.h5 or .hdf5)")
         raise ResultsError(f"no results file at {path}")
     try:
         return h5py.File(path, mode)

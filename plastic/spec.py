@@ -135,7 +135,7 @@ _RANGES = [
     ("train_limit", lambda v: v >= 0, ">= 0 (0: all)"),
     ("test_limit", lambda v: v >= 0, ">= 0 (0: all)"),
     ("probe_size", lambda v: v >= 0, ">= 0 (0: no update angles or rule values)"),
-    ("threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
+    ("threads", lambda v: 0 <= v <= 4096, "in [0, 4096] (0: torch's default)"),
     ("optimizer.lr", lambda v: v >= 0, ">= 0"),
     ("optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
@@ -273,18 +273,30 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")
+        v = parse_value(value.strip())
         if len(parts) >= 3 and parts[0] == "arms" and parts[1] not in existing:
             new_arms.setdefault(parts[1], []).append(parts[2])
+        if len(parts) == 2 and parts[0] == "arms" and parts[1] not in existing:
+            new_arms.setdefault(parts[1], []).extend(v if isinstance(v, dict) else ["<value>"])
         d = spec
         for p in parts[:-1]:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
                 raise SpecError(f"--set {key}: {p!r} is not a table")
-        d[parts[-1]] = parse_value(value.strip())
+        # a table given to a table of settings (optimizer={lr=0.3}, arms.fa={lr=0.1}) sets
+        # those settings, as their dotted keys would: replacing it dropped the others (fa
+        # trained backprop, mnist lost its weight decay); a rule, a circuit, options replace
+        settings = (len(parts) == 1 and isinstance(PROTOCOL_SCHEMA.get(parts[0]), dict)) or (
+            len(parts) == 2 and parts[0] == "arms" and parts[1] in existing)
+        if settings and isinstance(v, dict) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]] = {**d[parts[-1]], **v}
+        else:
+            d[parts[-1]] = v
     for name, keys in new_arms.items():
         # a misspelt arm name would otherwise add an arm, and leave the intended one unchanged
         if "feedback" not in keys:
-            raise SpecError(f"--set arms.{name}.{keys[0]}: the protocol has no arm {name!r}"
+            given = f"arms.{name}.{keys[0]}" if keys and keys[0] != "<value>" else f"arms.{name}"
+            raise SpecError(f"--set {given}: the protocol has no arm {name!r}"
                             f"{suggest(name, existing) if existing else ''}; a new arm needs "
                             f"its feedback too (--set arms.{name}.feedback=...)")
     return spec
@@ -362,9 +374,10 @@ def resolve_circuit(circuit) -> dict:
         shown = sorted(own | {"output_scale", "units_per_class"})
         raise SpecError(f"circuit kind {c['kind']!r} has no setting {', '.join(ignored)}; it reads "
                         f"{', '.join(shown)} and the population and constraint settings")
-    for key in ("hidden", "channels", "blocks"):
-        if not all(isinstance(h, int) and h > 0 for h in c[key]):
+    for key in ("hidden", "channels", "blocks", "input_shape"):  # true is an int to Python
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in c[key]):
             raise SpecError(f"circuit.{key} must be a list of positive integers, got {c[key]}")
+    c["population"] = c["population"].lower()  # as it is read: LIF and lif are one circuit
     if c["units_per_class"] < 1:
         raise SpecError(f"circuit.units_per_class must be at least 1, got {c['units_per_class']}")
     if not c["output_scale"] > 0:  # 0 would zero the logits, and nothing would learn
@@ -464,7 +477,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
              "output": arm.get("output", ""),
              "feedback_options": arm.get("feedback_options", {}),
              "description": arm.get("description", ""),
-             "population": arm.get("population", ""),
+             "population": arm.get("population", "").lower(),
              "convert_from": arm.get("convert_from", ""),
              "learning": arm.get("learning", "backprop")}
         for key in ("lr", "weight_decay"):
@@ -517,11 +530,18 @@ def load_protocol(path: str | Path | None, sets: list[str] | None = None) -> dic
         path = PROTOCOLS_DIR / "quickstart.toml"
     p = Path(path)
     # a bare name is a built-in protocol unless a file of that name is here (a directory of
-    # that name, e.g. a run's --out, is not a protocol)
-    if not p.is_file() and p.suffix != ".toml" and (PROTOCOLS_DIR / f"{p}.toml").exists():
-        p = PROTOCOLS_DIR / f"{p}.toml"
+    # that name, e.g. a run's --out, is not a protocol); NAME.toml too, if no such file is here
+    builtin = PROTOCOLS_DIR / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
+    bare = len(p.parts) == 1
+    if bare and not p.is_file() and (p.suffix != ".toml" or not p.exists()) and builtin.exists():
+        p = builtin
     elif not p.exists() and p.suffix != ".toml" and not PROTOCOLS_DIR.is_dir():
         raise SpecError(f"protocol {str(path)!r}: {NOT_A_CHECKOUT}, or name a protocol file")
+    elif bare and not p.exists():
+        known = sorted(q.stem for q in PROTOCOLS_DIR.glob("*.toml"))
+        stem = p.stem if p.suffix == ".toml" else p.name
+        raise SpecError(f"unknown protocol {str(path)!r}{suggest(stem, known)}; built in: "
+                        f"{', '.join(known)} (or give the path of a protocol file)")
     raw = read_toml(p, "protocol")
     raw.setdefault("name", p.stem)
     # a circuit or data file named by a relative path is the one beside the protocol file if

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -526,6 +527,20 @@ def _converted(spec, arm, rate: nn.Module, ds) -> nn.Module:
     return snn
 
 
+def _recorded_seeds(out_dir, arm: str) -> set[int]:
+    """The seeds of ``arm`` that the results file in ``out_dir`` records as finished."""
+    import h5py
+    path = results_path(out_dir)
+    if not path.is_file():
+        return set()
+    try:
+        with h5py.File(path, "r") as h5:
+            g = h5["arms"].get(arm) if "arms" in h5 else None
+            return set(json.loads(g.attrs.get("done_seeds", "[]"))) if g is not None else set()
+    except (OSError, ValueError):  # a damaged file: ResultsWriter reports it in its words
+        return set()
+
+
 def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     """An arm that trains nothing: the trained weights of arm ``convert_from`` run as the spiking
     circuit of this arm's population, after data-based weight normalisation
@@ -541,7 +556,13 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     except SpecError as e:
         raise SpecError(f"arm {arm_name!r}: {e}") from None
     rate = _model(spec, src_arm, seed, ds).to(device)
-    rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    try:
+        rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # damaged, or
+        # another circuit's
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SpecError(f"arm {arm_name!r}: the weights of arm {src!r} in {path} do not load "
+                        f"into its circuit ({first})") from None
     kind = arm_population(spec, arm)
     snn = _converted(spec, arm, rate, ds).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
@@ -610,9 +631,13 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
                                     "which learns only in sleep phases, would never learn")
         except SpecError as e:
             raise SpecError(f"arm {a!r}: {e}") from None
-        missing = [s for s in spec["seeds"] if not _weights_path(out_dir, src, s).exists()] \
+        recorded = _recorded_seeds(out_dir, src) if src and resume else set()
+        missing = [s for s in spec["seeds"] if s not in recorded
+                   or not _weights_path(out_dir, src, s).exists()] \
             if src and src not in names[:i] else []
-        if missing:  # the weights it converts are neither there nor trained before it here
+        if missing:  # the weights it converts are neither recorded there nor trained here
+            # (weights left by a run whose results file is gone, or is overwritten by this
+            # run, were converted as if they were this spec's)
             again = " with --resume" if results_path(out_dir).exists() else ""
             raise SpecError(
                 f"arm {a!r} converts the weights of arm {src!r}, which {out_dir} does not hold "

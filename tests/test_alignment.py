@@ -168,7 +168,7 @@ def test_weight_angles_leave_out_hidden_dfa_and_keep_the_random_stream():
     net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4),
                               torch.nn.Tanh(), torch.nn.Linear(4, 4))
     m = plastic.convert(net, "dfa")
-    m(torch.randn(2, 6))
+    m(torch.randn(2, 6, requires_grad=True))  # a pass that routes errors draws each B
     assert m[0].feedback.weight.shape == m[0].weight.shape
     assert set(plastic.metrics.weight_angles(m)) == set(plastic.metrics.norm_ratios(m)) == {"4"}
     m = plastic.convert(net, "brsf")

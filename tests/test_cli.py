@@ -1333,3 +1333,22 @@ def test_the_last_review_s_edges(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path / "x.hdf5" / "combined.h5"), "--out",
                  str(tmp_path / "x.hdf5")]) == 2
     assert "holds combined.h5" in capsys.readouterr().err
+
+
+def test_report_of_a_run_without_a_finished_epoch_and_of_a_file_of_another_kind(tmp_path,
+                                                                                 capsys):
+    """A run stopped before its first epoch ended was reported as an empty table and an empty
+    figure (with matplotlib's legend warning); a .pt file was 'no results file at x.pt/results.h5'."""
+    from plastic.results import ResultsWriter
+    from plastic.spec import load_protocol
+    w = ResultsWriter(tmp_path / "r", load_protocol("quickstart", ["epochs=1"]))
+    w.arm_group("bp", {"feedback": "transpose", "lr": 0.05})
+    w.close()
+    assert main(["report", str(tmp_path / "r"), "--figures"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no arm has finished an epoch yet" in captured.err
+    assert not (tmp_path / "r" / "learning_curves.png").exists()
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"x")
+    assert main(["report", str(f)]) == 2
+    assert f"{f} is neither a run directory nor a results file (.h5 or .hdf5)" in _err_line(capsys)

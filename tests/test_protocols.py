@@ -89,3 +89,40 @@ def test_seeds_beyond_64_bits_are_refused():
     from plastic.errors import SpecError
     with pytest.raises(SpecError, match=r"seeds must be a non-empty list of integers in \[0, 2\^63\)"):
         load_protocol("quickstart", ["seeds=[99999999999999999999]"])
+
+
+def test_a_table_given_to_settings_sets_them_and_a_new_arm_needs_its_feedback():
+    """--set arms.fa={lr=0.1} replaced the arm: 'fa' trained backprop; optimizer={lr=0.3}
+    dropped mnist's weight decay; arms.usff={lr=0.1} (a misspelt arm) added a backprop arm."""
+    from plastic.errors import SpecError
+    fa = load_protocol("quickstart", ["arms.fa={lr=0.1}"])["arms"]["fa"]
+    assert fa["feedback"] == "fa" and fa["lr"] == 0.1
+    opt = load_protocol("mnist", ["optimizer={lr=0.3}"])["optimizer"]
+    assert opt["lr"] == 0.3 and opt["weight_decay"] == 1e-4
+    with pytest.raises(SpecError, match=r"no arm 'usff' \(did you mean 'usf'\?\); a new arm "
+                                        r"needs its feedback too"):
+        load_protocol("quickstart", ["arms.usff={lr=0.1}"])
+    new = load_protocol("quickstart", ['arms.new={feedback="usf", lr=0.2}'])["arms"]["new"]
+    assert new["feedback"] == "usf" and new["lr"] == 0.2
+    # a rule given as a table replaces the rule (merged, {amp=1, decay=1} would keep null)
+    info = load_protocol("cifar10", ["arms.information.feedback={amp=1,decay=1}"])
+    assert info["arms"]["information"]["feedback"] == {"amp": 1, "decay": 1}
+
+
+def test_bad_shapes_threads_and_protocol_names_are_one_line_errors():
+    from plastic.errors import SpecError
+    for bad in ("circuit.hidden=[true]", "circuit.input_shape=[1.0,28,28]",
+                "circuit.input_shape=[true,28,28]"):  # a traceback, or a silent bool
+        with pytest.raises(SpecError, match="must be a list of positive integers"):
+            load_protocol("quickstart", [bad])
+    with pytest.raises(SpecError, match=r"threads must be in \[0, 4096\]"):
+        load_protocol("quickstart", ["threads=99999999999"])  # torch's OverflowError
+    with pytest.raises(SpecError, match=r"unknown protocol 'mnisst' \(did you mean 'mnist'\?\); "
+                                        r"built in: cifar10, "):
+        load_protocol("mnisst")
+    assert load_protocol("mnist.toml")["name"] == "mnist"  # the built-in one, by its file name
+    # a population is read in any case, so it is recorded in one: LIF and lif are one circuit
+    spec = load_protocol("rate_vs_spiking", ["circuit.population=ReLU",
+                                             "arms.lif-bptt.population=LIF"])
+    assert spec["circuit"]["population"] == "relu"
+    assert spec["arms"]["lif-bptt"]["population"] == "lif"

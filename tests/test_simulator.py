@@ -940,3 +940,29 @@ def test_setting_steps_or_dt_later_is_checked_and_reaches_the_populations():
     assert sim.steps == 30
     sim.steps = 10
     assert sim(torch.rand(2, 20)).shape == (2, 5)
+
+
+def test_a_conversion_reads_only_weights_that_its_results_file_records(tmp_path):
+    """Weights left in --out by a run whose results file is gone were converted as this spec's
+    (they came from another lr), or failed in load_state_dict with a bare traceback."""
+    from plastic.results import read, results_path
+    from plastic.train import run_protocol
+    spec = resolve_protocol({
+        "data": "mnist-sample", "train_limit": 128, "test_limit": 64, "epochs": 1,
+        "probe_size": 16, "time": {"steps": 4},
+        "circuit": {"kind": "mlp", "hidden": [16], "population": "relu"},
+        "arms": {"rate": {"feedback": "fa"},
+                 "converted": {"convert_from": "rate", "population": "lif"}}})
+    out = tmp_path / "c"
+    run_protocol(spec, out, arms=["rate"], progress=False)
+    results_path(out).unlink()  # the weights stay, no longer recorded anywhere
+    for resume in (False, True):
+        with pytest.raises(SpecError, match=r"converts the weights of arm 'rate', which .* does "
+                                            r"not hold \(seed 0\)"):
+            run_protocol(spec, out, arms=["converted"], resume=resume, progress=False)
+    run_protocol(spec, out, arms=["rate"], progress=False)
+    (out / "weights" / "rate-seed0.pt").write_bytes(b"not a state dict")
+    with pytest.raises(SpecError, match=r"arm 'converted': the weights of arm 'rate' in .* do "
+                                        r"not load into its circuit"):
+        run_protocol(spec, out, arms=["converted"], resume=True, progress=False)
+    assert "converted" not in read(out)["arms"] or not read(out)["arms"]["converted"]["metrics"]
