@@ -175,6 +175,20 @@ def _warn_unread(spec: dict) -> None:
                           " no effect", UserWarning, stacklevel=2)
 
 
+def _warn_unreached(spec: dict, sets: list[str]) -> None:
+    """``--set optimizer.lr=...`` does not reach the arms that set their own lr (nor
+    weight_decay theirs): said, since it reads as if it set every arm's."""
+    arms = spec["arms"] if isinstance(spec["arms"], dict) else {}
+    for key in ("lr", "weight_decay"):
+        given = any(k.strip() == f"optimizer.{key}" or (k.strip() == "optimizer" and isinstance(
+            parse_value(v.strip()), dict) and key in parse_value(v.strip()))
+            for k, _, v in (s.partition("=") for s in sets))
+        own = [n for n, a in arms.items() if isinstance(a, dict) and key in a]
+        if given and own:
+            warnings.warn(f"--set optimizer.{key} does not reach arm(s) {', '.join(own)}, which "
+                          f"set their own (--set arms.NAME.{key}=...)", UserWarning, stacklevel=3)
+
+
 def _check_device(name: str) -> None:
     """The device must exist here: a one-line error before anything is written, not torch's
     assertion at the first .to(device)."""
@@ -268,8 +282,14 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
     new_arms: dict[str, list[str]] = {}
     for item in sets or []:
         if "=" not in item:
-            raise SpecError(f"--set expects key=value, got {item!r}")
+            split = " (a value with spaces, split by the shell? quote the whole item: " \
+                "--set 'seeds=[0, 1]')" if item.rstrip().endswith(("]", "}")) else ""
+            raise SpecError(f"--set expects key=value, got {item!r}{split}")
         key, _, value = item.partition("=")
+        if value.strip().startswith(("[", "{")) and isinstance(parse_value(value.strip()), str):
+            raise SpecError(f"--set {item!r}: {value.strip()!r} is not a TOML array or table "
+                            "(if the shell split it at a space, quote the whole item: "
+                            f"--set '{key.strip()}=[0, 1]')")
         parts = key.strip().split(".")
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")
@@ -294,7 +314,7 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
             d[parts[-1]] = v
     for name, keys in new_arms.items():
         # a misspelt arm name would otherwise add an arm, and leave the intended one unchanged
-        if "feedback" not in keys:
+        if "feedback" not in keys and "convert_from" not in keys:
             given = f"arms.{name}.{keys[0]}" if keys and keys[0] != "<value>" else f"arms.{name}"
             raise SpecError(f"--set {given}: the protocol has no arm {name!r}"
                             f"{suggest(name, existing) if existing else ''}; a new arm needs "
@@ -448,6 +468,7 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
                         "only the first; take record.every < time.steps")
     if warn:
         _warn_unread(spec)
+        _warn_unreached(spec, sets)
     _check_feedback("feedback", spec["feedback"])
     # no arms: one arm of the top-level feedback (bp by default)
     default = spec["feedback"]
@@ -497,6 +518,15 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
             if source.get("convert_from"):  # a converted arm trains nothing, writes no weights
                 raise SpecError(f"arms.{name}.convert_from names {a['convert_from']!r}, itself a "
                                 "converted arm; name the rate arm it converts")
+            # a trained arm's settings, and their defaults: given otherwise, no effect, silently
+            unread = {"feedback": spec["feedback"], "lr": spec["optimizer"]["lr"],
+                      "weight_decay": spec["optimizer"]["weight_decay"], "feedback_options": {},
+                      "learning": "backprop"}
+            trained = [k for k in unread if k in arm and arm[k] != unread[k]]
+            if trained:
+                raise SpecError(f"arms.{name} converts arm {a['convert_from']!r}'s trained "
+                                f"weights and trains nothing: it does not read "
+                                f"{', '.join(trained)}")
         _check_feedback(f"arms.{name}.feedback", a["feedback"])
         resolved[name] = a
     spec["arms"] = resolved

@@ -610,6 +610,9 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
         if unknown:
             raise SpecError(f"unknown arm(s) {unknown}; the protocol has {names}")
         names = [a for a in names if a in arms]
+    if resume and not results_path(out_dir).exists():  # a misspelt --out is not a resume
+        warnings.warn(f"--resume: there is no results file at {results_path(out_dir)}; "
+                      "starting a new run", UserWarning, stacklevel=2)
     ds = data_mod.load(spec["data"], spec["train_limit"] or None, spec["test_limit"] or None)
     shift, (h, w) = spec["augment"]["shift"], ds.input_shape[-2:]
     if shift >= min(h, w):  # crops of padding only: training on blank images

@@ -670,6 +670,10 @@ def test_resume_ignores_a_checkpoint_the_results_file_has_no_row_of(tmp_path, mo
                      "epochs=1"]) == 0
     assert list(results.read(out)["arms"]["fa"]["metrics"]["epoch"]) == [0, 1]
     assert not (out / "checkpoints").exists()  # an empty folder was left behind
+    with pytest.warns(UserWarning, match=r"--resume: there is no results file at .*; starting "
+                                         r"a new run"):  # a misspelt --out passed as a resume
+        assert main(["run", "--out", str(tmp_path / "typo"), "--arms", "fa", "-q", "--resume",
+                     "--set", *FAST, "epochs=1"]) == 0
 
 
 def test_a_seed_stopped_at_epoch_0_is_not_pooled_with_finished_ones(tmp_path, monkeypatch):

@@ -126,3 +126,25 @@ def test_bad_shapes_threads_and_protocol_names_are_one_line_errors():
                                              "arms.lif-bptt.population=LIF"])
     assert spec["circuit"]["population"] == "relu"
     assert spec["arms"]["lif-bptt"]["population"] == "lif"
+
+
+def test_settings_that_would_have_no_effect_are_said():
+    """A conversion arm ignored lr, feedback and learning (rc 0, identical rows); --set
+    optimizer.lr did not reach the arms with their own lr, silently; a value split by the shell
+    was reported as an unrelated key, or taken as a string."""
+    from plastic.errors import SpecError
+    for bad, what in (("arms.converted.lr=0.3", "lr"), ('arms.converted.feedback="usf"', "feedback"),
+                      ('arms.converted.learning="online"', "learning")):
+        with pytest.raises(SpecError, match=f"arms.converted converts arm 'rate-bp''s trained "
+                                            f"weights and trains nothing: it does not read {what}"):
+            load_protocol("rate_vs_spiking", [bad])
+    spec = load_protocol("rate_vs_spiking", ['arms.c2.convert_from="rate-bp"'])  # no feedback
+    assert spec["arms"]["c2"]["convert_from"] == "rate-bp"
+    with pytest.warns(UserWarning, match=r"--set optimizer.lr does not reach arm\(s\) fa, frsf, "
+                                         r"dfa, which set their own"):
+        load_protocol("mnist", ["optimizer.lr=0.01"])
+    with pytest.raises(SpecError, match=r"'\[0,' is not a TOML array or table \(if the shell "
+                                        r"split it"):
+        load_protocol("quickstart", ["seeds=[0,", "1]"])
+    with pytest.raises(SpecError, match=r"got '1\]' \(a value with spaces, split by the shell\?"):
+        load_protocol("quickstart", ["1]"])
