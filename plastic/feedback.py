@@ -180,7 +180,10 @@ class UniformSignSymmetry(FeedbackSynapse):
 class BatchRandomSignSymmetry(FeedbackSynapse):
     """brSF (Liao, Leibo & Poggio 2016; Moskovitz, Litwin-Kumar & Abbott 2018): B = |R| o sign(W),
     R ~ N(0, s^2) redrawn for every batch (every backward pass), s the RMS of W's nonzero entries
-    (``||B|| ≈ ||W||``).  Where W is 0 (an absent synapse) B is 0, as for uSF and frSF."""
+    (``||B|| ≈ ||W||``).  Where W is 0 (an absent synapse) B is 0, as for uSF and frSF.  Each
+    backward call of the synapse draws: a synapse used twice in one forward pass (by hand) gets
+    two draws, as do the micro-batches of an accumulated step; a time-stepped circuit folds its
+    steps into one call.  Drawn from torch's global random stream."""
 
     kind = "brsf"
     local = False

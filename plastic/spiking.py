@@ -158,7 +158,10 @@ SPIKING_KINDS = {
 class LIFPopulation(nn.Module):
     """A population of spiking neurons, a thin module over one of the pure step functions:
     ``kind`` is ``"lif"`` (current-based, the default), ``"lif_box"`` (no synaptic current) or
-    ``"adaptive_lif"`` (adaptive threshold)."""
+    ``"adaptive_lif"`` (adaptive threshold).  Its parameters ``p`` are tensors (or numbers) in
+    a NamedTuple, as in norse: not ``nn.Parameter`` s, so ``parameters()``, ``state_dict()`` and
+    DDP do not see them; to learn one (a per-neuron ``v_th``, say), give it ``requires_grad``,
+    hand it to the optimizer and save it yourself."""
 
     def __init__(self, p: NamedTuple | None = None, dt: float = 1e-3, kind: str = "lif"):
         super().__init__()
