@@ -318,7 +318,8 @@ class DirectFeedbackHub:
             raise RuntimeError(
                 f"direct feedback at {name}: no output error for this forward pass; the loss "
                 f"must be computed from the {out} (by default the last synapse registered; "
-                "choose another with convert(..., output=name))")
+                "choose another with convert(..., output=name), or arms.NAME.output in a "
+                "protocol)")
         return e
 
     def __repr__(self):

@@ -110,10 +110,28 @@ def _canonical_feedback(fb):
     return fb
 
 
+def _unread_settings(a: dict, b: dict) -> list[str]:
+    """Dotted optimizer and schedule settings that neither spec's chosen optimizer or schedule
+    reads (pct_start under a constant schedule): they do not make two experiments differ (a
+    table given by --set kept the protocol's, recorded before as the defaults)."""
+    from .spec import _READ_BY
+    out = []
+    for table, by_name in _READ_BY.items():
+        ta, tb = a.get(table), b.get(table)
+        if not (isinstance(ta, dict) and isinstance(tb, dict)):
+            continue
+        names = {ta.get("name"), tb.get("name")}
+        if not names <= set(by_name):
+            continue
+        read = set().union(*(by_name[n] for n in names))
+        out += [f"{table}.{k}" for k in set().union(*by_name.values()) - read]
+    return out
+
+
 def _differences(a: dict, b: dict, ignore=()) -> list[str]:
     """The dotted keys where two specs differ, arms, where they execute and ``ignore`` (dotted
     keys) aside."""
-    skip = {"arms", *EXECUTION_KEYS, *ignore}
+    skip = {"arms", *EXECUTION_KEYS, *ignore, *_unread_settings(a, b)}
 
     def walk(x, y, prefix):
         if isinstance(x, dict) and isinstance(y, dict):

@@ -160,6 +160,13 @@ class TimeStepped(nn.Module):
         self.register_buffer("input_std", None if input_std is None else torch.as_tensor(input_std).float())
         self._gen = None
 
+    def __setstate__(self, state):
+        # a whole TimeStepped pickled (torch.save(model)) before steps and dt were properties
+        for name in ("steps", "dt"):
+            if name in state and f"_{name}" not in state:
+                state[f"_{name}"] = state.pop(name)
+        super().__setstate__(state)
+
     @property
     def steps(self) -> int:
         """Time steps per input (checked against the delays when set)."""

@@ -272,14 +272,15 @@ def implicit_arm(feedback) -> str:
 def apply_sets(spec: dict, sets: list[str]) -> dict:
     """Apply ``key=value`` overrides; dotted keys reach into tables (``optimizer.lr=0.1``)."""
     spec = copy.deepcopy(spec)
-    on_arms = [i for i in sets or [] if i.partition("=")[0].strip().startswith("arms.")]
+    on_arms = [i for i in sets or [] if i.partition("=")[0].strip().split(".")[0] == "arms"]
     if on_arms and not spec.get("arms"):
         # the implicit arm (named by the top-level feedback, as the other --set leave it) made
         # explicit: arms.NAME.lr reaches it, and a new arm is added beside it, not instead
         rest = apply_sets(spec, [i for i in sets if i not in on_arms])
         spec["arms"] = {implicit_arm(rest.get("feedback", PROTOCOL_SCHEMA["feedback"][1])): {}}
     existing = set(spec["arms"]) if isinstance(spec.get("arms"), dict) else set()
-    new_arms: dict[str, list[str]] = {}
+    new_arms: dict[str, list[str]] = {}  # a new arm's keys, and the --set key that began it
+    typed: dict[str, str] = {}
     for item in sets or []:
         if "=" not in item:
             split = " (a value with spaces, split by the shell? quote the whole item: " \
@@ -294,10 +295,15 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")
         v = parse_value(value.strip())
-        if len(parts) >= 3 and parts[0] == "arms" and parts[1] not in existing:
-            new_arms.setdefault(parts[1], []).append(parts[2])
-        if len(parts) == 2 and parts[0] == "arms" and parts[1] not in existing:
-            new_arms.setdefault(parts[1], []).extend(v if isinstance(v, dict) else ["<value>"])
+        if parts[0] == "arms":  # the arms this item adds, and the settings it gives them
+            given = {parts[1]: [parts[2]]} if len(parts) >= 3 else \
+                {parts[1]: list(v) if isinstance(v, dict) else []} if len(parts) == 2 else \
+                {n: list(t) if isinstance(t, dict) else [] for n, t in v.items()} \
+                if isinstance(v, dict) else {}
+            for n, keys in given.items():
+                if n not in existing:
+                    new_arms.setdefault(n, []).extend(keys)
+                    typed.setdefault(n, key.strip())
         d = spec
         for p in parts[:-1]:
             d = d.setdefault(p, {})
@@ -307,16 +313,19 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
         # those settings, as their dotted keys would: replacing it dropped the others (fa
         # trained backprop, mnist lost its weight decay); a rule, a circuit, options replace
         settings = (len(parts) == 1 and isinstance(PROTOCOL_SCHEMA.get(parts[0]), dict)) or (
-            len(parts) == 2 and parts[0] == "arms" and parts[1] in existing)
+            len(parts) == 2 and parts[0] == "arms")
         if settings and isinstance(v, dict) and isinstance(d.get(parts[-1]), dict):
             d[parts[-1]] = {**d[parts[-1]], **v}
+        elif parts == ["arms"] and isinstance(v, dict) and isinstance(d.get("arms"), dict):
+            old = d["arms"]  # arms={fa={lr=0.1}}: each arm's table set as arms.fa={...} would
+            d["arms"] = {**old, **{n: {**old[n], **t} if isinstance(old.get(n), dict)
+                                   and isinstance(t, dict) else t for n, t in v.items()}}
         else:
             d[parts[-1]] = v
     for name, keys in new_arms.items():
         # a misspelt arm name would otherwise add an arm, and leave the intended one unchanged
         if "feedback" not in keys and "convert_from" not in keys:
-            given = f"arms.{name}.{keys[0]}" if keys and keys[0] != "<value>" else f"arms.{name}"
-            raise SpecError(f"--set {given}: the protocol has no arm {name!r}"
+            raise SpecError(f"--set {typed[name]}: the protocol has no arm {name!r}"
                             f"{suggest(name, existing) if existing else ''}; a new arm needs "
                             f"its feedback too (--set arms.{name}.feedback=...)")
     return spec

@@ -537,7 +537,9 @@ def _recorded_seeds(out_dir, arm: str) -> set[int]:
         with h5py.File(path, "r") as h5:
             g = h5["arms"].get(arm) if "arms" in h5 else None
             return set(json.loads(g.attrs.get("done_seeds", "[]"))) if g is not None else set()
-    except (OSError, ValueError):  # a damaged file: ResultsWriter reports it in its words
+    except (OSError, ValueError, KeyError):  # a damaged file: said in the results' own words
+        from .results import read
+        read(path)  # its one-line error
         return set()
 
 
@@ -558,11 +560,14 @@ def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
     rate = _model(spec, src_arm, seed, ds).to(device)
     try:
         rate.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # damaged, or
-        # another circuit's
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+    except (RuntimeError, OSError, EOFError, TypeError, KeyError,
+            pickle.UnpicklingError) as e:  # damaged, or another circuit's
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # load_state_dict's first line is a heading ("Error(s) in loading ..."): the detail
+        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else
+                  lines[0] if lines else type(e).__name__)[:160]
         raise SpecError(f"arm {arm_name!r}: the weights of arm {src!r} in {path} do not load "
-                        f"into its circuit ({first})") from None
+                        f"into its circuit ({detail})") from None
     kind = arm_population(spec, arm)
     snn = _converted(spec, arm, rate, ds).to(device)
     x = ds.normalize(ds.train_x[:1000]).to(device)
@@ -647,7 +652,10 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
                 f"(seed {', '.join(map(str, missing))}); run arm {src!r} first into the same "
                 f"--out{again}, or both together (--arms {src},{a})")
     run_spec = dict(spec)
-    run_spec["arms"] = {a: spec["arms"][a] for a in names}
+    # with the arms whose weights a conversion arm reads, so a resume compares them too (a
+    # changed arms.SRC.lr was ignored while its recorded weights were converted)
+    sources = {spec["arms"][a].get("convert_from") for a in names} - {"", None}
+    run_spec["arms"] = {a: spec["arms"][a] for a in spec["arms"] if a in names or a in sources}
     writer = ResultsWriter(out_dir, run_spec, resume=resume)
     prog = _Progress(progress)
     prog.epoch(f"plastic: protocol {spec['name']!r} on {spec['data']} ({len(names)} arms x "

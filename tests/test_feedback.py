@@ -335,8 +335,7 @@ def test_channels_last_gives_the_same_training_steps(kind, options):
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
     a = plastic.convert(convnet(3, [4, 8], 10, "relu", True, 16), kind, options=options).double()
-    with torch.no_grad():
-        a(x[:2].double())  # materialise lazily-shaped feedback (dfa)
+    a(x[:2].double().requires_grad_())  # draw lazily-shaped feedback (dfa), then convert it
     b = copy.deepcopy(a).to(memory_format=torch.channels_last)
     assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for p in b.parameters())
@@ -658,7 +657,7 @@ def test_dfa_of_a_layer_without_units_and_the_message_names_the_output_synapse()
     net = plastic.convert(HeadFirst(), "dfa")
     with pytest.raises(RuntimeError, match=r"computed from the output synapse 'body' \(by "
                                            r"default the last synapse registered; choose "
-                                           r"another with convert\(\.\.\., output=name\)\)"):
+                                           r"another with convert\(\.\.\., output=name\)"):
         net(torch.randn(2, 4, requires_grad=True)).sum().backward()
     net = plastic.convert(HeadFirst(), "dfa", output="head")
     x = torch.randn(2, 4, requires_grad=True)

@@ -104,6 +104,15 @@ def test_a_table_given_to_settings_sets_them_and_a_new_arm_needs_its_feedback():
         load_protocol("quickstart", ["arms.usff={lr=0.1}"])
     new = load_protocol("quickstart", ['arms.new={feedback="usf", lr=0.2}'])["arms"]["new"]
     assert new["feedback"] == "usf" and new["lr"] == 0.2
+    # an arm begun by a dotted key and given a table, or arms given as a table: merged too
+    dfa2 = load_protocol("quickstart", ["arms.dfa2.feedback=dfa", "arms.dfa2={lr=0.1}"])
+    assert dfa2["arms"]["dfa2"]["feedback"] == "dfa" and dfa2["arms"]["dfa2"]["lr"] == 0.1
+    arms = load_protocol("quickstart", ["arms={fa={lr=0.1}}"])["arms"]
+    assert arms["fa"]["feedback"] == "fa" and arms["fa"]["lr"] == 0.1 and "bp" in arms
+    with pytest.raises(SpecError, match=r"--set arms: the protocol has no arm 'zz'"):
+        load_protocol("quickstart", ["arms={zz={lr=0.1}}"])
+    snn = load_protocol("rate_vs_spiking", ['arms.snn={convert_from="rate-bp", population="lif"}'])
+    assert snn["arms"]["snn"]["convert_from"] == "rate-bp"  # a conversion arm needs no feedback
     # a rule given as a table replaces the rule (merged, {amp=1, decay=1} would keep null)
     info = load_protocol("cifar10", ["arms.information.feedback={amp=1,decay=1}"])
     assert info["arms"]["information"]["feedback"] == {"amp": 1, "decay": 1}
@@ -148,3 +157,18 @@ def test_settings_that_would_have_no_effect_are_said():
         load_protocol("quickstart", ["seeds=[0,", "1]"])
     with pytest.raises(SpecError, match=r"got '1\]' \(a value with spaces, split by the shell\?"):
         load_protocol("quickstart", ["1]"])
+
+
+def test_settings_the_chosen_optimizer_or_schedule_does_not_read_do_not_split_experiments():
+    """--set schedule={name="constant"} kept the protocol's pct_start once tables merged, and
+    a run started before (recorded with the default) could not be resumed."""
+    from plastic.results import _differences
+    a = load_protocol("quickstart", ['schedule={name="constant"}', "schedule.pct_start=0.2"])
+    b = load_protocol("quickstart", ['schedule={name="constant"}'])
+    assert _differences(a, b) == []
+    c = load_protocol("quickstart", ["schedule.pct_start=0.3"])
+    d = load_protocol("quickstart")
+    assert _differences(c, d) == ["schedule.pct_start"]  # read by the one-cycle schedule
+    e = load_protocol("quickstart", ['optimizer={name="adam"}', "optimizer.momentum=0.5"])
+    f = load_protocol("quickstart", ['optimizer={name="adam"}'])
+    assert _differences(e, f) == []

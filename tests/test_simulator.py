@@ -940,6 +940,12 @@ def test_setting_steps_or_dt_later_is_checked_and_reaches_the_populations():
     assert sim.steps == 30
     sim.steps = 10
     assert sim(torch.rand(2, 20)).shape == (2, 5)
+    # a whole TimeStepped pickled before steps and dt were properties still loads
+    old = {k: v for k, v in sim.__dict__.items() if k not in ("_steps", "_dt")}
+    old.update(steps=10, dt=5e-4)
+    back = TimeStepped.__new__(TimeStepped)
+    back.__setstate__(old)
+    assert back.steps == 10 and back.dt == 5e-4 and back(torch.rand(2, 20)).shape == (2, 5)
 
 
 def test_a_conversion_reads_only_weights_that_its_results_file_records(tmp_path):
@@ -961,8 +967,29 @@ def test_a_conversion_reads_only_weights_that_its_results_file_records(tmp_path)
                                             r"not hold \(seed 0\)"):
             run_protocol(spec, out, arms=["converted"], resume=resume, progress=False)
     run_protocol(spec, out, arms=["rate"], progress=False)
-    (out / "weights" / "rate-seed0.pt").write_bytes(b"not a state dict")
-    with pytest.raises(SpecError, match=r"arm 'converted': the weights of arm 'rate' in .* do "
-                                        r"not load into its circuit"):
-        run_protocol(spec, out, arms=["converted"], resume=True, progress=False)
+    w = out / "weights" / "rate-seed0.pt"
+    good = w.read_bytes()
+    state = torch.load(w, weights_only=True)
+    first = next(k for k in state if k.endswith("weight"))
+    for bad, detail in ((b"not a state dict", ""), ({**state, first: torch.zeros(3)},
+                                                    f"size mismatch for {first}"), ([1, 2], "")):
+        if isinstance(bad, bytes):
+            w.write_bytes(bad)
+        else:  # another circuit's weights (the detail, not load_state_dict's heading), a list
+            torch.save(bad, w)
+        with pytest.raises(SpecError, match=r"arm 'converted': the weights of arm 'rate' in .* "
+                                            rf"do not load into its circuit \(.*{detail}"):
+            run_protocol(spec, out, arms=["converted"], resume=True, progress=False)
+    w.write_bytes(good)
     assert "converted" not in read(out)["arms"] or not read(out)["arms"]["converted"]["metrics"]
+    # the source arm's settings are compared on resume too: its weights are another lr's
+    from plastic.errors import ResultsError
+    other = resolve_protocol({**spec, "arms": {**spec["arms"], "rate": {
+        **spec["arms"]["rate"], "lr": 0.9}}})
+    with pytest.raises(ResultsError, match=r"cannot resume, the spec differs .*arms.rate.lr"):
+        run_protocol(other, out, arms=["converted"], resume=True, progress=False)
+    # a damaged results file is said as such, not as weights it does not hold
+    data = results_path(out).read_bytes()
+    results_path(out).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ResultsError, match="not a readable HDF5 results file"):
+        run_protocol(spec, out, arms=["converted"], resume=True, progress=False)
