@@ -174,7 +174,14 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     # every feedback synapse first, so a refusal (a bad option) leaves an in-place module as it
     # was, not converted up to the synapse refused
     feedbacks = {}
+    learned_of: dict[int, str] = {}  # a shared W's learned feedback: one B for all its modules
     for name, m in targets:
+        first = learned_of.setdefault(id(m.weight), name) if is_learned(kinds[name]) else name
+        if first != name and kinds[first] == kinds[name]:
+            # two modules sharing W (tied by assignment) share its learned B, so B learns
+            # from W's whole update (Kolen-Pollack's B.grad was each module's share alone)
+            feedbacks[name] = feedbacks[first]
+            continue
         s = _seed_for(seed, circuit_name(module, name))
         try:
             feedbacks[name] = make_feedback(

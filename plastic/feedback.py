@@ -110,7 +110,9 @@ class FeedbackSynapse(nn.Module):
         learned kind), or None.  The forward synapse hands it to autograd, which accumulates the
         returned change into its ``.grad`` (and DDP all-reduces it)."""
         w = getattr(self, "weight", None)
-        return w if self.plastic and isinstance(w, nn.Parameter) else None
+        # a Parameter, or a tensor that requires grad in its place (torch.func.functional_call)
+        return w if self.plastic and isinstance(w, torch.Tensor) and (
+            isinstance(w, nn.Parameter) or w.requires_grad) else None
 
     def plasticity(self, synapse, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                    dw: torch.Tensor | None) -> torch.Tensor | None:

@@ -48,6 +48,26 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _as_at_forward(fb: nn.Module, held):
+    """The feedback synapse's own tensors as they were at the forward pass: the same objects,
+    unless ``torch.func.functional_call`` swapped in others for that forward only (its B was then
+    ignored: the error went through the module's B).  Nothing to do otherwise."""
+    params, buffers = held
+    if all(fb._parameters.get(k) is v for k, v in params.items()) and \
+            all(fb._buffers.get(k) is v for k, v in buffers.items()):
+        yield
+        return
+    now = fb._parameters.copy(), fb._buffers.copy()
+    fb._parameters.update(params)
+    fb._buffers.update(buffers)
+    try:
+        yield
+    finally:
+        fb._parameters.update(now[0])
+        fb._buffers.update(now[1])
+
+
 def stored_weight(synapse: nn.Module):
     """(the tensor a synapse's W is stored in, the pruning mask W is that times, or None): a
     pruned W is ``weight_orig * weight_mask`` at each forward; None when W is computed some other
@@ -75,6 +95,8 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, learned, synapse):
         ctx.synapse = synapse
+        fb = synapse.feedback  # its tensors now, which the backward routes through
+        ctx.held = (fb._parameters.copy(), fb._buffers.copy())
         hub = synapse.hub
         # direct feedback: note the pass, so the backward pairs each hidden synapse with its
         # own pass's output error
@@ -113,6 +135,13 @@ class _Route(torch.autograd.Function):
         cdt, x_dtype, w_dtype = dy.dtype, x.dtype, weight.dtype
         mixed = cdt != w_dtype or cdt != x_dtype
         xc, wc = (x.to(cdt), weight.to(cdt)) if mixed else (x, weight)
+        with _as_at_forward(fb, ctx.held):
+            return _Route._routed(ctx, syn, fb, hub, saved, x, weight, xc, wc, dy, cdt, x_dtype,
+                                  w_dtype, mixed, need_x, need_w, need_b)
+
+    @staticmethod
+    def _routed(ctx, syn, fb, hub, saved, x, weight, xc, wc, dy, cdt, x_dtype, w_dtype, mixed,
+                need_x, need_w, need_b):
         if fb.direct:
             if need_x:
                 name = syn.name or type(syn).__name__

@@ -663,3 +663,24 @@ def test_dfa_of_a_layer_without_units_and_the_message_names_the_output_synapse()
     x = torch.randn(2, 4, requires_grad=True)
     net(x).sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+def test_functional_call_routes_through_the_b_it_was_given():
+    """torch.func.functional_call swaps tensors in for the forward pass only: the backward
+    routed the error through the module's own B (fa and information with B := W were 87° and
+    75° from backprop), and Kolen-Pollack's B, a plain tensor there, got no gradient."""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    ref = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    F.cross_entropy(ref(x), y).backward()
+    for kind in ("fa", "information", "kolen-pollack"):
+        net = plastic.convert(copy.deepcopy(ref), kind)
+        state = {k: v.detach().clone().requires_grad_(v.is_floating_point())
+                 for k, v in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
+        state["2.feedback.weight"] = state["2.weight"].detach().clone().requires_grad_()
+        F.cross_entropy(functional_call(net, state, (x,)), y).backward()
+        assert plastic.angle(state["0.weight"].grad, ref[0].weight.grad) < 1e-3, kind
+        if kind == "kolen-pollack":  # B's gradient is W's
+            assert torch.allclose(state["2.feedback.weight"].grad, state["2.weight"].grad)
+        assert net[2].feedback.weight.grad is None  # the module's own B took nothing
