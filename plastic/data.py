@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import numbers
 import os
 import shutil
 import subprocess
@@ -189,6 +190,9 @@ def write_h5(out: Path, name: str, source: str, split: dict, classes=None,
     split = {part: (_as_images(name, part, xs), np.asarray(ys)) for part, (xs, ys) in split.items()}
     if layout not in (None, "NCHW"):
         raise DataError(f"{name}: layout is \"NCHW\" or None, got {layout!r}")
+    if set(split) != {"train", "test"}:  # load reads exactly these (one missing: refused there)
+        raise DataError(f"{name}: a data file has a 'train' and a 'test' split, got "
+                        f"{sorted(split)}")
     for part, (xs, _) in split.items():  # refused here rather than by load, later
         if layout != "NCHW" and _looks_hwc(xs.shape):
             raise DataError(f"{name}: /{part} images {xs.shape} look like (N, H, W, C); plastic "
@@ -545,6 +549,9 @@ class Dataset:
             raise DataError(f"unknown split {split!r}; a data set has 'train' and 'test'")
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
         _check_limit("limit", limit)
+        if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+                and batch_size >= 1):  # 0: range()'s error; < 0: silently no batch at all
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
         n = len(x) if not limit else min(limit, len(x))  # None or 0: all, as in load
         idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
@@ -560,6 +567,10 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
     """Random crop after zero padding by ``shift`` pixels (a random translation of up to
     ``shift`` pixels), and random horizontal flips, for a whole (N, C, H, W) batch at once
     with no loop over samples."""
+    if x.dim() != 4:
+        raise DataError(f"augment takes a batch of images (N, C, H, W), got {tuple(x.shape)}")
+    if not (isinstance(shift, numbers.Integral) and shift >= 0):
+        raise DataError(f"augment: shift is a number of pixels >= 0, got {shift!r}")
     n, c, h, w = x.shape
     if shift:
         xp = torch.nn.functional.pad(x, (shift, shift, shift, shift))

@@ -267,8 +267,14 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                         f"{tuple(getattr(target, 'shape', ()))}")
     seq, const = model.encode(x)
     t_steps, b, n = model.steps, x.shape[0], len(layers)
-    onehot = F.one_hot(target.long(), classes).to(seq.dtype if seq.is_floating_point()
-                                           else torch.get_default_dtype())
+    try:
+        onehot = F.one_hot(target.long(), classes).to(seq.dtype if seq.is_floating_point()
+                                                      else torch.get_default_dtype())
+    except RuntimeError as e:  # a class index out of range, in torch's words
+        if "Class values" not in str(e):
+            raise
+        raise SpecError(f"online learning: class indices must be in [0, {classes}) for the "
+                        f"circuit's {classes} outputs") from None
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / classes
     gw = [torch.zeros_like(s.weight) for s, _ in layers]

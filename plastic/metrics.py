@@ -143,7 +143,10 @@ def preserved_buffers(model: nn.Module):
         with torch.no_grad():
             for k, v in model.named_buffers():
                 if k in saved and v.shape == saved[k].shape:
-                    v.copy_(saved[k])
+                    # through .data: the values the forward pass saw, without a new version, so
+                    # a backward pending from before the measurement still runs (batch norm
+                    # saved its running statistics; an in-place restore broke it)
+                    v.data.copy_(saved[k])
 
 
 def same_draws(model: nn.Module | None = None):

@@ -247,3 +247,26 @@ def test_the_update_angle_is_that_of_the_updates_training_applies_under_sparse_c
     rule, bp = grads(False), grads(True)
     for name, v in got.items():
         assert v == pytest.approx(plastic.metrics.angle(rule[name], bp[name]), abs=1e-6)
+
+
+@pytest.mark.parametrize("measure", ["update_angles", "rule_values"])
+def test_measuring_between_forward_and_backward_leaves_the_pending_backward(measure):
+    """The measurement restored batch norm's running statistics in place, which the pending
+    backward of the forward pass before it had saved: autograd's 'modified by an inplace
+    operation' error. The gradients now equal those of the unmeasured step."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    grads = []
+    for measured in (False, True):
+        torch.manual_seed(1)
+        net = plastic.convert(torch.nn.Sequential(
+            torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+            torch.nn.Linear(4, 3)), "information")
+        loss = F.cross_entropy(net(x), y)
+        if measured:
+            args = (F.cross_entropy, x, y) if measure == "update_angles" else (x,)
+            getattr(plastic.metrics, measure)(net, *args)
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -416,3 +416,23 @@ def test_duplicate_sprites_or_tarballs_and_a_home_relative_source_folder(tmp_pat
         data.write_h5(tmp_path / "mine.data", "x", "t",
                       {"train": _tiny(np.random.default_rng(0)),
                        "test": _tiny(np.random.default_rng(1))})
+
+
+def test_bad_batch_sizes_shifts_and_splits_are_one_line_errors(tmp_path):
+    """batches(..., 0) was range()'s ValueError and -1 silently yielded nothing; augment with a
+    negative shift or one image was torch's error; write_h5 wrote a file without a test split
+    (load then refused it) and an extra split load never read."""
+    ds = data.load("mnist-sample")
+    for bad in (0, -1, 8.0, True):
+        with pytest.raises(DataError, match="batch_size must be a positive integer"):
+            next(ds.batches("train", bad))
+    assert next(ds.batches("train", np.int64(8)))[0].shape[0] == 8
+    with pytest.raises(DataError, match=r"augment: shift is a number of pixels >= 0, got -1"):
+        data.augment(ds.train_x[:4].float(), shift=-1)
+    with pytest.raises(DataError, match=r"augment takes a batch of images \(N, C, H, W\)"):
+        data.augment(ds.train_x[0].float(), shift=2)
+    x, y = np.zeros((4, 1, 5, 5), np.uint8), np.arange(4) % 2
+    for split in ({"train": (x, y)}, {"train": (x, y), "test": (x, y), "val": (x, y)}):
+        with pytest.raises(DataError, match="a data file has a 'train' and a 'test' split"):
+            data.write_h5(tmp_path / "d.h5", "d", "made", split)
+    assert not (tmp_path / "d.h5").exists()

@@ -993,3 +993,12 @@ def test_a_conversion_reads_only_weights_that_its_results_file_records(tmp_path)
     results_path(out).write_bytes(data[:len(data) // 2])
     with pytest.raises(ResultsError, match="not a readable HDF5 results file"):
         run_protocol(spec, out, arms=["converted"], resume=True, progress=False)
+
+
+def test_online_learning_with_a_class_index_beyond_the_outputs_is_a_one_line_error():
+    from plastic.eligibility import online_step
+    torch.manual_seed(0)
+    snn = plastic.convert(TimeStepped(models.mlp(20, [16], 5, "lif"), 6), "fa")
+    with pytest.raises(SpecError, match=r"class indices must be in \[0, 5\) for the circuit's "
+                                        r"5 outputs"):  # torch's 'Class values must be smaller'
+        online_step(snn, torch.rand(4, 20), torch.tensor([0, 1, 7, 2]))
