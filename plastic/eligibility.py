@@ -305,7 +305,12 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                 break
             if params[k] is None:
                 params[k] = pop._params_on(current)
-                factors[k] = _trace_factors(params[k], pop.dt, pop.kind)
+                # one-number time constants from the host copy: read on the device, each was a
+                # wait for it at every batch
+                host = type(params[k])(*(
+                    h if isinstance(h, (int, float)) or torch.is_tensor(h) and h.numel() == 1
+                    else m for h, m in zip(pop.p, params[k])))
+                factors[k] = _trace_factors(host, pop.dt, pop.kind)
                 states[k] = pop.initial_state(current)
             ks, km = factors[k]
             scalar[k] = _traces(1.0, *scalar[k], ks, km)

@@ -48,16 +48,24 @@ def _sign_scale(w: torch.Tensor) -> torch.Tensor:
         n / torch.count_nonzero(w).clamp_min(1).to(wide)).sqrt()).to(w.dtype)
 
 
-def _state_of(generator: torch.Generator | None) -> torch.Tensor:
-    """The state of the stream a feedback weight is about to be drawn from (the generator's,
-    or torch's global CPU stream), so that it can be drawn again exactly."""
-    return (generator.get_state() if generator is not None else torch.get_rng_state()).clone()
+def _state_of(generator: torch.Generator | None) -> tuple[str, torch.Tensor]:
+    """(device, state) of the stream a feedback weight is about to be drawn from (the
+    generator's, or torch's global CPU stream), so that it can be drawn again exactly."""
+    if generator is None:
+        return "cpu", torch.get_rng_state().clone()
+    return str(generator.device), generator.get_state().clone()
 
 
-def _generator(state: torch.Tensor) -> torch.Generator:
-    g = torch.Generator()
+def _generator(drawn) -> torch.Generator:
+    device, state = drawn if isinstance(drawn, tuple) else ("cpu", drawn)  # a bare state: CPU
+    g = torch.Generator(device=device)
     g.set_state(state)
     return g
+
+
+def _device_of(generator: torch.Generator | None):
+    """Where a generator draws (a CUDA generator's draws on the CPU were an error)."""
+    return generator.device if generator is not None else "cpu"
 
 
 def _redraw(weight: torch.Tensor, drawn_from: torch.Tensor) -> None:
@@ -76,7 +84,7 @@ def random_like(forward_weight: torch.Tensor, generator=None) -> torch.Tensor:
 def _kaiming_uniform_like(shape, fan_in: int, generator, device, dtype) -> torch.Tensor:
     # the same distribution as torch.nn.Linear / Conv2d's default weight init
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-    u = torch.rand(shape, generator=generator, device="cpu", dtype=torch.float64)
+    u = torch.rand(shape, generator=generator, device=_device_of(generator), dtype=torch.float64)
     return ((2 * u - 1) * bound).to(device=device, dtype=dtype)
 
 
@@ -206,13 +214,14 @@ class FixedRandomSignSymmetry(FeedbackSynapse):
     def __init__(self, forward_weight: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
         self._drawn_from = _state_of(generator)  # for reset_parameters
-        r = torch.randn(forward_weight.shape, generator=generator, dtype=torch.float64)
+        r = torch.randn(forward_weight.shape, generator=generator, dtype=torch.float64,
+                        device=_device_of(generator))
         self.register_buffer("magnitude", r.abs().to(forward_weight.device, forward_weight.dtype))
 
     def reset_parameters(self):
         """Redraw |R| exactly as it was drawn."""
-        r = torch.randn(self.magnitude.shape, generator=_generator(self._drawn_from),
-                        dtype=torch.float64)
+        g = _generator(self._drawn_from)
+        r = torch.randn(self.magnitude.shape, generator=g, dtype=torch.float64, device=g.device)
         with torch.no_grad():
             self.magnitude.copy_(r.abs())
 
@@ -342,11 +351,12 @@ class DirectRandom(FeedbackSynapse):
     kind = "dfa"
     direct = True
 
-    def __init__(self, hub: DirectFeedbackHub, seed: int = 0):
+    def __init__(self, hub: DirectFeedbackHub, seed: int = 0, device=None, dtype=None):
         super().__init__()
         self.hub = hub
         self.seed = int(seed)
-        self.register_buffer("weight", torch.empty(0))
+        # lazy, on the synapse's device and in its dtype (a checkpoint's B loads there)
+        self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
 
     def materialize(self, pre_shape, device, dtype, memory_format=torch.contiguous_format):
         n_out = self.hub.n_outputs
@@ -495,5 +505,5 @@ def make_feedback(kind, forward_weight: torch.Tensor, *, generator=None, hub=Non
     if kind == "dfa":
         if hub is None:
             raise SpecError("dfa feedback needs a DirectFeedbackHub (use plastic.convert)")
-        return DirectRandom(hub, seed)
+        return DirectRandom(hub, seed, forward_weight.device, forward_weight.dtype)
     raise SpecError(f"unknown feedback kind {kind!r}; known: {', '.join(sorted(FEEDBACK_KINDS))}")

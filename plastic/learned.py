@@ -129,7 +129,10 @@ class LearnedFeedback(FeedbackSynapse):
                             "their frequency and size with [sleep] every and batch_size)")
         self.drive, self.noise, self.sigma = drive, float(noise), float(sigma)
         self.every, self.subsample = every, float(subsample)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # backward passes seen
+        # backward passes seen, on W's device (a CPU buffer beside a GPU W: DDP over NCCL
+        # cannot broadcast it, and reading it on the GPU was a copy)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long,
+                                                    device=forward_weight.device))
         self._drawn_from = _state_of(generator)  # for reset_parameters
         self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
@@ -327,8 +330,11 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
             if fb.pre_shape is None:
                 raise SpecError(f"sleep_step: synapse {syn.name!r} has not seen an input yet; "
                                 "run one forward pass first")
+            # drawn where the generator is, else on W's device (a draw on the host was a copy)
+            where = generator.device if generator is not None else syn.weight.device
             x = torch.randn((batch_size, *fb.pre_shape), generator=generator,
-                            dtype=syn.weight.dtype).to(syn.weight.device).mul_(fb.sigma)
+                            dtype=syn.weight.dtype, device=where)
+            x = x.to(syn.weight.device).mul_(fb.sigma)
             y = syn.operator().forward(x, syn.weight.detach())
             fb._wake_without_sleep = 0
             g = fb.grad(syn, x, y)

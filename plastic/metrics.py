@@ -30,7 +30,9 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
     """Angle in degrees between two tensors, flattened."""
-    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    # in float64, on the CPU for a device without it (MPS)
+    where = "cpu" if a.device.type == "mps" else a.device
+    a, b = (t.detach().reshape(-1).to(where, torch.float64) for t in (a, b))
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return float("nan")

@@ -98,7 +98,9 @@ def propagate(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     below ``threshold``, by default ``crossover_density(m, n_in, n_out)``; the density is
     counted by the event path's own scan, after a 32-row probe that skips the scan when the
     spikes are clearly dense).  Results agree to float summation order
-    (module doc).  Under autograd (reverse or forward mode) the dense product is always used."""
+    (module doc).  Under autograd (reverse or forward mode) the dense product is always used, and
+    ``"auto"`` uses it off the CPU too: the crossover is a CPU measurement, and counting the
+    spikes would wait for the device."""
     if mode not in MODES:
         raise SpecError(f"unknown propagation mode {mode!r}; known: {', '.join(MODES)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -124,6 +126,8 @@ def propagate(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     m = flat.shape[0]
     nz = None
     if mode == "auto":
+        if spikes.device.type != "cpu":
+            return F.linear(spikes, weight, bias)
         d_star = crossover_density(m, n_in, n_out) if threshold is None else float(threshold)
         if d_star <= 0 or m == 0:
             return F.linear(spikes, weight, bias)

@@ -228,11 +228,11 @@ class TimeStepped(nn.Module):
         intensity = intensity.clamp(0, 1)
         if self.encoder == "poisson":
             f_max = self.encoder_options.get("f_max", 100.0)
-            z = encoders.poisson(intensity, self.steps, f_max=f_max, dt=self.dt)
+            z = encoders.poisson(intensity, self.steps, f_max=f_max, dt=self.dt, check=False)
             # by default each spike carries 1/(f_max dt), so the mean input current is the
             # intensity, as with a constant-current input of the intensity
             return z.mul_(1.0 / (f_max * self.dt) if scale is None else scale), False
-        z = encoders.latency(intensity, self.steps)
+        z = encoders.latency(intensity, self.steps, check=False)
         return (z if scale is None else z.mul_(scale)), False
 
     # -- simulation ------------------------------------------------------------------------

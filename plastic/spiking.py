@@ -222,9 +222,14 @@ class LIFPopulation(nn.Module):
         """Resting state shaped like one step's input: v = v_leak, i = 0, b = v_th (each kind's
         state type takes the fields it has)."""
         zero = torch.zeros_like(input_current)
-        rest = {"v": lambda: zero + torch.as_tensor(self.p.v_leak).to(input_current),
-                "i": lambda: zero,
-                "b": lambda: zero + torch.as_tensor(self.p.v_th).to(input_current)}
+        # the parameters' copy on the input's device (a host tensor was copied to a GPU at every
+        # call); a number is added as the step function adds it
+        p = self._params_on(input_current)
+
+        def plus(v):
+            return zero + (v if isinstance(v, (int, float)) else
+                           torch.as_tensor(v).to(input_current))
+        rest = {"v": lambda: plus(p.v_leak), "i": lambda: zero, "b": lambda: plus(p.v_th)}
         return self._state(*(rest[f]() for f in self._state._fields))
 
     def _params_on(self, x: torch.Tensor):
@@ -380,8 +385,11 @@ def _spec_error(message: str):
 
 
 def _is_zero(x) -> bool:
-    if torch.is_tensor(x):  # a meta tensor has no values: not known to be zero
-        return not x.is_meta and bool((x == 0).all())
+    """Whether a parameter is known to be 0 without waiting for a device: a tensor off the CPU
+    (or on the meta device, without values) is not known to be (the general path computes the
+    same values)."""
+    if torch.is_tensor(x):
+        return x.device.type == "cpu" and bool((x == 0).all())
     return bool(np.all(np.asarray(x) == 0))  # a number or a numpy array
 
 
@@ -504,7 +512,9 @@ class _LIFSequence(torch.autograd.Function):
         alpha, v_th, v_reset = (torch.as_tensor(x).to(**like)
                                 for x in (p.alpha, p.v_th, p.v_reset))
         U = torch.empty_like(pre)
-        block = max(1, _CHUNK // max(1, pre[0].numel()))
+        # blocks that stay in a CPU's cache; on another device the whole sequence at once (one
+        # neuron per step per block was ~8 small kernels per step)
+        block = max(1, _CHUNK // max(1, pre[0].numel())) if pre.device.type == "cpu" else T
         u_next = w_next = None
         for t1 in range(T, 0, -block):
             t0 = max(0, t1 - block)

@@ -253,9 +253,9 @@ class _Progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def update(self, loss):
+    def update(self, loss, steps: int = 1):
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def close(self):
@@ -411,10 +411,14 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
     for epoch in range(start_epoch, spec["epochs"] + 1):
         t0 = time.perf_counter()
         progress.start(steps, f"{arm_name} s{seed} e{epoch}/{spec['epochs']}")
-        total, n = 0.0, 0
+        # the epoch's loss summed on the device (in float64: the sum of the steps' float32 losses
+        # is exact as it was on the host), read every SYNC_EVERY steps on a GPU and at every
+        # step on the CPU, where reading costs nothing
+        total_t, n, unread = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+        every = _loss_reads_every(device)
         model.train()
-        for x, y in ds.batches("train", spec["batch_size"], shuffle=True, generator=gen,
-                               shift=spec["augment"]["shift"], flip=spec["augment"]["flip"]):
+        for i, (x, y) in enumerate(ds.batches("train", spec["batch_size"], shuffle=True, generator=gen,
+                               shift=spec["augment"]["shift"], flip=spec["augment"]["flip"])):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             if online:  # eligibility traces, step by step; no graph through time
@@ -436,16 +440,20 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                     sleep_step(model, sleep["batch_size"])
                     opt.step()
             sched.step()
-            lv = loss.item()
-            if not math.isfinite(lv):
+            total_t += loss.detach().double() * len(y)
+            n, unread = n + len(y), unread + 1
+            if unread < every and i + 1 < steps:
+                continue
+            lv, total = loss.item(), total_t.item()
+            if not (math.isfinite(lv) and math.isfinite(total)):
                 learned = any(isinstance(s.feedback, LearnedFeedback) for _, s in synapses(model))
                 raise FloatingPointError(
-                    f"arm {arm_name!r}: training loss became {lv} in epoch {epoch}; lower its lr "
-                    f"(now {arm['lr']})" + (" or its feedback rule's coefficients, which the lr "
-                                            "multiplies" if learned else ""))
-            total += lv * len(y)
-            n += len(y)
-            progress.update(lv)
+                    f"arm {arm_name!r}: training loss became {lv if not math.isfinite(lv) else total}"
+                    f" in epoch {epoch}; lower its lr (now {arm['lr']})" + (
+                        " or its feedback rule's coefficients, which the lr multiplies"
+                        if learned else ""))
+            progress.update(lv, unread)
+            unread = 0
         wall += time.perf_counter() - t0
         row, rec = measure(epoch, total / n, wall)
         with _deferred_interrupt():  # the row and the checkpoint of this epoch, or neither
@@ -469,6 +477,15 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         pass
     return model
 
+
+#: training steps between two reads of the loss on a GPU (a read waits for the device)
+SYNC_EVERY = 25
+
+
+def _loss_reads_every(device: torch.device) -> int:
+    """Steps between two reads of the training loss (for the progress bar and the divergence
+    check): every step on the CPU, where a read costs nothing."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 #: a test loss above this (logits a million apart) is a divergence, also when it is finite
 DIVERGED_LOSS = 1e6

@@ -764,11 +764,11 @@ def test_an_interrupt_takes_the_progress_bar_off_and_says_what_was_kept(tmp_path
                         lambda self, total, desc: start(self, total, desc) or bars.append(self.bar))
     update = T._Progress.update
 
-    def interrupting_update(self, loss):
+    def interrupting_update(self, loss, n=1):
         steps.append(loss)
         if len(steps) == 3:
             raise KeyboardInterrupt
-        update(self, loss)
+        update(self, loss, n)
     monkeypatch.setattr(T._Progress, "update", interrupting_update)
     out = tmp_path / "r"
     assert main(["run", "--out", str(out), "--arms", "fa", "--markdown", "--set", *FAST]) == 130
@@ -1356,3 +1356,21 @@ def test_report_of_a_run_without_a_finished_epoch_and_of_a_file_of_another_kind(
     f.write_bytes(b"x")
     assert main(["report", str(f)]) == 2
     assert f"{f} is neither a run directory nor a results file (.h5 or .hdf5)" in _err_line(capsys)
+
+
+def test_the_loss_read_every_few_steps_gives_the_same_run_and_still_stops_a_divergence(
+        tmp_path, monkeypatch, capsys):
+    """On a GPU the loss is read every SYNC_EVERY steps (each read waits for the device): the
+    epoch's loss, summed on the device, is the same, and a divergence is still stopped."""
+    from plastic import train as T
+    rows = []
+    for every in (1, 3):
+        monkeypatch.setattr(T, "_loss_reads_every", lambda device: every)
+        out = tmp_path / f"e{every}"
+        assert main(["run", "--out", str(out), "--arms", "fa", "-q", "--set", *FAST]) == 0
+        rows.append(results.read(out)["arms"]["fa"]["metrics"])
+    for k in ("train_loss", "test_accuracy", "test_loss"):
+        assert np.array_equal(rows[0][k], rows[1][k], equal_nan=True), k
+    rc = main(["run", "--out", str(tmp_path / "nan"), "--arms", "information", "-q", "--set",
+               *FAST, "epochs=1", "arms.information.feedback={amp=1e8,null=1e8,decay=1}"])
+    assert rc != 0 and "training loss became nan in epoch 1" in capsys.readouterr().err

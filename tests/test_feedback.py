@@ -684,3 +684,22 @@ def test_functional_call_routes_through_the_b_it_was_given():
         if kind == "kolen-pollack":  # B's gradient is W's
             assert torch.allclose(state["2.feedback.weight"].grad, state["2.weight"].grad)
         assert net[2].feedback.weight.grad is None  # the module's own B took nothing
+
+
+def test_every_feedback_buffer_follows_the_weights_device_and_dtype():
+    """convert() of a model already on a device left the learned rules' `updates` counter and
+    DFA's lazy B on the CPU (in float32): NCCL cannot broadcast them, and a checkpoint's B was
+    loaded onto the CPU, beside a GPU error.  The meta device stands in for the GPU here."""
+    with torch.device("meta"):
+        for kind in ("information", "mirror", "kolen-pollack", "dfa", "fa", "frsf"):
+            net = plastic.convert(nn.Sequential(nn.Linear(4, 3), nn.Tanh(),
+                                                nn.Linear(3, 2)).double(), kind)
+            for name, b in [*net.named_buffers(), *net.named_parameters()]:
+                assert b.is_meta, (kind, name)
+                if b.is_floating_point():
+                    assert b.dtype == torch.float64, (kind, name)
+    g = torch.Generator().manual_seed(0)  # the state a B was drawn from keeps its device
+    from plastic.feedback import _generator, _state_of
+    drawn = _state_of(g)
+    assert drawn[0] == "cpu" and torch.equal(_generator(drawn).get_state(), g.get_state())
+    assert torch.equal(_generator(drawn[1]).get_state(), g.get_state())  # an older pickle's

@@ -278,3 +278,28 @@ def test_propagate_edge_cases_agree_with_the_dense_product():
             propagate(s, w, torch.zeros(300, dtype=torch.float64), mode=mode)
         with pytest.raises(plastic.SpecError, match="bias must be a tensor"):
             propagate(s, w, [0.0] * 300, mode=mode)
+
+
+def test_auto_propagation_off_the_cpu_takes_the_dense_product():
+    """Counting the spikes waits for the device, and the crossover is a CPU measurement: off the
+    CPU, auto is the dense product (the meta device, which has no values, stands in)."""
+    spikes = (torch.rand(256, 784) < 0.005).float()  # sparse enough for events on the CPU
+    w = torch.randn(1000, 784)
+    assert 0.005 < crossover_density(256, 784, 1000)
+    out = propagate(spikes.to("meta"), w.to("meta"), mode="auto")
+    assert out.is_meta and out.shape == (256, 1000)
+    assert torch.allclose(propagate(spikes, w, mode="auto"), spikes @ w.T, atol=1e-5)
+
+
+def test_encoders_can_skip_their_range_check_and_draw_where_the_generator_is():
+    from plastic import encoders
+    from plastic.errors import SpecError
+    x = torch.rand(4, 10)
+    with pytest.raises(SpecError, match=r"intensities in \[0, 1\]"):
+        encoders.poisson(x + 1, 5)
+    encoders.poisson(x.clamp(0, 1), 5, check=False)  # clamped by the caller: no host read
+    a = encoders.poisson(x, 5, generator=torch.Generator().manual_seed(3))
+    b = encoders.poisson(x, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    z = encoders.poisson(x.to("meta"), 5, check=False)  # drawn on the input's device
+    assert z.is_meta and z.shape == (5, 4, 10)
