@@ -177,7 +177,7 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
     learned_of: dict[int, str] = {}  # a shared W's learned feedback: one B for all its modules
     for name, m in targets:
         first = learned_of.setdefault(id(m.weight), name) if is_learned(kinds[name]) else name
-        if first != name and kinds[first] == kinds[name]:
+        if first != name and _same_kind(kinds[first], kinds[name]):
             # two modules sharing W (tied by assignment) share its learned B, so B learns
             # from W's whole update (Kolen-Pollack's B.grad was each module's share alone)
             feedbacks[name] = feedbacks[first]
@@ -206,6 +206,13 @@ def convert(module: nn.Module, feedback: str | Mapping[str, str] = "transpose", 
                 parent = root.get_submodule(parent_name) if parent_name else root
                 setattr(parent, attr, syn)
     return new_root if new_root is not None else root
+
+
+def _same_kind(a, b) -> bool:
+    """Two feedback specs of one kind (names in any spelling, or equal rules)."""
+    from .feedback import canonical_kind
+    return (canonical_kind(a) == canonical_kind(b)) if isinstance(a, str) and isinstance(b, str) \
+        else a == b
 
 
 def _deciding_pattern(name: str, feedback: Mapping) -> str | None:

@@ -569,7 +569,7 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
     with no loop over samples."""
     if x.dim() != 4:
         raise DataError(f"augment takes a batch of images (N, C, H, W), got {tuple(x.shape)}")
-    if not (isinstance(shift, numbers.Integral) and shift >= 0):
+    if not (isinstance(shift, numbers.Integral) and not isinstance(shift, bool) and shift >= 0):
         raise DataError(f"augment: shift is a number of pixels >= 0, got {shift!r}")
     n, c, h, w = x.shape
     if shift:
@@ -585,7 +585,8 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
 
 
 def _check_limit(what: str, limit) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
+                              or limit < 0):
         raise DataError(f"{what} must be an integer >= 0 (0 or None: all), got {limit!r}")
 
 

@@ -133,6 +133,7 @@ class LearnedFeedback(FeedbackSynapse):
         # cannot broadcast it, and reading it on the GPU was a copy)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long,
                                                     device=forward_weight.device))
+        self._count = 0  # the same count on the host: `every` reads it without a device wait
         self._drawn_from = _state_of(generator)  # for reset_parameters
         self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
@@ -151,6 +152,12 @@ class LearnedFeedback(FeedbackSynapse):
         with torch.no_grad():
             self.initial_norm.copy_(self.weight.norm())
             self.updates.zero_()
+        self._count = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.updates.is_meta:  # a resumed count keeps its place among `every` passes
+            self._count = int(self.updates)
 
     @property
     def reads_post(self) -> bool:
@@ -235,7 +242,8 @@ class LearnedFeedback(FeedbackSynapse):
         if task is None or task != self._pass:  # a synapse used twice in one pass counts once
             self._pass = task
             self.updates += 1
-        if self.every > 1 and int(self.updates) % self.every:
+            self._count += 1
+        if self.every > 1 and self._count % self.every:
             # a zero change, not None: B.grad is then 0 as DDP's reducer makes it, so momentum
             # and weight decay move B alike on one process and on many
             return torch.zeros_like(self.weight)
@@ -322,6 +330,10 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
         return 0
     # a frozen B (requires_grad False) does not learn in sleep, as it does not in the wake pass
     sleepers = [(n, s) for n, s in sleep_driven(model) if s.feedback.weight.requires_grad]
+    # one sleep update per B: layers that share a W share its B (convert), which dreams once
+    seen: set[int] = set()
+    sleepers = [(n, s) for n, s in sleepers
+                if not (id(s.feedback) in seen or seen.add(id(s.feedback)))]
     with contextlib.ExitStack() as stack:  # the rule runs at B's precision, autocast or not
         for dev in {s.weight.device.type for _, s in sleepers}:
             stack.enter_context(autocast_off(dev))

@@ -226,13 +226,16 @@ class TimeStepped(nn.Module):
             x = x.to(self.input_std.dtype)
         intensity = (x * self.input_std.view(shape).to(x) + self.input_mean.view(shape).to(x))
         intensity = intensity.clamp(0, 1)
+        # in [0, 1] now, but NaN stays NaN (silence if not refused): checked on the CPU, where
+        # it costs nothing; off it the check would wait for the device at every step
+        check = intensity.device.type == "cpu"
         if self.encoder == "poisson":
             f_max = self.encoder_options.get("f_max", 100.0)
-            z = encoders.poisson(intensity, self.steps, f_max=f_max, dt=self.dt, check=False)
+            z = encoders.poisson(intensity, self.steps, f_max=f_max, dt=self.dt, check=check)
             # by default each spike carries 1/(f_max dt), so the mean input current is the
             # intensity, as with a constant-current input of the intensity
             return z.mul_(1.0 / (f_max * self.dt) if scale is None else scale), False
-        z = encoders.latency(intensity, self.steps, check=False)
+        z = encoders.latency(intensity, self.steps, check=check)
         return (z if scale is None else z.mul_(scale)), False
 
     # -- simulation ------------------------------------------------------------------------

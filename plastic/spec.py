@@ -283,14 +283,18 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
     typed: dict[str, str] = {}
     for item in sets or []:
         if "=" not in item:
-            split = " (a value with spaces, split by the shell? quote the whole item: " \
-                "--set 'seeds=[0, 1]')" if item.rstrip().endswith(("]", "}")) else ""
+            split = " (the rest of a value split by the shell at a space? quote the whole " \
+                "item: --set 'KEY=[a, b]')" if item.rstrip().endswith(("]", "}")) else ""
             raise SpecError(f"--set expects key=value, got {item!r}{split}")
         key, _, value = item.partition("=")
-        if value.strip().startswith(("[", "{")) and isinstance(parse_value(value.strip()), str):
-            raise SpecError(f"--set {item!r}: {value.strip()!r} is not a TOML array or table "
-                            "(if the shell split it at a space, quote the whole item: "
-                            f"--set '{key.strip()}=[0, 1]')")
+        text = value.strip()
+        if text[:1] in "[{" and text and (text.count("[") > text.count("]") or
+                                          text.count("{") > text.count("}")):
+            # an array or table cut short: the shell split it at a space (a string that only
+            # starts with a bracket, "[draft] run", is a string)
+            raise SpecError(f"--set {item!r}: {text!r} is an array or table cut short; if the "
+                            "shell split it at a space, quote the whole item: "
+                            f"--set '{key.strip()}={text} ...'")
         parts = key.strip().split(".")
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")
@@ -531,11 +535,18 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
             unread = {"feedback": spec["feedback"], "lr": spec["optimizer"]["lr"],
                       "weight_decay": spec["optimizer"]["weight_decay"], "feedback_options": {},
                       "learning": "backprop"}
-            trained = [k for k in unread if k in arm and arm[k] != unread[k]]
+            from .feedback import canonical_kind
+
+            def kind(f):  # bp, backprop and transpose are one kind
+                return canonical_kind(f) if isinstance(f, str) else f
+            trained = [k for k in unread if k in arm and arm[k] != unread[k] and not (
+                k == "feedback" and kind(arm[k]) in (kind(unread[k]),
+                                                     kind(source.get("feedback", unread[k]))))]
             if trained:
-                raise SpecError(f"arms.{name} converts arm {a['convert_from']!r}'s trained "
-                                f"weights and trains nothing: it does not read "
-                                f"{', '.join(trained)}")
+                raise SpecError(f"arms.{name} runs the weights trained by arm "
+                                f"{a['convert_from']!r} and trains nothing: it does not read "
+                                f"{', '.join(trained)} (leave {'it' if len(trained) == 1 else 'them'}"
+                                " out)")
         _check_feedback(f"arms.{name}.feedback", a["feedback"])
         resolved[name] = a
     spec["arms"] = resolved

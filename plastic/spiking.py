@@ -373,6 +373,7 @@ def _version(v):
 
 #: kinds that ``lif_sequence`` runs fused (the others loop over their step function)
 FUSED_KINDS = ("lif", "lif_box")
+_DEVICE_CHUNK = 1 << 24  # the same off the CPU: few kernels, a bounded extra memory
 _CHUNK = 1 << 15  # elements per block of time steps in the backward's elementwise passes:
 #                   at most torch's intra-op grain size (32768), so they stay serial and in cache
 
@@ -512,9 +513,11 @@ class _LIFSequence(torch.autograd.Function):
         alpha, v_th, v_reset = (torch.as_tensor(x).to(**like)
                                 for x in (p.alpha, p.v_th, p.v_reset))
         U = torch.empty_like(pre)
-        # blocks that stay in a CPU's cache; on another device the whole sequence at once (one
-        # neuron per step per block was ~8 small kernels per step)
-        block = max(1, _CHUNK // max(1, pre[0].numel())) if pre.device.type == "cpu" else T
+        # blocks that stay in a CPU's cache; on another device far larger ones (one step per
+        # block was ~8 small kernels per step), still bounded (T steps at once held two more
+        # sequence-sized temporaries)
+        chunk = _CHUNK if pre.device.type == "cpu" else _DEVICE_CHUNK
+        block = max(1, chunk // max(1, pre[0].numel()))
         u_next = w_next = None
         for t1 in range(T, 0, -block):
             t0 = max(0, t1 - block)

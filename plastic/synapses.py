@@ -63,9 +63,10 @@ def _as_at_forward(fb: nn.Module, held):
     fb._buffers.update(buffers)
     try:
         yield
-    finally:
-        fb._parameters.update(now[0])
-        fb._buffers.update(now[1])
+    finally:  # exactly as they were (a key the forward's had and these lack is not left)
+        for d, was in zip((fb._parameters, fb._buffers), now):
+            d.clear()
+            d.update(was)
 
 
 def stored_weight(synapse: nn.Module):
@@ -95,7 +96,9 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, learned, synapse):
         ctx.synapse = synapse
-        fb = synapse.feedback  # its tensors now, which the backward routes through
+        # the feedback synapse and its tensors now, which the backward routes through (also if
+        # set_feedback gives the synapse another before it runs)
+        fb = ctx.feedback = synapse.feedback
         ctx.held = (fb._parameters.copy(), fb._buffers.copy())
         hub = synapse.hub
         # direct feedback: note the pass, so the backward pairs each hidden synapse with its
@@ -113,7 +116,7 @@ class _Route(torch.autograd.Function):
     @once_differentiable  # a second backward (a gradient penalty) is an error, not wrong grads
     def backward(ctx, dy):
         syn: Synapse = ctx.synapse
-        fb = syn.feedback
+        fb = ctx.feedback
         try:
             saved = ctx.saved_tensors
         except RuntimeError as e:  # autograd's version check, in the synapse's own words

@@ -703,3 +703,21 @@ def test_every_feedback_buffer_follows_the_weights_device_and_dtype():
     drawn = _state_of(g)
     assert drawn[0] == "cpu" and torch.equal(_generator(drawn).get_state(), g.get_state())
     assert torch.equal(_generator(drawn[1]).get_state(), g.get_state())  # an older pickle's
+
+
+def test_set_feedback_between_forward_and_backward_routes_through_the_forward_s():
+    """The backward put the forward's feedback tensors into whatever feedback the synapse had
+    by then, and left them there: a fa synapse kept a stale Kolen-Pollack B (trained by the
+    optimizer) and a transpose one an unexpected 'feedback.weight' key."""
+    torch.manual_seed(0)
+    d = plastic.Dense(4, 3, feedback="kolen-pollack")
+    x = torch.randn(5, 4, requires_grad=True)
+    b = d.feedback.weight.detach().clone()
+    out = d(x)
+    d.set_feedback("fa")
+    fa_b = d.feedback.weight.clone()
+    out.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(5, 3) @ b)  # the forward's B
+    assert set(d.feedback._parameters) == set() and torch.equal(d.feedback.weight, fa_b)
+    assert set(d.state_dict()) == {"weight", "bias", "feedback.weight"}
+    assert len(list(d.parameters())) == 2

@@ -144,19 +144,26 @@ def test_settings_that_would_have_no_effect_are_said():
     from plastic.errors import SpecError
     for bad, what in (("arms.converted.lr=0.3", "lr"), ('arms.converted.feedback="usf"', "feedback"),
                       ('arms.converted.learning="online"', "learning")):
-        with pytest.raises(SpecError, match=f"arms.converted converts arm 'rate-bp''s trained "
-                                            f"weights and trains nothing: it does not read {what}"):
+        with pytest.raises(SpecError, match=f"arms.converted runs the weights trained by arm "
+                                            f"'rate-bp' and trains nothing: it does not read "
+                                            f"{what}"):
             load_protocol("rate_vs_spiking", [bad])
     spec = load_protocol("rate_vs_spiking", ['arms.c2.convert_from="rate-bp"'])  # no feedback
     assert spec["arms"]["c2"]["convert_from"] == "rate-bp"
+    for same in ("bp", "backprop", "transpose"):  # the source's kind, in any spelling: accepted
+        load_protocol("rate_vs_spiking", ['arms.c2.convert_from="rate-bp"',
+                                          f'arms.c2.feedback="{same}"'])
     with pytest.warns(UserWarning, match=r"--set optimizer.lr does not reach arm\(s\) fa, frsf, "
                                          r"dfa, which set their own"):
         load_protocol("mnist", ["optimizer.lr=0.01"])
-    with pytest.raises(SpecError, match=r"'\[0,' is not a TOML array or table \(if the shell "
-                                        r"split it"):
+    with pytest.raises(SpecError, match=r"'\[0,' is an array or table cut short; if the shell "
+                                        r"split it at a space, quote the whole item: --set "
+                                        r"'seeds=\[0, \.\.\.'"):
         load_protocol("quickstart", ["seeds=[0,", "1]"])
-    with pytest.raises(SpecError, match=r"got '1\]' \(a value with spaces, split by the shell\?"):
+    with pytest.raises(SpecError, match=r"got '1\]' \(the rest of a value split by the shell"):
         load_protocol("quickstart", ["1]"])
+    spec = load_protocol("quickstart", ["description=[draft] run"])  # a string, as before
+    assert spec["description"] == "[draft] run"
 
 
 def test_settings_the_chosen_optimizer_or_schedule_does_not_read_do_not_split_experiments():

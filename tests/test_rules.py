@@ -702,3 +702,29 @@ def test_a_learned_rule_backpropagates_on_the_meta_device():
         x = torch.randn(3, 5, requires_grad=True)
     net(x).sum().backward()
     assert x.grad.is_meta
+
+
+def test_a_shared_sleep_driven_b_dreams_once_and_a_resumed_count_keeps_every_s_place():
+    """Two layers sharing a W share one mirror B, and sleep_step updated it once per layer
+    (B.grad twice the decay); the count that `every` reads lives on the host, restored with
+    the buffer by load_state_dict."""
+    from plastic.learned import sleep_step
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6),
+                            torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    m[2].weight = m[0].weight
+    net = plastic.convert(m, "mirror", options={"rule": {"decay": 1.0}})
+    net(torch.randn(2, 6))
+    assert sleep_step(net, 8) == 2  # two Bs, not three synapses
+    for i in (0, 4):
+        b = net[i].feedback.weight
+        assert torch.allclose(b.grad, b.detach()), i  # ΔB of decay alone is B, once
+    info = plastic.convert(torch.nn.Sequential(torch.nn.Linear(6, 3)), "information",
+                           options={"every": 4})
+    state = info.state_dict()
+    state["0.feedback.updates"] = torch.tensor(3)
+    fresh = plastic.convert(torch.nn.Sequential(torch.nn.Linear(6, 3)), "information",
+                            options={"every": 4})
+    fresh.load_state_dict(state)
+    fresh(torch.randn(4, 6)).sum().backward()  # the 4th pass: the rule runs
+    assert fresh[0].feedback.weight.grad.abs().sum() > 0 and int(fresh[0].feedback.updates) == 4

@@ -1002,3 +1002,14 @@ def test_online_learning_with_a_class_index_beyond_the_outputs_is_a_one_line_err
     with pytest.raises(SpecError, match=r"class indices must be in \[0, 5\) for the circuit's "
                                         r"5 outputs"):  # torch's 'Class values must be smaller'
         online_step(snn, torch.rand(4, 20), torch.tensor([0, 1, 7, 2]))
+
+
+def test_a_nan_input_to_a_spike_encoder_is_refused_not_silence():
+    """Clamping to [0, 1] keeps NaN, and a NaN pixel encoded as no spikes at all."""
+    for enc in ("poisson", "latency"):
+        sim = TimeStepped(models.mlp(4, [3], 2, "lif"), 5, encoder=enc,
+                          input_mean=torch.tensor([0.5]), input_std=torch.tensor([0.2]))
+        x = torch.zeros(2, 4)
+        x[0, 1] = float("nan")
+        with pytest.raises(SpecError, match=r"intensities in \[0, 1\], got .* and NaN"):
+            sim(x)
