@@ -133,7 +133,9 @@ class LearnedFeedback(FeedbackSynapse):
         # cannot broadcast it, and reading it on the GPU was a copy)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long,
                                                     device=forward_weight.device))
-        self._count = 0  # the same count on the host: `every` reads it without a device wait
+        # the same count on the host, which `every` reads without waiting for the device; read
+        # again from the buffer when something else wrote it (a load, DDP's broadcast)
+        self._count, self._seen = 0, self.updates._version
         self._drawn_from = _state_of(generator)  # for reset_parameters
         self.weight = nn.Parameter(random_like(forward_weight, generator))
         self.normalize, self.normalize_input = bool(normalize), bool(normalize_input)
@@ -152,12 +154,11 @@ class LearnedFeedback(FeedbackSynapse):
         with torch.no_grad():
             self.initial_norm.copy_(self.weight.norm())
             self.updates.zero_()
-        self._count = 0
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.updates.is_meta:  # a resumed count keeps its place among `every` passes
-            self._count = int(self.updates)
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_count" not in self.__dict__:  # a whole model pickled before the host count
+            self._count, self._seen = 0, None
 
     @property
     def reads_post(self) -> bool:
@@ -241,8 +242,10 @@ class LearnedFeedback(FeedbackSynapse):
         task = _backward_pass()
         if task is None or task != self._pass:  # a synapse used twice in one pass counts once
             self._pass = task
+            if self._seen != self.updates._version and not self.updates.is_meta:
+                self._count = int(self.updates)  # written by another: a load, DDP's broadcast
             self.updates += 1
-            self._count += 1
+            self._count, self._seen = self._count + 1, self.updates._version
         if self.every > 1 and self._count % self.every:
             # a zero change, not None: B.grad is then 0 as DDP's reducer makes it, so momentum
             # and weight decay move B alike on one process and on many
@@ -323,7 +326,8 @@ def sleep_step(model: nn.Module, batch_size: int = 32, generator=None) -> int:
     Akrout et al. 2019).  Writes into ``B.grad``; call ``optimizer.step()`` after.  Under
     torch.distributed, every process draws its own noise and the updates are averaged over
     processes, so replicas stay identical (B takes no part in the wake pass: wrap the model in
-    DDP with ``find_unused_parameters=True``).  Returns the number of synapses updated."""
+    DDP with ``find_unused_parameters=True``).  Returns the number of feedback weights updated
+    (layers that share a W share one, which sleeps once)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"sleep_step: batch_size must be a positive integer, got {batch_size!r}")
     if is_plasticity_paused():  # nothing is written into B.grad there

@@ -288,13 +288,17 @@ def apply_sets(spec: dict, sets: list[str]) -> dict:
             raise SpecError(f"--set expects key=value, got {item!r}{split}")
         key, _, value = item.partition("=")
         text = value.strip()
-        if text[:1] in "[{" and text and (text.count("[") > text.count("]") or
-                                          text.count("{") > text.count("}")):
-            # an array or table cut short: the shell split it at a space (a string that only
-            # starts with a bracket, "[draft] run", is a string)
-            raise SpecError(f"--set {item!r}: {text!r} is an array or table cut short; if the "
-                            "shell split it at a space, quote the whole item: "
-                            f"--set '{key.strip()}={text} ...'")
+        if text[:1] in ("[", "{") and isinstance(parse_value(text), str):
+            # not TOML, though it opens like an array or table: cut short (the shell split it
+            # at a space), or closed but malformed; one that only starts with a bracket,
+            # "[draft] run", is a string
+            if text.count("[") > text.count("]") or text.count("{") > text.count("}"):
+                raise SpecError(f"--set {item!r}: {text!r} is an array or table cut short; if "
+                                "the shell split it at a space, quote the whole item: "
+                                f"--set '{key.strip()}={text} ...'")
+            if text[-1] == {"[": "]", "{": "}"}[text[0]]:
+                raise SpecError(f"--set {item!r}: {text!r} is not a valid TOML array or table "
+                                "(commas between items, strings in quotes)")
         parts = key.strip().split(".")
         if not all(parts):
             raise SpecError(f"--set: bad key {key!r}")

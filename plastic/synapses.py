@@ -100,7 +100,7 @@ class _Route(torch.autograd.Function):
         # set_feedback gives the synapse another before it runs)
         fb = ctx.feedback = synapse.feedback
         ctx.held = (fb._parameters.copy(), fb._buffers.copy())
-        hub = synapse.hub
+        hub = ctx.hub = synapse.hub  # the forward's, as its feedback synapse
         # direct feedback: note the pass, so the backward pairs each hidden synapse with its
         # own pass's output error
         ctx.direct = (hub.forward_of(synapse, synapse.is_output) if hub is not None and
@@ -130,7 +130,7 @@ class _Route(torch.autograd.Function):
                 f" needs it; make that operation out of place") from e
         x, weight = saved[:2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        hub = syn.hub
+        hub = ctx.hub
         if hub is not None and syn.is_output:
             hub.record(*ctx.direct, dy.detach())
         # under autocast the forward ran in a lower precision (dy's dtype): so does the backward,

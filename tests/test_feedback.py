@@ -721,3 +721,19 @@ def test_set_feedback_between_forward_and_backward_routes_through_the_forward_s(
     assert set(d.feedback._parameters) == set() and torch.equal(d.feedback.weight, fa_b)
     assert set(d.state_dict()) == {"weight", "bias", "feedback.weight"}
     assert len(list(d.parameters())) == 2
+
+
+def test_reconverting_between_forward_and_backward_keeps_the_forward_s_hub():
+    """The backward read the synapse's hub anew: converting to dfa between a fa forward and its
+    backward was a TypeError (no pass recorded), and back from dfa 'no hub'."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    for first, then in (("fa", "dfa"), ("dfa", "fa")):
+        m = plastic.convert(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), first,
+                            seed=1)
+        ref = copy.deepcopy(m)
+        ref(x.requires_grad_(False)).sum().backward()
+        out = m(x)
+        plastic.convert(m, then, seed=1, inplace=True)
+        out.sum().backward()
+        assert torch.allclose(m[0].weight.grad, ref[0].weight.grad), (first, then)

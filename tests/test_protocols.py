@@ -164,6 +164,10 @@ def test_settings_that_would_have_no_effect_are_said():
         load_protocol("quickstart", ["1]"])
     spec = load_protocol("quickstart", ["description=[draft] run"])  # a string, as before
     assert spec["description"] == "[draft] run"
+    with pytest.raises(SpecError, match=r"'\[0 1\]' is not a valid TOML array or table"):
+        load_protocol("quickstart", ["seeds=[0 1]"])
+    with pytest.raises(SpecError, match="description must be a string"):  # valid TOML: typed
+        load_protocol("quickstart", ['description=["[x"]'])
 
 
 def test_settings_the_chosen_optimizer_or_schedule_does_not_read_do_not_split_experiments():

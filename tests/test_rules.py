@@ -728,3 +728,27 @@ def test_a_shared_sleep_driven_b_dreams_once_and_a_resumed_count_keeps_every_s_p
     fresh.load_state_dict(state)
     fresh(torch.randn(4, 6)).sum().backward()  # the 4th pass: the rule runs
     assert fresh[0].feedback.weight.grad.abs().sum() > 0 and int(fresh[0].feedback.updates) == 4
+
+
+def test_the_host_count_follows_any_write_to_the_buffer_and_an_older_pickle():
+    """The count `every` reads lives on the host; a write to the buffer by anything else (DDP's
+    broadcast from process 0 after a load there, a fill_) left it behind, and a whole model
+    pickled before it existed failed in its first backward."""
+    def grads(net):
+        net.zero_grad()
+        net(torch.randn(4, 6)).sum().backward()
+        return net[0].feedback.weight.grad.abs().sum() > 0
+    net = plastic.convert(torch.nn.Sequential(torch.nn.Linear(6, 3)), "information",
+                          options={"every": 2})
+    fb = net[0].feedback
+    assert not grads(net)  # pass 1 of 2: a zero change
+    with torch.no_grad():
+        fb.updates.fill_(7)  # as DDP's broadcast writes it
+    assert grads(net) and int(fb.updates) == 8  # pass 8: the rule runs
+    assert not grads(net)
+    state = dict(fb.__dict__)
+    del state["_count"], state["_seen"]
+    old = type(fb).__new__(type(fb))
+    old.__setstate__(state)  # as torch.load of an older pickle
+    net[0].feedback = old
+    assert grads(net) and int(old.updates) == 10
