@@ -242,10 +242,15 @@ class LearnedFeedback(FeedbackSynapse):
         task = _backward_pass()
         if task is None or task != self._pass:  # a synapse used twice in one pass counts once
             self._pass = task
-            if self._seen != self.updates._version and not self.updates.is_meta:
+            # read only where `every` needs it (a read waits for a GPU: under DDP's per-forward
+            # buffer broadcast it would be every pass)
+            if self.every > 1 and self._seen != self.updates._version \
+                    and not self.updates.is_meta:
                 self._count = int(self.updates)  # written by another: a load, DDP's broadcast
             self.updates += 1
-            self._count, self._seen = self._count + 1, self.updates._version
+            self._count += 1
+            if self.every > 1:
+                self._seen = self.updates._version
         if self.every > 1 and self._count % self.every:
             # a zero change, not None: B.grad is then 0 as DDP's reducer makes it, so momentum
             # and weight decay move B alike on one process and on many
