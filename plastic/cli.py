@@ -84,10 +84,14 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
 
     rs = [results.read(results.results_path(p)) for p in paths]
     rows = results.summary(rs)
-    if not rows:  # an empty table and an empty figure said nothing
-        print(f"plastic: note: {', '.join(map(str, paths))}: no arm has finished an epoch yet",
-              file=sys.stderr)
+    empty = [i for i, r in enumerate(rs) if not results.summary([r])]
+    if empty:  # an empty table and an empty figure said nothing
+        print(f"plastic: note: {', '.join(str(paths[i]) for i in empty)}: no arm has finished "
+              "an epoch yet", file=sys.stderr)
+    if not rows:
         return
+    paths = [p for i, p in enumerate(paths) if i not in empty]
+    rs = [r for i, r in enumerate(rs) if i not in empty]
     print(results.format_table(rows, markdown=markdown))
     if layers:
         print()

@@ -123,7 +123,9 @@ def rule_values(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 @contextlib.contextmanager
 def backprop(model: nn.Module):
-    """Temporarily route every synapse's error through W^T (exact backprop)."""
+    """Temporarily route every synapse's error through W^T (exact backprop): for the forward
+    passes run inside it (a synapse's backward routes through the feedback of its own forward
+    pass, as autograd keeps its W; ``plasticity_paused`` acts at the backward pass instead)."""
     saved = []
     for _, syn in synapses(model):
         saved.append((syn, syn.feedback))

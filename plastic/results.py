@@ -77,6 +77,8 @@ def check_run_dir(out: Path) -> None:
 
 
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
+#: an arm's training settings, which a conversion arm (convert_from) does not read
+_TRAINING_SETTINGS = ("lr", "weight_decay", "feedback", "feedback_options", "learning")
 
 
 def _resolved(spec: dict, like: dict | None = None) -> dict:
@@ -93,6 +95,11 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
         if isinstance(circuit, dict) and circuit.get("kind") == "resnet20" \
                 and "shortcut" not in circuit:  # recorded before resnet20 took option A
             spec["circuit"] = {**circuit, "shortcut": "B"}
+        if isinstance(spec.get("arms"), dict):  # a conversion arm's training settings, which
+            # it never read, recorded before they were refused: as the defaults they now take
+            spec["arms"] = {n: {k: v for k, v in a.items() if k not in _TRAINING_SETTINGS}
+                            if isinstance(a, dict) and a.get("convert_from") else a
+                            for n, a in spec["arms"].items()}
         return json.loads(json.dumps(resolve_protocol(spec, warn=False)))
     except SpecError:
         return json.loads(json.dumps(spec))
@@ -591,7 +598,7 @@ def _row(name: str, g: dict) -> dict:
         "test_accuracy": [f["test_accuracy"] for f in per_seed],
         "update_angle": ua, "weight_angle": wa,
         "wall_time": [f.get("wall_time", np.nan) for f in per_seed],
-        "population": a.get("population", ""),
+        "population": str(a.get("population", "")).lower(),  # as typed, in older files
         "synapses": list(a.get("synapses", [])),
         "convert_from": a.get("convert_from", ""),
         "learning": a.get("learning", "backprop"),

@@ -1374,3 +1374,27 @@ def test_the_loss_read_every_few_steps_gives_the_same_run_and_still_stops_a_dive
     rc = main(["run", "--out", str(tmp_path / "nan"), "--arms", "information", "-q", "--set",
                *FAST, "epochs=1", "arms.information.feedback={amp=1e8,null=1e8,decay=1}"])
     assert rc != 0 and "training loss became nan in epoch 1" in capsys.readouterr().err
+
+
+def test_a_conversion_arm_s_ignored_settings_recorded_before_do_not_split_it(tmp_path, capsys):
+    """Older runs recorded settings a conversion arm never read (lr, feedback, ...); now refused,
+    they made the recorded spec fail to resolve, so the file could not be resumed and report
+    did not pool the arm. A file with no finished epoch beside a full one is named, not
+    counted as another experiment."""
+    import copy
+    from plastic.results import ResultsWriter, _differences, _resolved
+    from plastic.spec import load_protocol
+    spec = load_protocol("rate_vs_spiking")
+    old = copy.deepcopy(spec)
+    old["arms"]["converted"].update(lr=0.5, feedback="fa", learning="backprop")
+    assert _differences(_resolved(old)["arms"]["converted"], _resolved(spec)["arms"]["converted"]) == []
+    full = tmp_path / "full"
+    assert main(["run", "--out", str(full), "--arms", "fa", "-q", "--set", *FAST, "epochs=1"]) == 0
+    w = ResultsWriter(tmp_path / "empty", load_protocol("quickstart", [*FAST, "epochs=1"]))
+    w.arm_group("bp", {"feedback": "transpose", "lr": 0.05})
+    w.close()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "empty"), str(full)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{tmp_path / 'empty'}: no arm has finished an epoch yet" in err
+    assert "different experiments" not in err and "fa" in out
