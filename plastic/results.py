@@ -88,6 +88,7 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
     from .errors import SpecError
     from .spec import resolve_protocol
 
+    recorded = spec
     try:
         spec = {**spec, **({k: like[k] for k in EXECUTION_KEYS if k in like} if like
                            else {"device": "cpu"})}
@@ -101,8 +102,8 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
                             if isinstance(a, dict) and a.get("convert_from") else a
                             for n, a in spec["arms"].items()}
         return json.loads(json.dumps(resolve_protocol(spec, warn=False)))
-    except SpecError:
-        return json.loads(json.dumps(spec))
+    except SpecError:  # as recorded
+        return json.loads(json.dumps(recorded))
 
 
 def _canonical_feedback(fb):
@@ -188,7 +189,8 @@ class ResultsWriter:
             differ = _spec_differences(old, spec, ignore=("seeds",))
             # an arm recorded there must be the same arm (arms not yet there may join)
             was = _resolved(old, like=spec).get("arms", {})
-            now = json.loads(json.dumps(spec["arms"]))
+            # both through _resolved: a conversion arm's unread settings compared as on either side
+            now = _resolved(spec, like=spec).get("arms", {})
             differ += [f"arms.{a}.{k}" for a in sorted(set(was) & set(now))
                        for k in _differences(was[a], now[a], ignore=("description",))]
             if differ:

@@ -1388,6 +1388,11 @@ def test_a_conversion_arm_s_ignored_settings_recorded_before_do_not_split_it(tmp
     old = copy.deepcopy(spec)
     old["arms"]["converted"].update(lr=0.5, feedback="fa", learning="backprop")
     assert _differences(_resolved(old)["arms"]["converted"], _resolved(spec)["arms"]["converted"]) == []
+    # and a run whose conversion arm names its source's feedback resumes under the same spec
+    same = load_protocol("rate_vs_spiking", ["arms.converted.convert_from=rate-fa",
+                                             "arms.converted.feedback=fa"])
+    ResultsWriter(tmp_path / "same", same).close()
+    ResultsWriter(tmp_path / "same", same, resume=True).close()
     full = tmp_path / "full"
     assert main(["run", "--out", str(full), "--arms", "fa", "-q", "--set", *FAST, "epochs=1"]) == 0
     w = ResultsWriter(tmp_path / "empty", load_protocol("quickstart", [*FAST, "epochs=1"]))
