@@ -70,11 +70,16 @@ def _cmd_run(args):
     return 0
 
 
+def _rows_in(r: dict) -> bool:
+    """Whether a read results file holds a row (a finished epoch)."""
+    return any(len(a["metrics"].get("epoch", ())) for a in r["arms"].values())
+
+
 def _has_rows(rp) -> bool:
     """Whether a results file holds a row (an interrupt may come before the first)."""
     from . import results
     try:
-        return any(len(a["metrics"].get("epoch", ())) for a in results.read(rp)["arms"].values())
+        return _rows_in(results.read(rp))
     except Exception:  # unreadable: say nothing was kept rather than fail the interrupt
         return False
 
@@ -84,7 +89,7 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
 
     rs = [results.read(results.results_path(p)) for p in paths]
     rows = results.summary(rs)
-    empty = [i for i, r in enumerate(rs) if not results.summary([r])]
+    empty = [i for i, r in enumerate(rs) if not _rows_in(r)]
     if empty:  # an empty table and an empty figure said nothing
         print(f"plastic: note: {', '.join(str(paths[i]) for i in empty)}: no arm has finished "
               "an epoch yet", file=sys.stderr)

@@ -26,6 +26,12 @@ __all__ = [
 ]
 
 
+def is_nhwc(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels_last (NHWC) and not also contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last)
+
+
 def randn_like_logical(t: torch.Tensor) -> torch.Tensor:
     """``torch.randn_like(t)`` drawn in logical (index) order, then laid out like ``t``:
     ``randn_like`` fills a channels_last tensor in memory order, so the same random stream gave
@@ -68,7 +74,7 @@ def _device_of(generator: torch.Generator | None):
     return generator.device if generator is not None else "cpu"
 
 
-def _redraw(weight: torch.Tensor, drawn_from: torch.Tensor) -> None:
+def _redraw(weight: torch.Tensor, drawn_from) -> None:
     """Draw a feedback weight again, in place, exactly as it was drawn from the stream state
     ``drawn_from`` (``_state_of``): torch's ``to_empty`` + ``reset_parameters`` idiom."""
     with torch.no_grad():
@@ -387,8 +393,7 @@ class DirectRandom(FeedbackSynapse):
             raise SpecError(f"dfa feedback: the output error has shape {tuple(error.shape)}; "
                             "direct feedback takes a (batch, outputs) error, one per sample")
         b = self.weight
-        if b.dim() == 4 and not b.is_contiguous() and \
-                b.is_contiguous(memory_format=torch.channels_last):
+        if is_nhwc(b):
             # B in NHWC: read it in storage order (a view, no copy of B) and give the error in
             # channels_last, the layout of the rest of the backward pass
             n, c, h, w = pre_shape

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .errors import SpecError, suggest
-from .feedback import FeedbackSynapse, _redraw, _state_of, random_like, randn_like_logical
+from .feedback import (FeedbackSynapse, _redraw, _state_of, is_nhwc, random_like,
+                       randn_like_logical)
 from .rules import COMPOSITES, Signals, fused_grad, is_local, parse_rule, primitive_value
 from .synapses import autocast_off, is_plasticity_paused, stored_weight
 
@@ -34,7 +35,7 @@ def _storage_order(x: torch.Tensor) -> torch.Tensor:
     """A view of x whose dimensions follow its memory order: NHWC for a channels_last tensor
     (reductions over the batch of a channels_last tensor are ~10x slower on CPU when read as
     NCHW), x itself otherwise."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_nhwc(x):
         return x.permute(0, 2, 3, 1)
     return x
 

@@ -77,8 +77,6 @@ def check_run_dir(out: Path) -> None:
 
 
 EXECUTION_KEYS = ("device", "threads")  # where a run executes, not what it computes
-#: an arm's training settings, which a conversion arm (convert_from) does not read
-_TRAINING_SETTINGS = ("lr", "weight_decay", "feedback", "feedback_options", "learning")
 
 
 def _resolved(spec: dict, like: dict | None = None) -> dict:
@@ -86,7 +84,7 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
     defaults; where it executes is taken from ``like`` (or the CPU), so a spec recorded on a GPU
     resolves here too."""
     from .errors import SpecError
-    from .spec import resolve_protocol
+    from .spec import TRAINING_SETTINGS, resolve_protocol
 
     recorded = spec
     try:
@@ -98,7 +96,7 @@ def _resolved(spec: dict, like: dict | None = None) -> dict:
             spec["circuit"] = {**circuit, "shortcut": "B"}
         if isinstance(spec.get("arms"), dict):  # a conversion arm's training settings, which
             # it never read, recorded before they were refused: as the defaults they now take
-            spec["arms"] = {n: {k: v for k, v in a.items() if k not in _TRAINING_SETTINGS}
+            spec["arms"] = {n: {k: v for k, v in a.items() if k not in TRAINING_SETTINGS}
                             if isinstance(a, dict) and a.get("convert_from") else a
                             for n, a in spec["arms"].items()}
         return json.loads(json.dumps(resolve_protocol(spec, warn=False)))

@@ -251,9 +251,8 @@ class TimeStepped(nn.Module):
         if isinstance(record, str) or unknown:
             raise SpecError(f"record takes a tuple of 'spikes' and 'voltages', got {record!r}")
         t, b = self.steps, x.shape[0]
-        if stats and not b:  # per-sample statistics of no sample
-            raise SpecError("statistics (firing rate, synaptic operations) of an empty batch: "
-                            "give at least one sample")
+        if stats:
+            _check_stats_batch(b)
         seq, const = self.encode(x)
         rec = Recording()
         spiking_input = self.encoder != "constant"
@@ -473,6 +472,12 @@ def _fold_batch_norm(seq: nn.Sequential) -> None:
 
 
 @torch.no_grad()
+def _check_stats_batch(b: int) -> None:
+    if not b:  # per-sample statistics of no sample (a ZeroDivisionError)
+        raise SpecError("statistics (firing rate, synaptic operations) of an empty batch: give "
+                        "at least one sample")
+
+
 def inference_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(output, stats) on a batch: ``firing_rate`` (spikes per neuron per step for spiking
     populations; a rate population's mean activity), ``synaptic_ops`` per inference (active
@@ -483,9 +488,7 @@ def inference_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, di
         return out, {"firing_rate": rec.firing_rate, "synaptic_ops": rec.ops,
                      "decision_steps": float(decision_steps(rec.outputs).float().mean())}
     b = x.shape[0]
-    if not b:
-        raise SpecError("statistics (firing rate, synaptic operations) of an empty batch: give "
-                        "at least one sample")
+    _check_stats_batch(b)
     acc = {"ops": 0.0, "act": 0.0, "n": 0.0}
 
     def syn_hook(m, inp, out):

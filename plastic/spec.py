@@ -86,6 +86,8 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
     "arms": (dict, {}),
 }
 
+#: an arm's training settings, which a conversion arm (convert_from) does not read
+TRAINING_SETTINGS = ("lr", "weight_decay", "feedback", "feedback_options", "learning")
 ARM_KEYS = {"feedback": ANY, "feedback_options": dict, "lr": NUM, "weight_decay": NUM,
             "output": str, "description": str, "population": str, "convert_from": str,
             "learning": str}
@@ -536,9 +538,9 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
                 raise SpecError(f"arms.{name}.convert_from names {a['convert_from']!r}, itself a "
                                 "converted arm; name the rate arm it converts")
             # a trained arm's settings, and their defaults: given otherwise, no effect, silently
-            unread = {"feedback": spec["feedback"], "lr": spec["optimizer"]["lr"],
-                      "weight_decay": spec["optimizer"]["weight_decay"], "feedback_options": {},
-                      "learning": "backprop"}
+            unread = dict(zip(TRAINING_SETTINGS, (
+                spec["optimizer"]["lr"], spec["optimizer"]["weight_decay"], spec["feedback"], {},
+                "backprop")))
             from .feedback import canonical_kind
 
             def kind(f):  # bp, backprop and transpose are one kind

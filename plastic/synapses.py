@@ -17,7 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .errors import SpecError
-from .feedback import DirectFeedbackHub, FeedbackSynapse, make_feedback
+from .feedback import DirectFeedbackHub, FeedbackSynapse, is_nhwc, make_feedback
 
 __all__ = ["Synapse", "Dense", "Conv2d", "plasticity_paused"]
 
@@ -138,50 +138,46 @@ class _Route(torch.autograd.Function):
         cdt, x_dtype, w_dtype = dy.dtype, x.dtype, weight.dtype
         mixed = cdt != w_dtype or cdt != x_dtype
         xc, wc = (x.to(cdt), weight.to(cdt)) if mixed else (x, weight)
-        with _as_at_forward(fb, ctx.held):
-            return _Route._routed(ctx, syn, fb, hub, saved, x, weight, xc, wc, dy, cdt, x_dtype,
-                                  w_dtype, mixed, need_x, need_w, need_b)
-
-    @staticmethod
-    def _routed(ctx, syn, fb, hub, saved, x, weight, xc, wc, dy, cdt, x_dtype, w_dtype, mixed,
-                need_x, need_w, need_b):
-        if fb.direct:
-            if need_x:
-                name = syn.name or type(syn).__name__
-                if hub is None:
-                    raise RuntimeError(f"direct feedback at {name}: the synapse has no hub to "
-                                       "take the output error from (use plastic.convert)")
-                run, use = ctx.direct
-                error = dy.detach() if syn.is_output else hub.error_of(run, syn, use, name)
-                if error.shape[0] != dy.shape[0]:
-                    raise RuntimeError(f"direct feedback at {name}: the output error has "
-                                       f"{error.shape[0]} samples, the synapse {dy.shape[0]}")
-                dx = fb.project(error.to(fb.weight.dtype), x.shape)
+        with _as_at_forward(fb, ctx.held):  # the forward's B (functional_call)
+            if fb.direct:
+                if need_x:
+                    name = syn.name or type(syn).__name__
+                    if hub is None:
+                        raise RuntimeError(f"direct feedback at {name}: the synapse has no hub to "
+                                           "take the output error from (use plastic.convert)")
+                    run, use = ctx.direct
+                    error = dy.detach() if syn.is_output else hub.error_of(run, syn, use, name)
+                    if error.shape[0] != dy.shape[0]:
+                        raise RuntimeError(f"direct feedback at {name}: the output error has "
+                                           f"{error.shape[0]} samples, the synapse {dy.shape[0]}")
+                    dx = fb.project(error.to(fb.weight.dtype), x.shape)
+                else:
+                    dx = None
+                _, dw, db = syn._backward_op(dy, xc, wc, False, need_w, need_b)
             else:
-                dx = None
-            _, dw, db = syn._backward_op(dy, xc, wc, False, need_w, need_b)
-        else:
-            b = fb.matrix(weight)
-            dx, dw, db = syn._backward_op(dy, xc, b.to(cdt) if mixed else b, need_x, need_w, need_b)
-        if mixed:
-            dx = dx.to(x_dtype) if dx is not None else None
-            dw = dw.to(w_dtype) if dw is not None else None
-            db = db.to(syn.bias.dtype) if db is not None else None
-        d_learned = None
-        # a learned B with requires_grad False is frozen; a kind without a learned weight
-        # (sleep-driven, or a custom one writing .grad itself) still gets its call
-        if fb.plastic and not _paused and (ctx.needs_input_grad[3] or fb.learned_weight() is None):
-            y = syn.without_bias(saved[2]) if len(saved) > 2 else None
-            if mixed:  # the rule reads the activity at the precision of its weights
-                x, dy = x.to(w_dtype), dy.to(w_dtype)
-                y = None if y is None else y.to(w_dtype)
-            # at the weights' precision, also for a backward() called inside autocast (a conv
-            # rule's own passes met mixed dtypes)
-            with autocast_off(dy.device.type):
-                d_learned = fb.plasticity(syn, x, y, dy, dw)
-            if not ctx.needs_input_grad[3]:
-                d_learned = None
-        return dx, dw, db, d_learned, None
+                b = fb.matrix(weight)
+                dx, dw, db = syn._backward_op(dy, xc, b.to(cdt) if mixed else b, need_x, need_w,
+                                              need_b)
+            if mixed:
+                dx = dx.to(x_dtype) if dx is not None else None
+                dw = dw.to(w_dtype) if dw is not None else None
+                db = db.to(syn.bias.dtype) if db is not None else None
+            d_learned = None
+            # a learned B with requires_grad False is frozen; a kind without a learned weight
+            # (sleep-driven, or a custom one writing .grad itself) still gets its call
+            if fb.plastic and not _paused and (ctx.needs_input_grad[3]
+                                               or fb.learned_weight() is None):
+                y = syn.without_bias(saved[2]) if len(saved) > 2 else None
+                if mixed:  # the rule reads the activity at the precision of its weights
+                    x, dy = x.to(w_dtype), dy.to(w_dtype)
+                    y = None if y is None else y.to(w_dtype)
+                # at the weights' precision, also for a backward() called inside autocast (a conv
+                # rule's own passes met mixed dtypes)
+                with autocast_off(dy.device.type):
+                    d_learned = fb.plasticity(syn, x, y, dy, dw)
+                if not ctx.needs_input_grad[3]:
+                    d_learned = None
+            return dx, dw, db, d_learned, None
 
 
 class Synapse(nn.Module):
@@ -251,10 +247,8 @@ class Synapse(nn.Module):
                                     f"got {tuple(x.shape)}")
                 with torch.no_grad():
                     self._forward_op(x, self.weight, self.bias)  # torch's error, if wrong
-            nhwc = x.dim() == 4 and not x.is_contiguous() and \
-                x.is_contiguous(memory_format=torch.channels_last)
             fb.materialize(x.shape[1:], x.device, self.weight.dtype,  # B laid out like x
-                           torch.channels_last if nhwc else torch.contiguous_format)
+                           torch.channels_last if is_nhwc(x) else torch.contiguous_format)
         elif fb.plastic and hasattr(fb, "pre_shape"):
             fb.pre_shape = tuple(x.shape[1:])  # for noise-driven (sleep) phases
         learned = fb.learned_weight()

@@ -26,6 +26,7 @@ from .errors import ResultsError, SpecError
 from .learned import LearnedFeedback, sleep_driven, sleep_step
 from .metrics import hidden_angles, norm_ratios, rule_values, weight_angles
 from .results import ResultsWriter, results_path
+from .results import read as read_results
 from .simulator import SYNAPSES, TimeStepped, calibrate_conversion, inference_stats, spiking_version
 from .spec import arm_population
 from .spiking import SPIKING_KINDS, LIFPopulation
@@ -546,18 +547,13 @@ def _converted(spec, arm, rate: nn.Module, ds) -> nn.Module:
 
 def _recorded_seeds(out_dir, arm: str) -> set[int]:
     """The seeds of ``arm`` that the results file in ``out_dir`` records as finished."""
-    import h5py
     path = results_path(out_dir)
     if not path.is_file():
         return set()
-    try:
-        with h5py.File(path, "r") as h5:
-            g = h5["arms"].get(arm) if "arms" in h5 else None
-            return set(json.loads(g.attrs.get("done_seeds", "[]"))) if g is not None else set()
-    except (OSError, ValueError, KeyError):  # a damaged file: said in the results' own words
-        from .results import read
-        read(path)  # its one-line error
-        return set()
+    with warnings.catch_warnings():  # a half-written row: ResultsWriter says so when it opens it
+        warnings.simplefilter("ignore")
+        arms = read_results(path)["arms"]  # a damaged file: its one-line error
+    return set(arms[arm]["attrs"].get("done_seeds", [])) if arm in arms else set()
 
 
 def run_conversion(spec, arm_name, arm, seed, ds, writer, out_dir, progress):
