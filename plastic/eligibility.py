@@ -13,14 +13,18 @@ a presynaptic trace (the reset is ignored, as in e-prop):
 (for ``lif_box``, which has no synaptic current, ε_t = (1 − dt/τ_mem) ε_{t−1} + dt/τ_mem · a_t).
 The eligibility trace is e_ij,t = ψ_i,t ε_j,t with ψ the surrogate derivative of the spike at
 v_t (eq. 3), and the update is ΔW_ij = Σ_t L_i,t e_ij,t: the product of a learning signal and a
-trace, one weight-gradient-sized product per step, memory independent of T.  A constant input
+trace, one weight-gradient-sized product per step.  The traces' memory does not grow with T;
+a spike encoder's input (Poisson, latency) is drawn for all T steps up front, T × B × inputs,
+as ``TimeStepped.run`` draws it (a constant input is held once).  A constant input
 current makes the first synapse's traces scalar multiples of its input, so its products fold
 into one per batch (``_online_updates``).
 
 The learning signal L_t comes from the per-step readout error err_t = softmax(y_t) − onehot
 (the loss is the mean over steps of the cross-entropy of the readout y_t) and reaches each
 population through the circuit's own feedback synapses: B δ for layer-wise kinds (fa, usf,
-transpose, …), B_l err for direct ones (dfa), with δ = L ⊙ ψ passed down layer by layer.  So
+transpose, …), B_l err for direct ones (dfa), with δ = L ⊙ ψ passed down layer by layer (from
+one hidden population to the one before it as (dt/τ_mem) B δ, the current entering the
+voltage by dt/τ_mem; so with one step, T = 1, transpose feedback's update is BPTT's gradient exactly, the reset left out as e-prop leaves it).  So
 random feedback gives e-prop's "random e-prop", transpose its "symmetric e-prop".  The change is
 added to ``.grad`` of W and b, so any optimizer applies it.
 """
@@ -180,7 +184,8 @@ def online_step(model: TimeStepped, x: torch.Tensor, target: torch.Tensor,
     to its ``.grad`` (call ``optimizer.step()`` after).  Under torch.distributed the updates
     are averaged over processes here, since no autograd pass runs for DDP to all-reduce.
     Returns the readout averaged over the steps (the same readout as ``model(x)``).  No history
-    is stored: memory is that of one step.  What is averaged is the whole ``.grad`` of the
+    of the circuit is stored: the traces take the memory of one step (the encoded input is
+    drawn whole; module docstring).  What is averaged is the whole ``.grad`` of the
     circuit's synapses, as DDP's own all-reduce would, in one all-reduce; inside
     ``ddp.no_sync()`` nothing is (micro-batches accumulate; the next synchronised step averages
     the sum).  ``label_smoothing`` mixes the one-hot target with
@@ -341,6 +346,8 @@ def _online_updates(model: TimeStepped, x, target, label_smoothing):
                 signal = fb.project(err, inputs[k].shape)
             else:
                 signal = delta @ fbm[k]
+                if not readout:  # δ is ∂L/∂v of population k; its current enters v by dt/τ_mem
+                    signal.mul_(factors[k][1])
             delta = signal * psi[k - 1]
     if folded is not None:
         _add_product(gw[0], folded, inputs[0])

@@ -512,6 +512,35 @@ def test_online_step_is_the_gradient_of_the_per_step_loss_without_spikes():
     assert torch.allclose(s1.bias.grad, gb1, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["lif", "lif_box"])
+def test_online_step_through_two_hidden_layers_is_the_gradient_at_one_step(kind):
+    """At T = 1 e-prop's truncation leaves nothing out, so transpose feedback's online_step is
+    autograd's gradient for every synapse.  The error passed from one hidden population to the
+    one before it lacked the factor dt/τ_mem by which a current enters the voltage: the first
+    synapse's update was 10 times the gradient."""
+    from plastic.eligibility import online_step
+    from plastic.spiking import superspike
+    torch.manual_seed(0)
+    net = plastic.convert(TimeStepped(models.mlp(20, [16, 12], 5, kind), 1), "transpose").double()
+    pops, syns = [net.circuit[2], net.circuit[4]], [net.circuit[1], net.circuit[3], net.circuit[5]]
+    for pop in pops:
+        pop.p = pop.p._replace(v_th=torch.as_tensor(50.0), alpha=torch.as_tensor(0.1))
+    x, y = torch.rand(8, 20, dtype=torch.float64) * 3, torch.randint(0, 5, (8,))
+    online_step(net, x, y)
+    ws = [s.weight.detach().clone().requires_grad_() for s in syns]
+    cur = F.linear(x, ws[0], syns[0].bias.detach())
+    for pop, w, s in zip(pops, ws[1:], syns[1:]):
+        p, dt = pop.p, pop.dt
+        v = dt * p.tau_mem_inv * (p.v_leak + cur)  # one step from v = 0, i = 0 (both kinds)
+        z = superspike(v - p.v_th, p.alpha)
+        assert not z.any()
+        cur = F.linear(z, w, s.bias.detach())
+    grads = torch.autograd.grad(F.cross_entropy(cur, y), ws)
+    assert grads[0].abs().sum() > 0  # with no spikes, the later synapses' inputs are 0
+    for s, g in zip(syns, grads):
+        assert torch.allclose(s.weight.grad, g, rtol=1e-10, atol=1e-14)
+
+
 def test_online_kolen_pollack_gives_B_the_update_of_W():
     from plastic.eligibility import online_step
     torch.manual_seed(0)
