@@ -458,6 +458,11 @@ def resolve_protocol(raw: dict, sets: list[str] | None = None, warn: bool = True
     for key in ("epochs", "batch_size", "test_batch_size"):
         if spec[key] < 1:
             raise SpecError(f"{key} must be at least 1, got {spec[key]}")
+    # names of things are read as lower case, as populations are ("SGD", "Poisson")
+    for table, key in ((spec, "memory_format"), (spec["optimizer"], "name"),
+                       (spec["schedule"], "name"), (spec["time"], "encoder")):
+        if isinstance(table.get(key), str):
+            table[key] = table[key].lower()
     if spec["memory_format"] not in MEMORY_FORMATS:
         raise SpecError(f"unknown memory_format {spec['memory_format']!r}; known: "
                         f"{', '.join(MEMORY_FORMATS)}")

@@ -23,6 +23,16 @@ def test_overhead_prints_each_kind_with_its_bound():
     assert out["bounds"] == {"decay": 1.0, "information": pytest.approx(5 / 3, abs=1e-3)}
     assert out["decay"] > 0 and out["information"] > 0
     assert out["ratio_to_bound"]["decay"] == pytest.approx(out["decay"], abs=1e-3)
+    # the bound divides (information's is 5/3, so this check can fail where decay's cannot)
+    assert out["ratio_to_bound"]["information"] == pytest.approx(out["information"] * 3 / 5,
+                                                                 abs=2e-3)  # both rounded
+
+
+def test_memory_format_benchmark_times_both_layouts_of_an_arm():
+    r = _run("memory_format.py", "--kinds", "bp", "--rounds", "1", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bp"]["contiguous_ms"] > 0 and out["bp"]["channels_last_ms"] > 0, out
 
 
 def test_overhead_times_a_rule_run_every_kth_step_in_whole_cycles():
