@@ -107,6 +107,10 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
               f"({'; '.join(experiments)}): rows from different ones are not comparable",
               file=sys.stderr)
     for r in rows:
+        for s, why in sorted(r.get("diverged", {}).items()):
+            print(f"plastic: note: {r['arm']} seed {s} diverged ({why}); " + (
+                "its row shows the last epoch each seed finished" if r["all_diverged"] else
+                "its row leaves it out"), file=sys.stderr)
         if r["differs"]:
             print(f"plastic: note: {r['arm']} and {r['differs_from']} ran under different specs "
                   f"({', '.join(r['differs'][:6])}{', ...' if len(r['differs']) > 6 else ''}); "

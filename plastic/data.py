@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -510,7 +510,14 @@ def fetch(name: str, out: Path | None = None, source_dir: Path | None = None,
 # ----------------------------------------------------------------------------------- loading
 @dataclass
 class Dataset:
-    """A whole data set in memory as uint8 tensors, normalised per batch."""
+    """A whole data set in memory as uint8 tensors, normalised per batch.
+
+    ``batches(..., device=d)`` for a device other than the CPU keeps one uint8 copy of the split
+    on ``d`` (made at the first call, if it takes at most a quarter of the device's free memory)
+    and gathers, augments and normalises every batch there: the images cross to the device once,
+    not as float32 batches every step.  The order and the augmentation are drawn from the
+    generator passed (a CPU one, or torch's default) wherever the images are, so a seed gives
+    the same batches on every device."""
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -519,6 +526,7 @@ class Dataset:
     mean: torch.Tensor
     std: torch.Tensor
     classes: list
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def input_shape(self):
@@ -530,36 +538,80 @@ class Dataset:
 
     def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """The data set's uint8 images (0-255) as floats with the training set's per-channel
-        mean and std removed; a new tensor (the argument is left as it is)."""
+        mean and std removed, on the images' device; a new tensor (the argument is left as it
+        is)."""
         if x_uint8.dtype != torch.uint8:
             raise DataError(f"normalize takes the data set's uint8 images (0-255), got "
                             f"{x_uint8.dtype}; pass ds.train_x / ds.test_x or slices of them")
         x = x_uint8.to(dtype).div_(255.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x.sub_(self.mean.to(dtype).view(shape)).div_(self.std.to(dtype).view(shape))
+        return x.sub_(self._stat("mean", x).view(shape)).div_(self._stat("std", x).view(shape))
+
+    def _stat(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel mean or std in x's dtype, on x's device (copied there once: a copy
+        at every batch made the host wait for a GPU)."""
+        t = getattr(self, name)
+        if x.device.type == "cpu":
+            return t.to(x.dtype)
+        key = (name, str(x.device), x.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = t.to(x.device, x.dtype)
+        return self._on_device[key]
+
+    def _split(self, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's images and labels: on the host, or their copy on ``device`` (made once)
+        when it fits there."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        if device is None or device.type == "cpu":
+            return x, y
+        key = (split, str(device))
+        if key not in self._on_device:
+            if not _fits(device, x.nbytes + y.nbytes):
+                return x, y
+            self._on_device[key] = (x.to(device), y.to(device))  # uint8 and int64, once
+        return self._on_device[key]
 
     def batches(self, split: str, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None, limit: int | None = None,
-                shift: int = 0, flip: bool = False):
+                shift: int = 0, flip: bool = False, device=None):
         """Yield (x float, y long) batches; with ``shuffle`` the order (and any augmentation)
         comes from ``generator`` alone, so every arm that passes an equally seeded generator sees
         the same data.  ``shift``/``flip``: random translation (zero padding, random crop) and
-        horizontal flip, see ``augment``."""
+        horizontal flip, see ``augment``.  ``device``: where the batches are made and yielded
+        (default: the host); see the class's docstring."""
         if split not in ("train", "test"):
             raise DataError(f"unknown split {split!r}; a data set has 'train' and 'test'")
-        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
         _check_limit("limit", limit)
         if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
                 and batch_size >= 1):  # 0: range()'s error; < 0: silently no batch at all
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        device = None if device is None else torch.device(device)
+        x, y = self._split(split, device)
         n = len(x) if not limit else min(limit, len(x))  # None or 0: all, as in load
-        idx = torch.randperm(len(x), generator=generator)[:n] if shuffle else torch.arange(n)
+        idx = (torch.randperm(len(x), generator=generator, device=_device_of(generator))[:n]
+               if shuffle else torch.arange(n)).to(x.device)
         for i in range(0, n, batch_size):
             j = idx[i:i + batch_size]
-            xb = x[j]
+            xb, yb = x[j], y[j]
             if shift or flip:
                 xb = augment(xb, shift, flip, generator)
-            yield self.normalize(xb), y[j].long()
+            if device is not None:  # a split that did not fit: each uint8 batch crosses
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            yield self.normalize(xb), yb.long()
+
+
+def _device_of(generator: torch.Generator | None):
+    """Where a generator draws (torch's default generator, None: the CPU)."""
+    return None if generator is None else generator.device
+
+
+def _fits(device: torch.device, nbytes: int) -> bool:
+    """Whether a copy of ``nbytes`` may be kept on ``device``: at most a quarter of a CUDA
+    device's free memory (the rest is the model's); other devices do not say."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= free // 4
+    return True
 
 
 def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
@@ -574,12 +626,16 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
     n, c, h, w = x.shape
     if shift:
         xp = torch.nn.functional.pad(x, (shift, shift, shift, shift))
-        dy = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
-        dx = torch.randint(0, 2 * shift + 1, (n, 1), generator=generator)
+        # drawn on the generator's device (the CPU by default) whatever the images' device, so
+        # a seed gives the same crops everywhere
+        g = _device_of(generator)
+        dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=g)
+                  .to(x.device, non_blocking=True) for _ in range(2))
         windows = xp.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2s+1, 2s+1, h, w), a view
-        x = windows[torch.arange(n), :, dy[:, 0], dx[:, 0]]  # each sample's own crop
+        x = windows[torch.arange(n, device=x.device), :, dy, dx]  # each sample's own crop
     if flip:
-        f = torch.rand(n, generator=generator) < 0.5
+        f = (torch.rand(n, generator=generator, device=_device_of(generator)) < 0.5).to(
+            x.device, non_blocking=True)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     return x
 

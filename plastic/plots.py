@@ -50,10 +50,12 @@ def voltage_traces(ax, voltages: np.ndarray, sample: int = 0, neurons: int = 5,
     return ax
 
 
-def rate_histograms(ax, rates: np.ndarray, dt: float = 1e-3, label=None, spiking=True):
-    """Histogram of per-neuron firing rates (Hz for spiking populations, a.u. for rate ones)."""
+def rate_histograms(ax, rates: np.ndarray, dt: float = 1e-3, label=None, spiking=True,
+                    bins=40):
+    """Histogram of per-neuron firing rates (Hz for spiking populations, a.u. for rate ones).
+    ``bins``: a number, or the edges (in those units) shared by histograms drawn together."""
     r = np.asarray(rates).reshape(-1) / (dt if spiking else 1.0)
-    ax.hist(r, bins=40, alpha=0.6, label=label)
+    ax.hist(r, bins=bins, alpha=0.6, label=label)
     ax.set(xlabel="firing rate (Hz)" if spiking else "activity (a.u.)", ylabel="neurons")
     return ax
 
@@ -105,10 +107,16 @@ def recording_figures(recordings: dict, out_dir: str | Path, arm: str, dt: float
     if rpops:
         fig, axes = plt.subplots(1, len(rpops), figsize=(5 * len(rpops), 3), squeeze=False)
         for i, p in enumerate(rpops):
-            for e in epochs:
-                if f"{p}/rates" in recordings[e]:
-                    rate_histograms(axes[0][i], recordings[e][f"{p}/rates"], dt, f"epoch {e}",
-                                    spiking=bool(pops))
+            drawn = [e for e in epochs if f"{p}/rates" in recordings[e]]
+            # the epochs' histograms on the same bins (each its own 40: bars of other widths)
+            scale = dt if pops else 1.0
+            r = np.concatenate([np.asarray(recordings[e][f"{p}/rates"], dtype=float).reshape(-1)
+                                / scale for e in drawn])
+            r = r[np.isfinite(r)]
+            edges = np.histogram_bin_edges(r, bins=40) if r.size else 40
+            for e in drawn:
+                rate_histograms(axes[0][i], recordings[e][f"{p}/rates"], dt, f"epoch {e}",
+                                spiking=bool(pops), bins=edges)
             axes[0][i].set_title(f"{arm}: {p}", fontsize=9)
             axes[0][i].legend(fontsize=7)
         files.append(_save(fig, out_dir / f"{prefix}rates_{arm}.png"))

@@ -6,7 +6,8 @@ Layout of ``DIR/results.h5``::
             command, created
     /arms/<arm>/             attrs: feedback (a kind name, or JSON for a rule or a per-synapse
                              table), feedback_options (JSON), lr, weight_decay, population,
-                             learning, synapses (JSON), done_seeds (JSON); a converted arm has
+                             learning, synapses (JSON), done_seeds (JSON), diverged_seeds
+                             (JSON {seed: message}, if one diverged); a converted arm has
                              convert_from instead of the training ones, and each seed's
                              calibration in its row (conversion_gain, conversion_lambda/<l>)
     /arms/<arm>/metrics/     1-D float64 datasets of equal length, one row per (seed, epoch):
@@ -242,7 +243,26 @@ class ResultsWriter:
         g = self.h5["arms"][arm]
         done = sorted(set(self.done_seeds(arm)) | {int(seed)})
         g.attrs["done_seeds"] = json.dumps(done)
+        self._set_diverged(g, seed, None)  # finished by a resume
         self.h5.flush()
+
+    def mark_diverged(self, arm: str, seed: int, why: str):
+        """Record that ``seed`` of ``arm`` stopped on a divergence: its rows end at its last
+        finished epoch, and the table counts it as diverged, not as a seed still running."""
+        g = self.h5["arms"].get(arm)
+        if g is not None:  # an arm that diverged before its group was written has no rows
+            self._set_diverged(g, seed, why)
+            self.h5.flush()
+
+    @staticmethod
+    def _set_diverged(g, seed: int, why):
+        diverged = json.loads(g.attrs.get("diverged_seeds", "{}"))
+        if why is None and str(int(seed)) not in diverged:
+            return
+        diverged.pop(str(int(seed)), None)
+        if why is not None:
+            diverged[str(int(seed))] = why
+        g.attrs["diverged_seeds"] = json.dumps(diverged)
 
     def set_in_rows(self, arm: str, seed: int, values: dict) -> None:
         """Set metric columns in every row of ``seed`` (new columns are NaN elsewhere)."""
@@ -266,8 +286,11 @@ class ResultsWriter:
         return bool(((m["seed"][:] == seed) & (m["epoch"][:] == epoch)).any())
 
     def drop_rows(self, arm: str, seed: int, from_epoch: int = 0):
-        """Remove rows of (arm, seed) with epoch >= from_epoch (restarting a partial run)."""
+        """Remove rows of (arm, seed) with epoch >= from_epoch (restarting a partial run); a
+        seed (re)started is no longer one that diverged."""
         g = self.h5["arms"].get(arm)
+        if g is not None:
+            self._set_diverged(g, seed, None)
         if g is None or "seed" not in g["metrics"]:
             return
         m = g["metrics"]
@@ -414,6 +437,11 @@ def read(path: str | Path) -> dict:
     path = results_path(path)
     with _open(path) as h:
         try:
+            if "spec" not in h.attrs and "name" in h.attrs and "train" in h:
+                raise ResultsError(f"{path}: not a plastic results file (it holds the data set "
+                                   f"{str(h.attrs['name'])!r}); a run's file is DIR/results.h5")
+            if "spec" not in h.attrs or "arms" not in h:
+                raise ValueError(f"it has no {'spec' if 'spec' not in h.attrs else 'arms group'}")
             out = {"path": str(path), "spec": json.loads(h.attrs["spec"]),
                    "versions": json.loads(h.attrs.get("versions", "{}")), "arms": {}}
             if not isinstance(out["spec"], dict):
@@ -482,6 +510,15 @@ def _pooled(slices: dict[int, dict]) -> list[dict]:
     furthest epoch (a seed still behind is in progress)."""
     pooled = _furthest(slices)
     return [pooled[s] for s in sorted(pooled)]
+
+
+def _pooled_seeds(slices: dict[int, dict], diverged) -> list[dict]:
+    """The rows of the seeds a table and its figures pool: those of the seeds that did not
+    diverge (``diverged``: seeds, as ints or as the strings of a file's ``diverged_seeds``) as
+    ``_pooled`` takes them; a diverged seed is not one still running, and its last epoch is no
+    final accuracy.  If every seed diverged, each one's rows, to the last epoch it finished."""
+    kept = {s: r for s, r in slices.items() if s not in diverged and str(s) not in diverged}
+    return _pooled(kept) if kept else [slices[s] for s in sorted(slices)]
 
 
 def _concat(slices: list[dict]) -> dict:
@@ -557,15 +594,20 @@ def summary(results: list[dict]) -> list[dict]:
             g = next((g for g in gs if not differs(g)), None)
             if g is None:
                 g = {"spec": spec, "arm_spec": arm_spec, "seeds": {}, "done": {}, "reached": {},
-                     "planned": set(), "paths": [], "differs": differs(gs[0]) if gs else []}
+                     "diverged": {}, "planned": set(), "paths": [], "differs": differs(gs[0]) if gs else []}
                 gs.append(g)
             # a seed's rows and its completion come from the same file: the one where the seed
             # got furthest (an interrupted re-run in a later file does not hide a finished one)
             finished = set(a["attrs"].get("done_seeds", []))
+            diverged = a["attrs"].get("diverged_seeds") or {}
             for s, rows in slices.items():
                 got = (int(np.max(rows["epoch"])), s in finished)
                 if s not in g["seeds"] or got >= g["reached"][s]:
                     g["seeds"][s], g["done"][s], g["reached"][s] = rows, s in finished, got
+                    g["diverged"][s] = None if s in finished else diverged.get(str(s))
+            for s, why in diverged.items():  # stopped before a row (a diverged source's arm)
+                if str(s).isdigit() and int(s) not in g["seeds"]:
+                    g["diverged"].setdefault(int(s), why)
             g["planned"] |= {int(s) for s in spec.get("seeds", []) if isinstance(s, int)}
             g["attrs"], g["paths"] = a["attrs"], g["paths"] + [r["path"]]
     rows = []
@@ -585,7 +627,8 @@ def _labels(groups: list[list[str]]) -> list[str]:
 
 
 def _row(name: str, g: dict) -> dict:
-    rows = _pooled(g["seeds"])
+    diverged = {s: why for s, why in g["diverged"].items() if why}
+    rows = _pooled_seeds(g["seeds"], diverged)
     per_seed = [_final(r) for r in rows]
     a = g["attrs"]
     ua = [_nanmean([v for k, v in f.items() if k.startswith("update_angle/")]) for f in per_seed]
@@ -603,8 +646,10 @@ def _row(name: str, g: dict) -> dict:
         "convert_from": a.get("convert_from", ""),
         "learning": a.get("learning", "backprop"),
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
-        "done": sum(g["done"].values()),
-        "planned": len(g["planned"] | set(g["seeds"])),  # seeds of the spec, started or not
+        "done": sum(g["done"].values()), "diverged": diverged,
+        "all_diverged": bool(diverged) and set(diverged) >= set(g["seeds"]),
+        "planned_seeds": sorted(g["planned"] | set(g["seeds"]) | set(diverged)),
+        "planned": len(g["planned"] | set(g["seeds"]) | set(diverged)),  # started or not
         "differs": g["differs"],
         "final": per_seed, "over_training": [_over_training(r) for r in rows],
         "metrics": _concat(rows),
@@ -612,8 +657,10 @@ def _row(name: str, g: dict) -> dict:
 
 
 def _seeds_cell(r: dict) -> str:
-    """The seeds pooled; ``done/planned`` while any seed of the spec is unfinished or unstarted."""
-    return f"{r['done']}/{r['planned']}" if r["done"] < r["planned"] else str(r["seeds"])
+    """The seeds pooled; ``done/planned`` while any seed of the spec is unfinished or unstarted,
+    with the number that diverged."""
+    cell = f"{r['done']}/{r['planned']}" if r["done"] < r["planned"] else str(r["seeds"])
+    return cell + (f" ({len(r['diverged'])} diverged)" if r.get("diverged") else "")
 
 
 def _has_stats(rows) -> bool:
@@ -671,20 +718,26 @@ LAYER_COLUMNS = (("B–Wᵀ angle (°), final", "angle/", "final"),
 
 def format_layers(rows: list[dict], markdown: bool = False) -> str:
     """Per synapse, in circuit order: each arm's angles and norm ratio at the end (mean over
-    seeds), and the delivered error's angle to backprop's averaged over the trained epochs, the
-    figure that groups the CIFAR-10 rules by cost.  Cells read "a / b / c" over the synapses
+    seeds), the delivered error's angle to backprop's averaged over the trained epochs, the
+    figure that groups the CIFAR-10 rules by cost, and each learned rule's primitives' values
+    at the end.  Cells read "a / b / c" over the synapses
     named in the heading ("-" where an arm has no such value)."""
-    def cell(r, prefix, when, names, digits):
+    def cell(r, prefix, when, names, fmt):
         vals = [_nanmean([f.get(prefix + n, np.nan) for f in r[when]]) for n in names]
-        return " / ".join("-" if math.isnan(v) else f"{v:.{digits}f}" for v in vals)
+        return " / ".join("-" if math.isnan(v) else format(v, fmt) for v in vals)
     head, cols = ["arm", "test acc (%)"], []
     order = _circuit_order(r.get("synapses", []) for r in rows)
-    for title, prefix, when in LAYER_COLUMNS:
+    # and each learned-feedback primitive's value R on the probe batch (Kunin et al.'s terms)
+    primitives = sorted({k.split("/")[1] for r in rows for f in r["final"] for k in f
+                         if k.startswith("rule/") and k.count("/") >= 2})
+    for title, prefix, when in LAYER_COLUMNS + tuple(
+            (f"{p} R, final", f"rule/{p}/", "final") for p in primitives):
         names = sorted({k[len(prefix):] for r in rows for f in r[when] for k in f
                         if k.startswith(prefix)}, key=order)
         if names:
             head.append(f"{title}: {' / '.join(names)}")
-            cols.append((prefix, when, names, 2 if prefix == "norm_ratio/" else 1))
+            cols.append((prefix, when, names, ".2f" if prefix == "norm_ratio/" else
+                         ".3g" if prefix.startswith("rule/") else ".1f"))
     if not cols:
         return "no per-synapse angles were recorded"
     body = [[r["arm"], _pm(r["test_accuracy"], 100)] +
@@ -726,10 +779,77 @@ def _mean_curve(m: dict, key: str):
     return ep, vals
 
 
-def _angle_figure(arms: dict, path: Path, plt) -> bool:
-    """angles.png: per arm, one row per angle recorded (update, delivered error, B to Wᵀ)
-    over epochs, one colour per synapse.  False when no arm recorded an angle."""
-    n = len(arms)
+def _seed_range(m: dict, key: str):
+    """The lowest and highest value of ``key`` over seeds at each epoch (``_mean_curve``'s)."""
+    ep = np.unique(m["epoch"])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo = np.array([np.nanmin(m[key][m["epoch"] == e]) for e in ep])
+        hi = np.array([np.nanmax(m[key][m["epoch"] == e]) for e in ep])
+    return lo, hi
+
+
+def _n_seeds(m: dict) -> int:
+    return len(np.unique(m["seed"])) if "seed" in m and len(m["seed"]) else 1
+
+
+def _arm_styles(names) -> dict:
+    """A colour and line style per arm: matplotlib's ten colours, then the same colours dashed,
+    dotted, ... (an 11th arm took the first arm's colour)."""
+    return {a: (f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]) for i, a in enumerate(names)}
+
+
+def _synapse_colours(names: list, plt) -> dict:
+    """One colour per synapse: matplotlib's ten for up to ten, else a colour map running from
+    the first synapse to the last (a ResNet's 20 repeated colours)."""
+    if len(names) <= 10:
+        return {s: f"C{i}" for i, s in enumerate(names)}
+    cmap = plt.get_cmap("viridis")
+    return {s: cmap(0.92 * i / (len(names) - 1)) for i, s in enumerate(names)}
+
+
+def _epoch_axis(ax, epochs) -> None:
+    """Integer epochs on the x axis (a one-epoch run had ticks at 0.95 ... 1.05)."""
+    from matplotlib.ticker import MaxNLocator
+    epochs = sorted({int(e) for e in epochs})
+    if 0 < len(epochs) <= 3:
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _plain_log(ax) -> None:
+    """Log-scale y ticks as plain numbers (20, 30, 0.9), not 2×10¹, on the ticks matplotlib's
+    log formatter would label."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+    ax.yaxis.set_major_formatter(Plain())
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _legend_beside(fig, handles, labels, title: str) -> None:
+    """One legend for the figure, right of the panels, in as many columns as it needs to stay
+    within their height (a legend in a panel hid its curves)."""
+    if not labels:
+        return
+    rows = max(6, int(fig.get_size_inches()[1] * 4))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title=title, title_fontsize=8, ncol=math.ceil(len(labels) / rows), frameon=False)
+
+
+#: arms per row of panels in angles.png; more arms wrap onto further rows
+ANGLE_COLUMNS = 6
+
+
+def _angle_figure(arms: dict, path: Path, plt, title: str = "") -> bool:
+    """angles.png: per arm, one panel per angle recorded (update, delivered error, B to Wᵀ)
+    over epochs, one colour per synapse, means over the pooled seeds.  Arms with no angle
+    recorded (a converted arm) are named in the title instead of getting empty panels.
+    False when no arm recorded an angle."""
     # one row per angle the arms recorded: the update's, the delivered error's (signal_angle,
     # the one that ranks the CIFAR-10 rules by cost) and B's to Wᵀ
     prefixes = [(p, t) for p, t in (("update_angle/", "update ∠ to BP"),
@@ -738,39 +858,59 @@ def _angle_figure(arms: dict, path: Path, plt) -> bool:
                 if any(k.startswith(p) for a in arms.values() for k in a["metrics"])]
     if not prefixes:
         return False
-    from matplotlib.ticker import MaxNLocator
+    keys = tuple(p for p, _ in prefixes)
+    shown = {arm: a for arm, a in arms.items()
+             if any(k.startswith(keys) and not np.all(np.isnan(v))
+                    for k, v in a["metrics"].items())}
+    left_out = [arm for arm in arms if arm not in shown]
+    if not shown:  # all NaN
+        return False
     # one colour per synapse in every panel, synapses in circuit order ("2" before "13")
     order = _circuit_order(a.get("synapses") or a.get("attrs", {}).get("synapses", [])
                            for a in arms.values())
-    names = sorted({k.split("/", 1)[1] for a in arms.values() for k in a["metrics"]
-                    if k.startswith(tuple(p for p, _ in prefixes))}, key=order)
-    colour = {s: f"C{i % 10}" for i, s in enumerate(names)}
-    fig, axes = plt.subplots(len(prefixes), n, figsize=(3.2 * n, 2.75 * len(prefixes)),
-                             squeeze=False, sharey="row")
-    for i, (prefix, title) in enumerate(prefixes):
-        top = 100.0  # angles run to 180°: an update or error against backprop's is not clipped
-        for j, (arm, a) in enumerate(arms.items()):
-            m = a["metrics"]
-            axx = axes[i][j]
-            for s in names:
-                if prefix + s not in m:
-                    continue
-                ep, v = _mean_curve(m, prefix + s)
-                if not np.all(np.isnan(v)):
-                    axx.plot(ep, v, marker=".", color=colour[s], label=s)
-                    top = max(top, min(180.0, float(np.nanmax(v)) + 5))
-            axx.axhline(90, color="gray", lw=0.5, ls="--")
-            axx.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axx.set_title(f"{arm}: {title}", fontsize=9)
-            if i == len(prefixes) - 1:
-                axx.set_xlabel("epoch")
-            if j == 0:
-                axx.set_ylabel("degrees")
-            if axx.get_legend_handles_labels()[1]:  # the 90° guide line has no label
-                axx.legend(fontsize=6, title="synapse", title_fontsize=6)
-        axes[i][0].set_ylim(0, top)  # sharey: the whole row
+    names = sorted({k.split("/", 1)[1] for a in shown.values() for k in a["metrics"]
+                    if k.startswith(keys)}, key=order)
+    colour = _synapse_colours(names, plt)
+    n = len(shown)
+    cols, chunks = min(n, ANGLE_COLUMNS), math.ceil(n / ANGLE_COLUMNS)
+    fig, axes = plt.subplots(len(prefixes) * chunks, cols, squeeze=False, sharey="row",
+                             figsize=(3.2 * cols, 2.75 * len(prefixes) * chunks))
+    seeds = sorted({_n_seeds(a["metrics"]) for a in shown.values()})
+    for i, (prefix, what) in enumerate(prefixes):
+        for c in range(chunks):
+            top = 100.0  # angles run to 180°: an update or error against backprop's is not clipped
+            row = axes[c * len(prefixes) + i]
+            for j, (arm, a) in enumerate(list(shown.items())[c * cols:(c + 1) * cols]):
+                m, axx = a["metrics"], row[j]
+                for s in names:
+                    if prefix + s not in m:
+                        continue
+                    ep, v = _mean_curve(m, prefix + s)
+                    if not np.all(np.isnan(v)):
+                        axx.plot(ep, v, marker=".", ms=3, color=colour[s], label=s)
+                        top = max(top, min(180.0, float(np.nanmax(v)) + 5))
+                axx.axhline(90, color="gray", lw=0.5, ls="--")
+                _epoch_axis(axx, m["epoch"])
+                axx.set_title(f"{arm}: {what}", fontsize=9)
+                if i == len(prefixes) - 1:
+                    axx.set_xlabel("epoch")
+                if j == 0:
+                    axx.set_ylabel("degrees")
+            for axx in row[n - c * cols:] if c == chunks - 1 else ():
+                axx.set_visible(False)  # the last row's panels beyond the last arm
+            row[0].set_ylim(0, top)  # sharey: the whole row
+    handles = {}
+    for axx in axes.flat:
+        for h, lab in zip(*axx.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    _legend_beside(fig, [handles[s] for s in names if s in handles],
+                   [s for s in names if s in handles], "synapse")
+    what = "means over " + " or ".join(map(str, seeds)) + " seeds" if seeds != [1] else ""
+    note = f"no angle recorded: {', '.join(left_out)}" if left_out else ""
+    fig.suptitle("\n".join(t for t in (" | ".join(x for x in (title, what) if x), note) if t),
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -795,40 +935,55 @@ def experiments(specs: list[dict]) -> list[str]:
 
 def _draw(arms: dict, specs: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
     """learning_curves.png and angles.png of ``arms`` ({name: {"metrics": ...}}) in ``out_dir``
-    (their names after ``prefix``), titled by the experiments ``specs`` ran."""
+    (their names after ``prefix``), titled by the experiments ``specs`` ran.  Curves are means
+    over an arm's pooled seeds, with the band from the lowest to the highest seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import MaxNLocator
     files = []
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    styles, epochs = _arm_styles(arms), set()
     for arm, a in arms.items():
         m = a["metrics"]
         if "epoch" not in m or not len(m["epoch"]):
             continue
         ep, acc = _mean_curve(m, "test_accuracy")
         sel = ep > 0
+        epochs |= set(ep[sel].tolist())
         last = final_rows(m)
         final = np.mean([f["test_accuracy"] for f in last.values()])  # as in the table
         trained = max(int(f["epoch"]) for f in last.values())
-        label = (f"{arm} ({100 * final:.2f}%)" if trained else
-                 f"{arm} (no epoch trained; {100 * final:.2f}% untrained)")
-        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", label=label)
+        k = _n_seeds(m)
+        label = (f"{arm} ({100 * final:.2f}%" + (f", {k} seeds)" if k > 1 else ")") if trained
+                 else f"{arm} (no epoch trained; {100 * final:.2f}% untrained)")
+        c, ls = styles[arm]
+        ax[0].plot(ep[sel], 100 * (1 - acc[sel]), marker=".", color=c, ls=ls, label=label)
         ep2, loss = _mean_curve(m, "train_loss")
-        ax[1].plot(ep2[sel], loss[sel], marker=".", label=arm)
-    for a in ax:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax[1].plot(ep2[sel], loss[sel], marker=".", color=c, ls=ls, label=arm)
+        if k > 1:  # the spread of the seeds behind the mean
+            lo, hi = _seed_range(m, "test_accuracy")
+            ax[0].fill_between(ep[sel], 100 * (1 - hi[sel]), 100 * (1 - lo[sel]), color=c,
+                               alpha=0.15, lw=0)
+            lo, hi = _seed_range(m, "train_loss")
+            ax[1].fill_between(ep2[sel], lo[sel], hi[sel], color=c, alpha=0.15, lw=0)
     ax[0].set(xlabel="epoch", ylabel="test error (%)", yscale="log", title="test error")
     ax[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
-    ax[0].legend(fontsize=8, title="final test accuracy", title_fontsize=8)
-    fig.suptitle(" | ".join(experiments(specs)))
+    for a in ax:
+        _epoch_axis(a, epochs)
+        _plain_log(a)
+    seeds = sorted({_n_seeds(a["metrics"]) for a in arms.values() if len(a["metrics"].get(
+        "epoch", []))})
+    _legend_beside(fig, *ax[0].get_legend_handles_labels(), "final test accuracy"
+                   + ("\n(mean of the seeds;\nband: lowest to highest)" if seeds != [1] else ""))
+    title = " | ".join(experiments(specs))
+    fig.suptitle(title)
     fig.tight_layout()
     files.append(out_dir / f"{prefix}learning_curves.png")
-    fig.savefig(files[-1], dpi=110)
+    fig.savefig(files[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    if _angle_figure(arms, out_dir / f"{prefix}angles.png", plt):
+    if _angle_figure(arms, out_dir / f"{prefix}angles.png", plt, title):
         files.append(out_dir / f"{prefix}angles.png")
     return files
 
@@ -856,9 +1011,9 @@ def combined_figures(paths: list, out_dir: str | Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot write figures to {out_dir}: {e.strerror}") from None
-    # beside a reported run's own figures, the combined ones take a prefix of their own
-    beside = [results_path(p) for p in paths
-              if results_path(p).parent.resolve() == out_dir.resolve()]
+    # beside a run's own figures (a reported one's, or any other run's: its figures were
+    # overwritten), the combined ones take a prefix of their own
+    beside = [p for p in out_dir.iterdir() if p.suffix in (".h5", ".hdf5") and p.is_file()]
     own = bool(beside)
     if any(p.stem == "combined" for p in beside):  # its own figures are combined_...
         raise ResultsError(f"--out {out_dir} holds combined.h5, whose figures would take the "
@@ -879,7 +1034,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         return []
     # each arm's seeds as the table pools them (a seed still behind would pull the curve's
     # later epochs toward fewer seeds)
-    arms = {arm: {"metrics": _concat(_pooled(_seed_slices(a["metrics"]))), "attrs": a["attrs"]}
+    arms = {arm: {"metrics": _concat(_pooled_seeds(_seed_slices(a["metrics"]),
+                                                    a["attrs"].get("diverged_seeds") or {})),
+                  "attrs": a["attrs"]}
             for arm, a in _ordered_arms(r)}
     spec = r["spec"]
     from .plots import recording_figures

@@ -149,20 +149,25 @@ def evaluate(model, ds, batch_size, device, label_smoothing=0.0, stats=False):
     """(accuracy, loss) on the test set; with ``stats`` also a dict of inference statistics:
     mean firing rate, synaptic operations per inference and steps to decision."""
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    # summed on the device and read once (a read per batch waits for a GPU); float64, so the sum
+    # of the batches' float32 losses is what it was on the host
+    n, device = 0, torch.device(device)
+    loss = torch.zeros((), dtype=torch.float64, device=_sums_on(device))
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     acc_stats = {"firing_rate": 0.0, "synaptic_ops": 0.0, "decision_steps": 0.0}
-    for x, y in ds.batches("test", batch_size):
-        x, y = x.to(device), y.to(device)
+    for x, y in ds.batches("test", batch_size, device=device):
         if stats:
             out, st = inference_stats(model, x)
             for k in acc_stats:
                 acc_stats[k] += st[k] * len(y)
         else:
             out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum", label_smoothing=label_smoothing).item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out, y, reduction="sum",
+                                label_smoothing=label_smoothing).to(loss.device).double()
+        correct += (out.argmax(1) == y).sum()
         n += len(y)
     model.train()
+    correct, loss = correct.item(), loss.item()
     if stats:
         return correct / n, loss / n, {k: v / n for k, v in acc_stats.items()}
     return correct / n, loss / n
@@ -415,12 +420,12 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
         # the epoch's loss summed on the device (in float64: the sum of the steps' float32 losses
         # is exact as it was on the host), read every SYNC_EVERY steps on a GPU and at every
         # step on the CPU, where reading costs nothing
-        total_t, n, unread = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+        total_t, n, unread = torch.zeros((), dtype=torch.float64, device=_sums_on(device)), 0, 0
         every = _loss_reads_every(device)
         model.train()
         for i, (x, y) in enumerate(ds.batches("train", spec["batch_size"], shuffle=True, generator=gen,
-                               shift=spec["augment"]["shift"], flip=spec["augment"]["flip"])):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                                              shift=spec["augment"]["shift"],
+                                              flip=spec["augment"]["flip"], device=device)):
             opt.zero_grad(set_to_none=True)
             if online:  # eligibility traces, step by step; no graph through time
                 loss = online_step(model, x, y, smoothing, return_loss=True)[1]
@@ -441,7 +446,7 @@ def run_arm(spec, arm_name, arm, seed, ds, writer: ResultsWriter, out_dir: Path,
                     sleep_step(model, sleep["batch_size"])
                     opt.step()
             sched.step()
-            total_t += loss.detach().double() * len(y)
+            total_t += loss.detach().to(total_t.device).double() * len(y)
             n, unread = n + len(y), unread + 1
             if unread < every and i + 1 < steps:
                 continue
@@ -485,8 +490,14 @@ SYNC_EVERY = 25
 
 def _loss_reads_every(device: torch.device) -> int:
     """Steps between two reads of the training loss (for the progress bar and the divergence
-    check): every step on the CPU, where a read costs nothing."""
-    return 1 if device.type == "cpu" else SYNC_EVERY
+    check): every step where the sums are on the CPU, where a read costs nothing."""
+    return 1 if _sums_on(device).type == "cpu" else SYNC_EVERY
+
+
+def _sums_on(device: torch.device) -> torch.device:
+    """Where a run's float64 sums of losses live: on the device, except on MPS, which has no
+    float64 (there each step's loss is read and summed on the CPU)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 #: a test loss above this (logits a million apart) is a divergence, also when it is finite
 DIVERGED_LOSS = 1e6
@@ -684,12 +695,14 @@ def run_protocol(spec: dict, out_dir: Path, arms: list[str] | None = None, resum
                 if (src, seed) in stopped:  # its weights were never saved
                     why = f"arm {a!r}: not run for seed {seed}, as arm {src!r} diverged"
                     prog.epoch(f"[{a} seed {seed}] {why}")
+                    writer.mark_diverged(a, seed, why)  # if another seed of it has rows
                     diverged.append(why)
                     continue
                 try:
                     run_arm(spec, a, spec["arms"][a], seed, ds, writer, Path(out_dir), prog, resume)
                 except FloatingPointError as e:  # one arm's divergence does not stop the others
                     prog.epoch(f"[{a} seed {seed}] stopped: {e}")
+                    writer.mark_diverged(a, seed, str(e))
                     diverged.append(str(e))
                     stopped.add((a, seed))
                 except ValueError as e:  # batch norm's, of a batch of one sample at 1x1

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import plastic
-from plastic import results
+from plastic import data, results
 from plastic.cli import main
 
 FAST = ["epochs=2", "train_limit=1000", "test_limit=500", "probe_size=200",
@@ -31,6 +31,12 @@ def saved_figures(monkeypatch):
                         lambda fig, path, **kw: (saved.__setitem__(Path(path).name, fig),
                                                  real(fig, path, **kw))[1])
     return saved
+
+
+def _legend(fig) -> list[str]:
+    """The texts of a figure's one legend (beside its panels)."""
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()]
 
 
 def _err_line(capsys):
@@ -115,6 +121,55 @@ def test_angle_figure_shows_the_delivered_error_and_angles_past_100_degrees(tmp_
     assert not _angle_figure({"x": {"metrics": {"epoch": ep}}}, tmp_path / "b.png", plt)
 
 
+def test_figures_stay_readable_with_many_arms_many_synapses_and_several_seeds(tmp_path,
+                                                                              saved_figures):
+    """21 arms repeated colours after 10 and ran the legend off the figure, in the panel over
+    the curves; 20 synapses repeated colours and each panel's legend covered its neighbours; a
+    converted arm got a column of empty panels; nothing said the curves were means over seeds;
+    a one-epoch run had ticks at epoch 0.95 ... 1.05."""
+    import matplotlib.pyplot as plt
+    from plastic.results import _angle_figure, _draw
+    ep, seed = np.array([0.0, 1.0, 0.0, 1.0]), np.array([0.0, 0.0, 1.0, 1.0])
+    syn = [f"s{i}" for i in range(20)]
+
+    def metrics(acc):
+        m = {"epoch": ep, "seed": seed, "test_accuracy": np.array([0.1, acc, 0.1, acc + 0.1]),
+             "train_loss": np.array([2.3, 1.0, 2.3, 0.8])}
+        m.update({f"angle/{s}": np.array([90.0, 40.0, 90.0, 50.0]) for s in syn})
+        return m
+    arms = {f"arm{i}": {"metrics": metrics(0.5 + i / 100), "synapses": syn} for i in range(21)}
+    arms["converted"] = {"metrics": {"epoch": ep, "seed": seed,
+                                     "test_accuracy": np.full(4, 0.3),
+                                     "train_loss": np.full(4, np.nan)}}
+    _draw(arms, [{"name": "p", "circuit": "c", "data": "d"}], tmp_path)
+    curves = saved_figures["learning_curves.png"]
+    styles = [(ln.get_color(), ln.get_linestyle()) for ln in curves.axes[0].get_lines()]
+    assert len(styles) == 22 and len(set(styles)) == 22
+    legend = _legend(curves)
+    assert legend[0] == "arm0 (55.00%, 2 seeds)" and len(legend) == 22
+    assert curves.axes[0].get_legend() is None  # beside the panels, not over the curves
+    assert len(curves.axes[0].collections) == 22  # each arm's band over its two seeds
+    assert [t.get_text() for t in curves.axes[0].get_xticklabels()] == ["1"]
+    angles = saved_figures["angles.png"]
+    shown = [ax for ax in angles.axes if ax.get_visible()]
+    assert len(shown) == 21 and all(ax.get_title().endswith("∠(B, Wᵀ)") for ax in shown)
+    assert angles.get_size_inches()[0] < 20  # 6 arms a row, not 21 side by side
+    colours = [ln.get_color() for ln in shown[0].get_lines() if not ln.get_label()[0] == "_"]
+    assert len(colours) == 20 and len({tuple(np.atleast_1d(c)) for c in colours}) == 20
+    assert _legend(angles) == syn
+    title = angles._suptitle.get_text()
+    assert "means over 2 seeds" in title and "no angle recorded: converted" in title
+
+
+def test_rate_histograms_of_two_epochs_share_their_bins(tmp_path, saved_figures):
+    from plastic.plots import recording_figures
+    rec = {0: {"2/rates": np.linspace(0, 0.01, 50)}, 3: {"2/rates": np.linspace(0, 0.05, 50)}}
+    recording_figures(rec, tmp_path, "a")
+    bars = saved_figures["rates_a.png"].axes[0].patches
+    widths = {round(b.get_width(), 9) for b in bars}
+    assert len(bars) == 80 and len(widths) == 1
+
+
 def test_a_diverging_rule_is_stopped_with_a_hint_at_its_coefficients(tmp_path, capsys):
     out = tmp_path / "nan"
     rc = main(["run", "--out", str(out), "--arms", "information", "-q", "--set", *FAST,
@@ -186,9 +241,9 @@ def test_report_pools_seeds_of_one_spec_and_separates_other_specs(tmp_path, caps
     assert (tmp_path / "all" / "angles.png").stat().st_size > 1000
     titles = [ax.get_title() for ax in saved_figures["angles.png"].axes]
     assert "fa [s0, s1]: ∠(B, Wᵀ)" in titles and "fa [other]: ∠(B, Wᵀ)" in titles
-    legend = saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()
+    legend = _legend(saved_figures["learning_curves.png"])
     pooled = 100 * np.mean(accs)
-    assert f"fa [s0, s1] ({pooled:.2f}%)" in [t.get_text() for t in legend]
+    assert f"fa [s0, s1] ({pooled:.2f}%, 2 seeds)" in legend
 
 
 def test_the_arm_of_a_protocol_without_arms_is_named_by_its_kind():
@@ -198,6 +253,16 @@ def test_the_arm_of_a_protocol_without_arms_is_named_by_its_kind():
     for fb, arm in (("backprop", "bp"), ("Transpose", "bp"), ("BP", "bp"), ("FA", "fa"),
                     ({"amp": 1.0, "decay": 1.0}, "arm")):
         assert list(resolve_protocol({"feedback": fb})["arms"]) == [arm]
+
+
+def test_names_of_optimizers_schedules_encoders_and_layouts_are_read_in_any_case():
+    """Populations and feedback kinds were read in any case, but "SGD", "OneCycle", "Poisson"
+    and "Channels_Last" were refused as unknown."""
+    from plastic.spec import resolve_protocol
+    spec = resolve_protocol({"optimizer": {"name": "SGD"}, "schedule": {"name": "OneCycle"},
+                             "time": {"encoder": "Poisson"}, "memory_format": "Channels_Last"})
+    assert (spec["optimizer"]["name"], spec["schedule"]["name"], spec["time"]["encoder"],
+            spec["memory_format"]) == ("sgd", "onecycle", "poisson", "channels_last")
 
 
 def test_report_pools_an_arm_whose_kind_is_spelt_otherwise(tmp_path, capsys):
@@ -299,7 +364,11 @@ def test_corrupt_files_are_one_line_errors(tmp_path, capsys):
     with h5py.File(tmp_path / "other.h5", "w") as h:
         h.attrs["x"] = 1
     assert main(["report", str(tmp_path / "other.h5")]) == 2
-    assert "not a plastic results file" in _err_line(capsys)
+    assert "not a plastic results file, or a damaged one (it has no spec)" in _err_line(capsys)
+    # a data set's file was h5py's "Unable to synchronously open attribute (can't locate ...)"
+    assert main(["report", str(data.dataset_path("mnist-sample"))]) == 2
+    assert "not a plastic results file (it holds the data set 'mnist-sample')" in \
+        _err_line(capsys)
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no results file" in _err_line(capsys)
 
@@ -490,6 +559,13 @@ feedback = {amp = 1e-3, null = 1e-3, decay = 1e-3}
     fa, mirror = r["fa"]["metrics"], r["mirror"]["metrics"]
     assert mirror["angle/1"][-1] < fa["angle/1"][-1] - 20  # sleep phases align B with W^T
     assert "rule/amp/1" in r["info"]["metrics"] and "norm_ratio/1" in r["info"]["metrics"]
+    # --layers shows each primitive's final value (recorded, and shown nowhere)
+    capsys.readouterr()
+    assert main(["report", str(out), "--layers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = lines.index(next(ln for ln in lines if ln.startswith("amp R, final: ")))
+    info = next(ln for ln in lines[i:] if ln.split()[:1] == ["info"]).split()
+    assert float(info[2]) == pytest.approx(r["info"]["metrics"]["rule/amp/1"][-1], rel=1e-2)
 
 
 def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
@@ -506,6 +582,53 @@ def test_a_diverging_arm_stops_alone_and_the_others_finish(tmp_path, capsys):
     # and its table and figures are there all the same
     assert any(ln.split()[:1] == ["bp"] for ln in cap.out.splitlines())
     assert (out / "learning_curves.png").exists()
+    # the file says fa's seed diverged, and the table and report say so
+    assert "training loss became" in r["arms"]["fa"]["attrs"]["diverged_seeds"]["0"]
+    assert "0/1 (1 diverged)" in next(ln for ln in cap.out.splitlines() if ln.startswith("fa "))
+    assert main(["report", str(out)]) == 0
+    assert "plastic: note: fa seed 0 diverged (arm 'fa': training loss became" in \
+        capsys.readouterr().err
+
+
+def test_a_diverged_seed_is_neither_pooled_as_a_result_nor_taken_for_one_still_running(tmp_path):
+    """A seed that diverged after epoch 3 stood in the table as fa's result (the furthest epoch
+    any seed reached) while seed 1 was at epoch 2; and a diverged seed read as "1/2", like a
+    run still going."""
+    w = results.ResultsWriter(tmp_path, {"name": "x", "seeds": [0, 1], "arms": {"fa": {}}})
+    w.arm_group("fa", {"feedback": "fa"})
+    for seed, last, acc in ((0, 3, 0.11), (1, 2, 0.6)):
+        for e in range(last + 1):
+            w.append("fa", {"seed": seed, "epoch": e, "test_accuracy": acc})
+    w.mark_diverged("fa", 0, "arm 'fa': training loss became nan in epoch 4")
+    w.close()
+    (row,) = results.summary([results.read(tmp_path / "results.h5")])
+    assert row["test_accuracy"] == [0.6] and row["diverged"] == {0: "arm 'fa': training loss "
+                                                                  "became nan in epoch 4"}
+    assert results._seeds_cell(row) == "0/2 (1 diverged)"
+    # a resume that finishes the seed clears it
+    w = results.ResultsWriter(tmp_path / "again", {"name": "x", "seeds": [0, 1],
+                                                   "arms": {"fa": {}}})
+    w.arm_group("fa", {"feedback": "fa"})
+    w.append("fa", {"seed": 0, "epoch": 4, "test_accuracy": 0.5})
+    w.mark_diverged("fa", 0, "arm 'fa': training loss became nan in epoch 5")
+    w.mark_done("fa", 0)
+    # every seed diverged, at different epochs: the row shows each one's last epoch
+    w.arm_group("all", {"feedback": "fa"})
+    for seed, last in ((0, 2), (1, 1)):
+        for e in range(last + 1):
+            w.append("all", {"seed": seed, "epoch": e, "test_accuracy": 0.1 * (seed + 1)})
+        w.mark_diverged("all", seed, f"diverged in epoch {last + 1}")
+    # a seed started again is no longer marked (a resume on other hardware may not diverge)
+    w.arm_group("again", {"feedback": "fa"})
+    w.append("again", {"seed": 0, "epoch": 0, "test_accuracy": 0.1})
+    w.mark_diverged("again", 0, "diverged in epoch 1")
+    w.drop_rows("again", 0, from_epoch=1)
+    w.close()
+    rows = {r["arm"]: r for r in results.summary([results.read(tmp_path / "again" / "results.h5")])}
+    assert rows["fa"]["diverged"] == {} and rows["fa"]["test_accuracy"] == [0.5]
+    assert rows["all"]["test_accuracy"] == [0.1, 0.2] and rows["all"]["all_diverged"]
+    assert results._seeds_cell(rows["all"]) == "0/2 (2 diverged)"
+    assert rows["again"]["diverged"] == {}
 
 
 @pytest.mark.parametrize("arm", ["mirror", "fa"])
@@ -630,9 +753,9 @@ def test_report_counts_seeds_not_yet_started_and_takes_completion_with_the_rows(
     table = results.format_table(list(rows.values()))
     assert [ln.split()[3] for ln in table.splitlines()[2:]] == ["2", "1/2"]
     results.combined_figures([tmp_path / "r"], tmp_path / "f")
-    legend = [t.get_text() for t in saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()]
+    legend = _legend(saved_figures["learning_curves.png"])
     mean_bp = 100 * np.mean(rows["bp"]["test_accuracy"])
-    assert legend[0] == f"bp ({mean_bp:.2f}%)"
+    assert legend[0] == f"bp ({mean_bp:.2f}%, 2 seeds)"
 
 
 def test_resume_refuses_an_arm_whose_settings_changed(tmp_path, capsys):
@@ -801,11 +924,9 @@ def test_report_lists_a_resnet_s_synapses_in_circuit_order(tmp_path, capsys, sav
     assert main(["report", str(out), "--layers", "--figures"]) == 0
     heading = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("B–Wᵀ angle"))
     assert heading.split(": ", 1)[1].split(" / ") == order
-    ax = next(a for a in saved_figures["angles.png"].axes if a.get_title() == "fa: ∠(B, Wᵀ)")
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == order
+    assert _legend(saved_figures["angles.png"]) == order
     assert main(["report", str(out), "--out", str(tmp_path / "combined")]) == 0  # the same
-    ax = next(a for a in saved_figures["angles.png"].axes if a.get_title() == "fa: ∠(B, Wᵀ)")
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == order
+    assert _legend(saved_figures["angles.png"]) == order
 
 
 def test_a_diverged_arm_s_legend_says_it_trained_no_epoch(tmp_path, saved_figures):
@@ -814,8 +935,7 @@ def test_a_diverged_arm_s_legend_says_it_trained_no_epoch(tmp_path, saved_figure
     out = tmp_path / "d"
     assert main(["run", "--out", str(out), "--arms", "bp,fa", "-q", "--set", *FAST,
                  "epochs=1", "arms.fa.lr=1e37"]) == 2
-    legend = [t.get_text() for t in
-              saved_figures["learning_curves.png"].axes[0].get_legend().get_texts()]
+    legend = _legend(saved_figures["learning_curves.png"])
     assert legend[0].startswith("bp (") and legend[0].endswith("%)")
     assert legend[1].startswith("fa (no epoch trained; ") and legend[1].endswith("% untrained)")
 
@@ -1246,6 +1366,11 @@ def test_reports_of_files_beside_each_other_keep_their_figures_and_say_what_they
     assert f"figure: {col / 's1_learning_curves.png'}" in err
     assert main(["report", str(col / "s0.h5"), "--out", str(col)]) == 0  # beside its own
     assert f"figure: {col / 'combined_learning_curves.png'}" in capsys.readouterr().err
+    # beside another run's figures: they were overwritten by those of the files reported
+    own = (tmp_path / "a" / "learning_curves.png").read_bytes()
+    assert main(["report", str(col / "s1.hdf5"), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "learning_curves.png").read_bytes() == own
+    assert (tmp_path / "a" / "combined_learning_curves.png").exists()
     assert main(["run", "--out", str(tmp_path / "x.hdf5"), "-q", "--arms", "bp", "--set", *FAST,
                  "epochs=1"]) == 2  # a directory, not the results file
     assert "--out takes a directory" in capsys.readouterr().err

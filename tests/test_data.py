@@ -436,3 +436,43 @@ def test_bad_batch_sizes_shifts_and_splits_are_one_line_errors(tmp_path):
         with pytest.raises(DataError, match="a data file has a 'train' and a 'test' split"):
             data.write_h5(tmp_path / "d.h5", "d", "made", split)
     assert not (tmp_path / "d.h5").exists()
+
+
+def _cifar_like(n=40):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % 10
+    return data.Dataset("made-up", x, y, x[:12], y[:12], torch.tensor([0.4, 0.5, 0.6]),
+                        torch.tensor([0.2, 0.25, 0.3]), [str(i) for i in range(10)])
+
+
+def test_batches_on_a_device_are_made_there_from_one_copy_and_draw_as_on_the_host(monkeypatch):
+    """augment mixed the host's crop offsets and flips into a device batch (an error for a GPU
+    batch) and normalize took the host's mean; a run copied every augmented float32 batch from
+    the host.  The meta device stands in for a GPU."""
+    ds = _cifar_like()
+    kw = dict(shuffle=True, shift=2, flip=True)
+    host = list(ds.batches("train", 16, generator=torch.Generator().manual_seed(5), **kw))
+    g = torch.Generator().manual_seed(5)
+    meta = list(ds.batches("train", 16, generator=g, device="meta", **kw))
+    assert [tuple(x.shape) for x, _ in meta] == [tuple(x.shape) for x, _ in host]
+    assert all(x.device.type == "meta" and y.device.type == "meta" and y.dtype == torch.long
+               for x, y in meta)
+    assert ds._on_device[("train", "meta")][0].device.type == "meta"  # the split, once
+    assert ds.train_x.device.type == "cpu"
+    # the same draws from the CPU generator as on the host: it is left in the same state
+    g2 = torch.Generator().manual_seed(5)
+    list(ds.batches("train", 16, generator=g2, **kw))
+    assert torch.equal(g.get_state(), g2.get_state())
+    # asking for the CPU gives the host's batches; a split that does not fit on the device is
+    # batched on the host and each batch copied (nothing kept there)
+    cpu = list(ds.batches("train", 16, generator=torch.Generator().manual_seed(5), device="cpu",
+                          **kw))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(host, cpu))
+    ds2 = _cifar_like()
+    monkeypatch.setattr(data, "_fits", lambda device, nbytes: False)
+    meta2 = list(ds2.batches("test", 5, device="meta"))
+    assert [x.device.type for x, _ in meta2] == ["meta"] * 3
+    assert not any(k[0] == "test" for k in ds2._on_device)  # only the mean and std are kept
+    x = data.augment(ds.train_x[:4].to("meta"), 2, True, torch.Generator().manual_seed(0))
+    assert x.device.type == "meta" and x.shape == (4, 3, 8, 8)
