@@ -841,8 +841,9 @@ def _legend_beside(fig, handles, labels, title: str) -> None:
                title=title, title_fontsize=8, ncol=math.ceil(len(labels) / rows), frameon=False)
 
 
-#: arms per row of panels in angles.png; more arms wrap onto further rows
-ANGLE_COLUMNS = 6
+#: arms per row of panels in angles.png (the CIFAR-10 protocol's eight); more arms wrap onto
+#: further rows
+ANGLE_COLUMNS = 8
 
 
 def _angle_figure(arms: dict, path: Path, plt, title: str = "") -> bool:
@@ -907,9 +908,10 @@ def _angle_figure(arms: dict, path: Path, plt, title: str = "") -> bool:
                    [s for s in names if s in handles], "synapse")
     what = "means over " + " or ".join(map(str, seeds)) + " seeds" if seeds != [1] else ""
     note = f"no angle recorded: {', '.join(left_out)}" if left_out else ""
-    fig.suptitle("\n".join(t for t in (" | ".join(x for x in (title, what) if x), note) if t),
-                 fontsize=10)
-    fig.tight_layout()
+    lines = [t for t in (" | ".join(x for x in (title, what) if x), note) if t]
+    fig.suptitle("\n".join(lines), fontsize=10)
+    # room for the title above the first row's panel titles (tight_layout leaves none)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.22 * (len(lines) + 0.5) / fig.get_size_inches()[1]))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -153,7 +153,8 @@ def test_figures_stay_readable_with_many_arms_many_synapses_and_several_seeds(tm
     angles = saved_figures["angles.png"]
     shown = [ax for ax in angles.axes if ax.get_visible()]
     assert len(shown) == 21 and all(ax.get_title().endswith("∠(B, Wᵀ)") for ax in shown)
-    assert angles.get_size_inches()[0] < 20  # 6 arms a row, not 21 side by side
+    assert angles.get_size_inches()[0] < 30 and len(angles.axes) == 3 * 8  # 8 arms a row, not 21
+    assert angles.axes[8].get_title() == "arm8: ∠(B, Wᵀ)"
     colours = [ln.get_color() for ln in shown[0].get_lines() if not ln.get_label()[0] == "_"]
     assert len(colours) == 20 and len({tuple(np.atleast_1d(c)) for c in colours}) == 20
     assert _legend(angles) == syn
