@@ -55,6 +55,8 @@ def test_quickstart_protocol_runs_writes_results_and_reports(tmp_path, capsys):
     r = results.read(out)
     assert r["spec"]["epochs"] == 2 and r["spec"]["circuit"]["hidden"] == [32]
     assert r["versions"]["torch"]
+    # the machine too: the same code and seed round differently on another CPU
+    assert r["machine"]["cpu"] and r["machine"]["cores"] >= 1 and r["machine"]["torch_threads"] >= 1
     with h5py.File(out / "results.h5") as h:
         assert json.loads(h.attrs["seeds"]) == [0]
         m = h["arms/fa/metrics"]
@@ -939,6 +941,21 @@ def test_a_diverged_arm_s_legend_says_it_trained_no_epoch(tmp_path, saved_figure
     legend = _legend(saved_figures["learning_curves.png"])
     assert legend[0].startswith("bp (") and legend[0].endswith("%)")
     assert legend[1].startswith("fa (no epoch trained; ") and legend[1].endswith("% untrained)")
+
+
+def test_a_resume_on_another_machine_is_recorded(tmp_path, monkeypatch):
+    from plastic import spec as S
+    spec = S.load_protocol("quickstart", [])
+    results.ResultsWriter(tmp_path, spec).close()
+    results.ResultsWriter(tmp_path, spec, resume=True).close()  # the same machine: nothing
+    with h5py.File(tmp_path / "results.h5") as h:
+        assert "resumed_on" not in h.attrs
+    other = {**results.machine(), "cpu": "another CPU"}
+    monkeypatch.setattr(results, "machine", lambda: other)
+    for _ in range(2):  # once, however often
+        results.ResultsWriter(tmp_path, spec, resume=True).close()
+    with h5py.File(tmp_path / "results.h5") as h:
+        assert json.loads(h.attrs["resumed_on"]) == [other]
 
 
 def test_recordings_of_the_first_seed_are_the_protocol_s_first(tmp_path):
