@@ -12,6 +12,7 @@ finished epochs (exit status 130); ``--resume`` continues from the last finished
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -101,6 +102,14 @@ def _report(paths, markdown, figures=False, layers=False, out=None):
     if layers:
         print()
         print(results.format_layers(rows, markdown=markdown))
+    machines = {json.dumps(r["machine"], sort_keys=True): r["machine"] for r in rs
+                if r.get("machine")}  # files before fb3bd6c do not say
+    if len(machines) > 1:
+        cpus = sorted({f"{m.get('cpu', '?')} ({m.get('cpu_capability', '?')}, "
+                       f"{m.get('torch_threads', '?')} threads)" for m in machines.values()})
+        print(f"plastic: note: these files ran on {len(machines)} different machines "
+              f"({'; '.join(cpus)}): the same code and seed round differently on another one",
+              file=sys.stderr)
     experiments = results.experiments([r["spec"] for r in rs])
     if len(experiments) > 1:
         print(f"plastic: note: these files hold {len(experiments)} different experiments "

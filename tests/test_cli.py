@@ -958,6 +958,21 @@ def test_a_resume_on_another_machine_is_recorded(tmp_path, monkeypatch):
         assert json.loads(h.attrs["resumed_on"]) == [other]
 
 
+def test_report_says_when_files_ran_on_different_machines(tmp_path, capsys):
+    import shutil
+    assert main(["run", "--out", str(tmp_path / "a"), "-q", "--arms", "bp", "--set", *FAST,
+                 "epochs=1"]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "different machines" not in capsys.readouterr().err  # one machine
+    with h5py.File(tmp_path / "b" / "results.h5", "a") as h:
+        h.attrs["machine"] = json.dumps({**json.loads(h.attrs["machine"]), "cpu": "another CPU"})
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "these files ran on 2 different machines (" in err and "another CPU (" in err
+
+
 def test_recordings_of_the_first_seed_are_the_protocol_s_first(tmp_path):
     """With seeds [2, 10], "seed10" < "seed2" as text: seed 10's recording was returned."""
     w = results.ResultsWriter(tmp_path, {"name": "x", "seeds": [2, 10], "arms": {"a": {}}})
