@@ -624,18 +624,17 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False,
     if not (isinstance(shift, numbers.Integral) and not isinstance(shift, bool) and shift >= 0):
         raise DataError(f"augment: shift is a number of pixels >= 0, got {shift!r}")
     n, c, h, w = x.shape
+    # drawn on the generator's device (the CPU by default) whatever the images' device, so a
+    # seed gives the same crops and flips everywhere
+    g = _device_of(generator)
     if shift:
         xp = torch.nn.functional.pad(x, (shift, shift, shift, shift))
-        # drawn on the generator's device (the CPU by default) whatever the images' device, so
-        # a seed gives the same crops everywhere
-        g = _device_of(generator)
         dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=g)
                   .to(x.device, non_blocking=True) for _ in range(2))
         windows = xp.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2s+1, 2s+1, h, w), a view
         x = windows[torch.arange(n, device=x.device), :, dy, dx]  # each sample's own crop
     if flip:
-        f = (torch.rand(n, generator=generator, device=_device_of(generator)) < 0.5).to(
-            x.device, non_blocking=True)
+        f = (torch.rand(n, generator=generator, device=g) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     return x
 

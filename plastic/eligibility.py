@@ -24,7 +24,8 @@ The learning signal L_t comes from the per-step readout error err_t = softmax(y_
 population through the circuit's own feedback synapses: B δ for layer-wise kinds (fa, usf,
 transpose, …), B_l err for direct ones (dfa), with δ = L ⊙ ψ passed down layer by layer (from
 one hidden population to the one before it as (dt/τ_mem) B δ, the current entering the
-voltage by dt/τ_mem; so with one step, T = 1, transpose feedback's update is BPTT's gradient exactly, the reset left out as e-prop leaves it).  So
+voltage by dt/τ_mem; so with one step, T = 1, transpose feedback's update is BPTT's gradient
+exactly, the reset left out as e-prop leaves it).  So
 random feedback gives e-prop's "random e-prop", transpose its "symmetric e-prop".  The change is
 added to ``.grad`` of W and b, so any optimizer applies it.
 """

@@ -547,10 +547,10 @@ def _pooled(slices: dict[int, dict]) -> list[dict]:
 
 def _pooled_seeds(slices: dict[int, dict], diverged) -> list[dict]:
     """The rows of the seeds a table and its figures pool: those of the seeds that did not
-    diverge (``diverged``: seeds, as ints or as the strings of a file's ``diverged_seeds``) as
-    ``_pooled`` takes them; a diverged seed is not one still running, and its last epoch is no
-    final accuracy.  If every seed diverged, each one's rows, to the last epoch it finished."""
-    kept = {s: r for s, r in slices.items() if s not in diverged and str(s) not in diverged}
+    diverge (``diverged``: their numbers) as ``_pooled`` takes them; a diverged seed is not one
+    still running, and its last epoch is no final accuracy.  If every seed diverged, each one's
+    rows, to the last epoch it finished."""
+    kept = {s: r for s, r in slices.items() if s not in diverged}
     return _pooled(kept) if kept else [slices[s] for s in sorted(slices)]
 
 
@@ -681,7 +681,6 @@ def _row(name: str, g: dict) -> dict:
         **{k: [f.get(k, np.nan) for f in per_seed] for k in INFERENCE_STATS},
         "done": sum(g["done"].values()), "diverged": diverged,
         "all_diverged": bool(diverged) and set(diverged) >= set(g["seeds"]),
-        "planned_seeds": sorted(g["planned"] | set(g["seeds"]) | set(diverged)),
         "planned": len(g["planned"] | set(g["seeds"]) | set(diverged)),  # started or not
         "differs": g["differs"],
         "final": per_seed, "over_training": [_over_training(r) for r in rows],
@@ -803,23 +802,24 @@ def _natural(name: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
-def _mean_curve(m: dict, key: str):
-    """Epochs and the metric ``key`` averaged over seeds at each (NaN-aware)."""
+def _per_epoch(m: dict, key: str, *reduce):
+    """Epochs and, for each NaN-aware reduction over the seeds' values of ``key`` at an epoch,
+    its curve."""
     ep = np.unique(m["epoch"])
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        vals = np.array([np.nanmean(m[key][m["epoch"] == e]) for e in ep])
-    return ep, vals
+        at = [m[key][m["epoch"] == e] for e in ep]
+        return (ep, *(np.array([f(v) for v in at]) for f in reduce))
+
+
+def _mean_curve(m: dict, key: str):
+    """Epochs and the metric ``key`` averaged over seeds at each (NaN-aware)."""
+    return _per_epoch(m, key, np.nanmean)
 
 
 def _seed_range(m: dict, key: str):
     """The lowest and highest value of ``key`` over seeds at each epoch (``_mean_curve``'s)."""
-    ep = np.unique(m["epoch"])
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo = np.array([np.nanmin(m[key][m["epoch"] == e]) for e in ep])
-        hi = np.array([np.nanmax(m[key][m["epoch"] == e]) for e in ep])
-    return lo, hi
+    return _per_epoch(m, key, np.nanmin, np.nanmax)[1:]
 
 
 def _n_seeds(m: dict) -> int:
@@ -1069,8 +1069,9 @@ def figures(path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         return []
     # each arm's seeds as the table pools them (a seed still behind would pull the curve's
     # later epochs toward fewer seeds)
-    arms = {arm: {"metrics": _concat(_pooled_seeds(_seed_slices(a["metrics"]),
-                                                    a["attrs"].get("diverged_seeds") or {})),
+    arms = {arm: {"metrics": _concat(_pooled_seeds(
+                      _seed_slices(a["metrics"]),
+                      {int(s) for s in a["attrs"].get("diverged_seeds") or {}})),
                   "attrs": a["attrs"]}
             for arm, a in _ordered_arms(r)}
     spec = r["spec"]
